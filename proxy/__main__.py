@@ -1,0 +1,143 @@
+"""The `tlsproxy` command line: run, check-config, --version.
+
+Kept thin on purpose: parse arguments, build the config, hand over to
+`Server`, translate signals into lifecycle calls.
+"""
+
+from __future__ import annotations
+
+import argparse
+import signal
+import ssl
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+import trio
+from prometheus_client import CollectorRegistry
+
+from proxy import __version__
+from proxy.certs import default_state_dir, ensure_self_signed
+from proxy.config import Config, ConfigError, default_config, load_config, with_overrides
+from proxy.log import Logger, make_logger
+from proxy.metrics import Metrics
+from proxy.server import Server
+
+EXIT_CONFIG = 1
+EXIT_STARTUP = 2
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    if args.command == "check-config":
+        return _check_config(Path(args.file))
+    if args.command == "run":
+        return _run(args)
+    _parser().print_help()
+    return EXIT_STARTUP
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="tlsproxy", description="TLS-terminating sidecar proxy on Trio."
+    )
+    parser.add_argument("--version", action="version", version=f"tlsproxy {__version__}")
+    sub = parser.add_subparsers(dest="command")
+    run = sub.add_parser("run", help="run the proxy (the embedded default without --config)")
+    run.add_argument("--config", help="TOML config file")
+    run.add_argument("--listen", help="TLS address of the first listener, e.g. 0.0.0.0:8443")
+    run.add_argument("--backend", help="plaintext backend of the first listener, e.g. 127.0.0.1:8080")
+    run.add_argument("--admin", help="admin address for /metrics /healthz /readyz")
+    run.add_argument("--cert", help="PEM certificate (chain) of the first listener")
+    run.add_argument("--key", help="PEM private key of the first listener")
+    check = sub.add_parser("check-config", help="validate a config file and exit 0 or 1")
+    check.add_argument("file")
+    return parser
+
+
+def _check_config(path: Path) -> int:
+    try:
+        config = load_config(path)
+    except ConfigError as exc:
+        for error in exc.errors:
+            print(f"error: {error}", file=sys.stderr)
+        print(f"{path}: {len(exc.errors)} error(s)", file=sys.stderr)
+        return EXIT_CONFIG
+    for warning in config.warnings:
+        print(f"warning: {warning}", file=sys.stderr)
+    print(f"{path}: ok ({len(config.listeners)} listener(s))")
+    return 0
+
+
+def _run(args: argparse.Namespace) -> int:
+    try:
+        config = _load_for_run(args)
+    except ConfigError as exc:
+        for error in exc.errors:
+            print(f"error: {error}", file=sys.stderr)
+        return EXIT_CONFIG
+    log = make_logger(config.log.level, config.log.format)
+    for warning in config.warnings:
+        log.warning("config warning", detail=warning)
+    if config.source is None:
+        cert = config.listeners[0].tls.certificates[0].cert
+        listen = config.listeners[0].listen
+        log.info(
+            "running the embedded default config",
+            certificate=str(cert),
+            backend=str(config.listeners[0].backend),
+            try_it=f"curl --cacert {cert} https://localhost:{listen.port}/",
+        )
+    try:
+        server = Server(config, Metrics(CollectorRegistry()), log)
+        trio.run(_serve, server, log)
+    except (OSError, ssl.SSLError) as exc:
+        log.error("cannot start; check the addresses and files in the config", error=str(exc))
+        return EXIT_STARTUP
+    return 0
+
+
+def _load_for_run(args: argparse.Namespace) -> Config:
+    if args.config:
+        config = load_config(Path(args.config))
+    elif args.cert or args.key:
+        if not (args.cert and args.key):
+            raise ConfigError(("--cert and --key must be given together",))
+        config = default_config(Path(args.cert).resolve(), Path(args.key).resolve())
+    else:
+        cert, key = ensure_self_signed(default_state_dir())
+        config = default_config(cert, key)
+    return with_overrides(
+        config,
+        listen=args.listen,
+        backend=args.backend,
+        admin=args.admin,
+        cert=args.cert if args.config else None,
+        key=args.key if args.config else None,
+    )
+
+
+async def _serve(server: Server, log: Logger) -> None:
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(_handle_signals, server, log, nursery.cancel_scope)
+        await server.run()
+        nursery.cancel_scope.cancel()
+
+
+async def _handle_signals(server: Server, log: Logger, scope: trio.CancelScope) -> None:
+    with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as signals:
+        async for signum in signals:
+            if signum == signal.SIGHUP:
+                log.warning(
+                    "SIGHUP received: reloading is not supported yet; restart to apply changes"
+                )
+            elif server.state.value == "draining":
+                log.warning("second stop signal: exiting now without waiting for connections")
+                scope.cancel()
+            else:
+                log.info("stop signal received; draining", signal=signal.Signals(signum).name)
+                server.request_drain()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

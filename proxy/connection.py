@@ -1,0 +1,195 @@
+"""One client connection from accept to close: handshake, backend, splice, log.
+
+Each step's outcome is recorded exactly once: the handshake outcome on
+`handshakes_total`, a backend failure on `backend_connect_failures_total`,
+and one access-log line when the connection ends, whatever ended it.
+"""
+
+from __future__ import annotations
+
+import socket
+import ssl
+from dataclasses import dataclass
+from typing import Any
+
+import trio
+
+from proxy import backend
+from proxy.config import ListenerConfig
+from proxy.handshake import HandshakeResult, run_handshake
+from proxy.log import Logger
+from proxy.metrics import ListenerMetrics
+from proxy.outcome import Outcome
+from proxy.splice import CloseReason, Splice, send_close_notify
+from proxy.tls import server_name
+
+
+@dataclass
+class ListenerRuntime:
+    """What a connection needs from its listener, swapped as a whole on reload."""
+
+    config: ListenerConfig
+    context: ssl.SSLContext
+    metrics: ListenerMetrics
+    log: Logger
+    access_log: bool
+
+
+@dataclass
+class ListenerState:
+    """A bound listener: its current runtime and how many connections it holds."""
+
+    runtime: ListenerRuntime
+    active: int = 0
+
+
+class ConnectionSet:
+    """Every live connection's cancel scope, so a drain can wait for or cut them."""
+
+    def __init__(self) -> None:
+        self.live: set[trio.CancelScope] = set()
+        self.cutting = False
+        self._idle = trio.Event()
+
+    def add(self, scope: trio.CancelScope) -> None:
+        self.live.add(scope)
+
+    def discard(self, scope: trio.CancelScope) -> None:
+        self.live.discard(scope)
+        if not self.live:
+            self._idle.set()
+
+    async def wait_idle(self) -> None:
+        """Return once no connection is live."""
+        if self.live:
+            self._idle = trio.Event()
+            await self._idle.wait()
+
+    def cut(self) -> None:
+        """Cancel every live connection; each logs close_reason=drain."""
+        self.cutting = True
+        for scope in self.live:
+            scope.cancel()
+
+
+async def handle_connection(
+    sock: socket.socket, peer: Any, listener: ListenerState, connections: ConnectionSet
+) -> None:
+    """Serve one accepted socket; never raises, always closes, always logs."""
+    runtime = listener.runtime
+    lm = runtime.metrics
+    start = trio.current_time()
+    fields: dict[str, Any] = {"listener": lm.name, "client": _format_peer(peer)}
+    conn = sock
+    established = False
+    backend_sock: socket.socket | None = None
+    scope = trio.CancelScope()
+    connections.add(scope)
+    listener.active += 1
+    lm.accepted.inc()
+    lm.active.inc()
+    try:
+        with scope:
+            lm.in_progress.inc()
+            try:
+                result = await run_handshake(
+                    sock, runtime.context, runtime.config.handshake_timeout
+                )
+            finally:
+                lm.in_progress.dec()
+            conn = result.conn
+            _record_handshake(result, runtime, fields)
+            if result.outcome is not Outcome.SUCCESS:
+                return
+            established = True
+            backend_sock = await _connect_backend(runtime, fields)
+            if backend_sock is None:
+                return
+            splice = Splice(result.tls, backend_sock, runtime.config.idle_timeout, lm)
+            try:
+                fields["close_reason"] = (await splice.run()).value
+            finally:
+                fields["bytes_to_backend"] = splice.bytes_to_backend
+                fields["bytes_to_client"] = splice.bytes_to_client
+    except Exception:  # noqa: BLE001 - a bug in one connection must not stop the listener
+        runtime.log.exception("connection failed unexpectedly; please report this", **fields)
+        fields["close_reason"] = "internal_error"
+    finally:
+        connections.discard(scope)
+        listener.active -= 1
+        if scope.cancelled_caught and connections.cutting:
+            fields["close_reason"] = CloseReason.DRAIN.value
+        if established and fields.get("close_reason") != CloseReason.CLIENT_RESET.value:
+            send_close_notify(result.tls)
+        conn.close()
+        if backend_sock is not None:
+            backend_sock.close()
+        lm.active.dec()
+        if runtime.access_log:
+            fields["duration_ms"] = round((trio.current_time() - start) * 1000, 3)
+            runtime.log.info("connection", **fields)
+
+
+def _record_handshake(
+    result: HandshakeResult, runtime: ListenerRuntime, fields: dict[str, Any]
+) -> None:
+    lm = runtime.metrics
+    lm.outcomes[result.outcome].inc()
+    if result.wants_read:
+        lm.wants_read.inc(result.wants_read)
+    if result.wants_write:
+        lm.wants_write.inc(result.wants_write)
+    ok = result.outcome is Outcome.SUCCESS
+    (lm.handshake_ok if ok else lm.handshake_failed).observe(result.seconds)
+    fields["outcome"] = result.outcome.value
+    fields["handshake_ms"] = round(result.seconds * 1000, 3)
+    fields["wants_read"] = result.wants_read
+    fields["wants_write"] = result.wants_write
+    if isinstance(result.conn, ssl.SSLSocket):
+        fields["sni"] = server_name(result.conn)
+    if ok:
+        tls = result.tls
+        version = tls.version() or "unknown"
+        cipher = (tls.cipher() or ("unknown",))[0]
+        alpn = tls.selected_alpn_protocol() or "none"
+        resumed = tls.session_reused
+        lm.negotiated(version, cipher, alpn, resumed)
+        fields.update(tls_version=version, cipher=cipher, alpn=alpn, resumed=resumed)
+    elif result.outcome is Outcome.INTERNAL_ERROR:
+        runtime.log.error(
+            "handshake failed unexpectedly; please report this",
+            exc_info=result.error,
+            **fields,
+        )
+    elif result.error is not None:
+        fields["error"] = str(result.error)
+
+
+async def _connect_backend(
+    runtime: ListenerRuntime, fields: dict[str, Any]
+) -> socket.socket | None:
+    address = runtime.config.backend
+    fields["backend"] = str(address)
+    lm = runtime.metrics
+    start = trio.current_time()
+    try:
+        sock = await backend.connect(address, runtime.config.connect_timeout)
+    except backend.BackendConnectError as exc:
+        lm.connect_failed(exc.reason)
+        fields["close_reason"] = f"backend_{exc.reason}"
+        runtime.log.warning(
+            "backend connect failed; is the application listening?",
+            backend=str(address),
+            reason=exc.reason,
+            detail=exc.detail,
+        )
+        return None
+    lm.connect_duration.observe(trio.current_time() - start)
+    return sock
+
+
+def _format_peer(peer: Any) -> str:
+    if isinstance(peer, tuple) and len(peer) >= 2:
+        host, port = peer[0], peer[1]
+        return f"[{host}]:{port}" if ":" in str(host) else f"{host}:{port}"
+    return str(peer)
