@@ -1,0 +1,237 @@
+"""Certificate checks and the embedded default's self-signed certificate.
+
+Everything here reads files and returns findings instead of raising, so that
+`check-config` and a SIGHUP reload can report every problem at once and keep
+serving the old certificates when a new one is broken. Messages say what is
+wrong and what to do; the caller adds the TOML path.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+import tempfile
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+from itertools import pairwise
+from pathlib import Path
+from typing import Literal, NamedTuple, TypeVar
+
+from cryptography import x509
+from cryptography.exceptions import InvalidSignature
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec, rsa
+from cryptography.hazmat.primitives.asymmetric.types import CertificatePublicKeyTypes
+from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+
+# Two weeks is long enough to renew through a normal change window, and matches
+# the point where cert-manager/ACME clients have long since retried (they renew
+# at 30 days left), so a warning here means renewal is really stuck.
+EXPIRY_WARNING = timedelta(days=14)
+
+# The default certificate only serves a newcomer's first run; a year keeps it
+# out of the way, and ensure_self_signed() renews it before it gets close.
+SELF_SIGNED_LIFETIME = timedelta(days=365)
+
+# Backdate the self-signed certificate so a client whose clock runs a little
+# behind ours does not reject it as "not yet valid".
+CLOCK_SKEW = timedelta(minutes=5)
+
+SELF_SIGNED_HOSTS = ("localhost", "127.0.0.1", "::1")
+
+PrivateKey = rsa.RSAPrivateKey | ec.EllipticCurvePrivateKey
+T = TypeVar("T")
+
+
+class Finding(NamedTuple):
+    """One problem, attributed to the file it is about."""
+
+    file: Literal["cert", "key"]
+    message: str
+
+
+@dataclass
+class CertCheck:
+    errors: list[Finding] = field(default_factory=list)
+    warnings: list[Finding] = field(default_factory=list)
+
+
+def load_leaf(cert: Path) -> x509.Certificate:
+    """Raises OSError or ValueError; the leaf is what clients check and what expires."""
+    return _load_chain(cert)[0]
+
+
+def check_pair(cert: Path, key: Path, now: datetime) -> CertCheck:
+    """Everything that would make a handshake with this pair fail, found up front."""
+    check = CertCheck()
+    chain = _read(cert, "cert", _load_chain, check)
+    private_key = _read(key, "key", _load_key, check)
+    if chain is not None:
+        _check_chain(chain, cert, now, check)
+        if private_key is not None and not _matches(chain[0], private_key):
+            check.errors.append(Finding("key", f"key does not match certificate {cert}"))
+    return check
+
+
+def ensure_self_signed(state_dir: Path) -> tuple[Path, Path]:
+    """Reuse the default certificate while it is healthy, so a browser exception
+    or `curl --cacert` set up by the user keeps working across restarts."""
+    cert, key = state_dir / "cert.pem", state_dir / "key.pem"
+    now = datetime.now(UTC)
+    check = check_pair(cert, key, now)
+    if check.errors or check.warnings:
+        state_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+        cert_pem, key_pem = _self_signed(now)
+        _write_atomically(key, key_pem, 0o600)
+        _write_atomically(cert, cert_pem, 0o644)
+    return cert, key
+
+
+def default_state_dir() -> Path:
+    if explicit := os.environ.get("TLSPROXY_STATE_DIR"):
+        return Path(explicit)
+    state_home = os.environ.get("XDG_STATE_HOME") or Path.home() / ".local" / "state"
+    return Path(state_home) / "tlsproxy"
+
+
+def _load_chain(cert: Path) -> list[x509.Certificate]:
+    return x509.load_pem_x509_certificates(cert.read_bytes())
+
+
+def _load_key(key: Path) -> PrivateKey:
+    try:
+        private_key = serialization.load_pem_private_key(key.read_bytes(), password=None)
+    except TypeError as exc:  # cryptography's way of saying "needs a password"
+        raise _Unusable(
+            f"encrypted keys are not supported: {key} "
+            f"(decrypt it, e.g. `openssl pkey -in {key.name} -out plain-{key.name}`)"
+        ) from exc
+    if not isinstance(private_key, PrivateKey):
+        raise _Unusable(f"only RSA and EC keys are supported: {key}")
+    return private_key
+
+
+class _Unusable(ValueError):
+    """A file that parsed but cannot be used; its message is the finding."""
+
+
+def _read(
+    path: Path, file: Literal["cert", "key"], load: Callable[[Path], T], check: CertCheck
+) -> T | None:
+    try:
+        return load(path)
+    except FileNotFoundError:
+        problem = (
+            f"file not found: {path} (relative paths are relative to the config file's directory)"
+        )
+    except IsADirectoryError:
+        problem = f"is a directory, not a file: {path}"
+    except PermissionError:
+        problem = f"permission denied: {path} (the proxy's user must be able to read it)"
+    except OSError as exc:
+        problem = f"cannot read {path}: {exc.strerror}"
+    except _Unusable as exc:
+        problem = str(exc)
+    except ValueError:
+        expected = "CERTIFICATE" if file == "cert" else "PRIVATE KEY"
+        problem = f"not a PEM {file} file: {path} (expected '-----BEGIN {expected}-----')"
+    check.errors.append(Finding(file, problem))
+    return None
+
+
+def _check_chain(
+    chain: list[x509.Certificate], cert: Path, now: datetime, check: CertCheck
+) -> None:
+    leaf = chain[0]
+    expires = leaf.not_valid_after_utc
+    if expires <= now:
+        check.errors.append(Finding("cert", f"certificate expired on {expires:%Y-%m-%d}: {cert}"))
+    elif expires - now < EXPIRY_WARNING:
+        days = (expires - now).days
+        check.warnings.append(
+            Finding("cert", f"certificate expires in {days} days ({expires:%Y-%m-%d}): {cert}")
+        )
+    if leaf.not_valid_before_utc > now:
+        starts = leaf.not_valid_before_utc
+        check.warnings.append(
+            Finding("cert", f"certificate is not valid until {starts:%Y-%m-%d %H:%M}Z: {cert}")
+        )
+    for position, (child, parent) in enumerate(pairwise(chain), start=1):
+        try:
+            child.verify_directly_issued_by(parent)
+        except (ValueError, TypeError, InvalidSignature):
+            check.errors.append(
+                Finding(
+                    "cert",
+                    f"certificate {position} in {cert} was not issued by certificate "
+                    f"{position + 1}; the chain must be in order, leaf first",
+                )
+            )
+
+
+def _matches(leaf: x509.Certificate, private_key: PrivateKey) -> bool:
+    def spki(public_key: CertificatePublicKeyTypes) -> bytes:
+        return public_key.public_bytes(
+            serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
+        )
+
+    return spki(leaf.public_key()) == spki(private_key.public_key())
+
+
+def _self_signed(now: datetime) -> tuple[bytes, bytes]:
+    """CA=true lets the certificate be its own trust anchor, which is what
+    `curl --cacert cert.pem https://localhost:8443/` needs."""
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "localhost")])
+    public_key = key.public_key()
+    names: list[x509.GeneralName] = [x509.DNSName("localhost")]
+    names += [x509.IPAddress(ipaddress.ip_address(ip)) for ip in SELF_SIGNED_HOSTS[1:]]
+    usage = x509.KeyUsage(
+        digital_signature=True,
+        content_commitment=False,
+        key_encipherment=False,
+        data_encipherment=False,
+        key_agreement=False,
+        key_cert_sign=True,
+        crl_sign=False,
+        encipher_only=False,
+        decipher_only=False,
+    )
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(name)
+        .public_key(public_key)
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - CLOCK_SKEW)
+        .not_valid_after(now + SELF_SIGNED_LIFETIME)
+        .add_extension(x509.SubjectAlternativeName(names), critical=False)
+        .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
+        .add_extension(usage, critical=True)
+        .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), critical=False)
+        .add_extension(x509.SubjectKeyIdentifier.from_public_key(public_key), critical=False)
+        .sign(key, hashes.SHA256())
+    )
+    key_pem = key.private_bytes(
+        serialization.Encoding.PEM,
+        serialization.PrivateFormat.PKCS8,
+        serialization.NoEncryption(),
+    )
+    return cert.public_bytes(serialization.Encoding.PEM), key_pem
+
+
+def _write_atomically(path: Path, data: bytes, mode: int) -> None:
+    """A crash mid-write must never leave a truncated key that the next start
+    would reject; readers see the old file or the new one."""
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")  # created 0600
+    try:
+        with os.fdopen(fd, "wb") as file:
+            file.write(data)
+            file.flush()
+            os.fsync(file.fileno())
+        os.chmod(tmp, mode)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise

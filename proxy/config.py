@@ -1,0 +1,529 @@
+"""TOML -> typed, validated, immutable config.
+
+Theory of operation: one pydantic pass checks structure, types, values and the
+certificate files together, so that `check-config` and a SIGHUP reload report
+every problem at once, each with its TOML path
+(`listeners[0].tls.certificates[0].key: file not found: ...`). Nothing is
+silently ignored: unknown keys are errors, and keys whose feature is not
+implemented yet accept only their default value and otherwise fail with
+"not supported yet". Validation needs two facts from outside the data (the
+config file's directory, for relative paths, and the current time, for expiry);
+they travel in pydantic's validation context.
+"""
+
+import difflib
+import ipaddress
+import math
+import re
+import ssl
+import tomllib
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Annotated, Any, Literal, Self, get_args
+
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    GetCoreSchemaHandler,
+    PlainValidator,
+    PrivateAttr,
+    StrictBool,
+    StrictStr,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
+from pydantic_core import ErrorDetails, PydanticCustomError, core_schema
+
+from proxy import certs
+
+
+class ConfigError(Exception):
+    """Every problem found in one config, so the user can fix them in one go."""
+
+    def __init__(self, errors: Iterable[str]) -> None:
+        self.errors = tuple(errors)
+        super().__init__(self.errors)  # args stay (errors,) so the error pickles intact
+
+    def __str__(self) -> str:
+        return "\n".join(self.errors)
+
+
+# ---------------------------------------------------------------------------
+# Addresses
+
+# Letters, digits, dots and hyphens, not starting or ending with a dot or hyphen;
+# this covers IPv4 and DNS names and rejects typos such as "localhost 8080".
+_HOSTNAME = re.compile(r"[A-Za-z0-9]([A-Za-z0-9.-]*[A-Za-z0-9])?")
+
+
+@dataclass(frozen=True)
+class Address:
+    host: str
+    port: int
+    unix_path: str | None = None
+
+    def __str__(self) -> str:
+        if self.unix_path is not None:
+            return f"unix:{self.unix_path}"
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        return f"{host}:{self.port}"
+
+    @classmethod
+    def __get_pydantic_core_schema__(
+        cls, source: Any, handler: GetCoreSchemaHandler
+    ) -> core_schema.CoreSchema:
+        return core_schema.no_info_plain_validator_function(
+            _coerce_address, serialization=core_schema.to_string_ser_schema()
+        )
+
+
+def parse_address(text: str) -> Address:
+    """`host:port`, `[v6]:port` or `unix:/abs/path`; port 0 lets tests bind ephemeral ports."""
+    if text.startswith("unix:"):
+        path = text.removeprefix("unix:")
+        if not path.startswith("/"):
+            raise ValueError(
+                f"unix socket path must be absolute, e.g. 'unix:/run/app.sock'; got {text!r}"
+            )
+        return Address(host="", port=0, unix_path=path)
+    host, colon, port = text.rpartition(":")
+    if not colon:
+        raise ValueError(f"missing port in {text!r}; expected host:port, e.g. '127.0.0.1:8443'")
+    return Address(host=_parse_host(host, text), port=_parse_port(port, text))
+
+
+def _parse_host(host: str, text: str) -> str:
+    if host.startswith("[") and host.endswith("]"):
+        try:
+            ipaddress.IPv6Address(host[1:-1])
+        except ValueError as exc:
+            raise ValueError(f"invalid IPv6 address {host!r} in {text!r}") from exc
+        return host[1:-1]
+    if ":" in host:
+        raise ValueError(f"IPv6 addresses need brackets, e.g. '[::1]:8443'; got {text!r}")
+    if not host:
+        raise ValueError(f"missing host in {text!r}; use '0.0.0.0{text}' for all interfaces")
+    looks_numeric = host.replace(".", "").isdigit()
+    if not _HOSTNAME.fullmatch(host) or (looks_numeric and not _is_ipv4(host)):
+        raise ValueError(f"invalid host {host!r} in {text!r}; expected an IP address or DNS name")
+    return host
+
+
+def _is_ipv4(host: str) -> bool:
+    try:
+        ipaddress.IPv4Address(host)
+    except ValueError:
+        return False
+    return True
+
+
+def _parse_port(port: str, text: str) -> int:
+    if not (port.isascii() and port.isdigit()):
+        raise ValueError(f"port {port!r} in {text!r} is not a number")
+    if int(port) > 65535:
+        raise ValueError(f"port {port} in {text!r} is out of range 0-65535")
+    return int(port)
+
+
+def _coerce_address(value: object) -> Address:
+    if isinstance(value, Address):
+        return value
+    if not isinstance(value, str):
+        raise ValueError(  # noqa: TRY004 - pydantic collects ValueError, not TypeError
+            f"expected an address like '127.0.0.1:8443', got {_show(value)}"
+        )
+    return parse_address(value)
+
+
+def _not_unix(address: Address) -> Address:
+    if address.unix_path is not None:
+        raise ValueError("unix sockets can only be a backend; expected host:port")
+    return address
+
+
+def _tcp_backend(address: Address) -> Address:
+    if address.unix_path is not None:
+        raise ValueError("unix socket backends are not supported yet; use host:port")
+    return address
+
+
+ListenAddress = Annotated[Address, AfterValidator(_not_unix)]
+BackendAddress = Annotated[Address, AfterValidator(_tcp_backend)]
+
+
+# ---------------------------------------------------------------------------
+# Field types
+
+
+def _seconds(value: object) -> float:
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise ValueError(  # noqa: TRY004 - pydantic collects ValueError, not TypeError
+            f"expected a number of seconds, got {_show(value)}"
+        )
+    if not (math.isfinite(value) and value > 0):
+        raise ValueError(f"must be > 0 (a finite number of seconds), got {_show(value)}")
+    return float(value)
+
+
+def _file(value: object, info: ValidationInfo) -> Path:
+    if not isinstance(value, str | Path) or value == "":
+        raise ValueError(f"expected a file path, got {_show(value)}")
+    base_dir: Path = (info.context or {}).get("base_dir", Path.cwd())
+    return base_dir.absolute() / value
+
+
+def _optional_file(value: object, info: ValidationInfo) -> Path | None:
+    """DESIGN.md writes `client_ca = ""` for "none", so "" means no file."""
+    return None if value in ("", None) else _file(value, info)
+
+
+def _require(ok: Callable[[Any], bool], message: str) -> AfterValidator:
+    """Runs only once the value itself is valid, so it never adds noise to a type
+    error. Also keeps each key of the design in the schema while its feature is
+    missing: setting it fails loudly, and a later release only deletes the check."""
+
+    def check(value: Any) -> Any:
+        if not ok(value):
+            raise ValueError(message)
+        return value
+
+    return AfterValidator(check)
+
+
+def _metric_label(name: str) -> str:
+    if not re.fullmatch(r"[A-Za-z0-9_-]+", name):
+        raise ValueError(
+            f"must be letters, digits, '_' or '-' (it is a metric label), got {name!r}"
+        )
+    return name
+
+
+def _cipher_string(ciphers: str) -> str:
+    if ciphers:
+        try:
+            ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER).set_ciphers(ciphers)
+        except ssl.SSLError as exc:
+            raise ValueError(
+                f"OpenSSL accepts no cipher in {ciphers!r}; see `openssl ciphers -v` for names"
+            ) from exc
+    return ciphers
+
+
+Seconds = Annotated[float, PlainValidator(_seconds)]
+FilePath = Annotated[Path, PlainValidator(_file)]
+PositiveInt = Annotated[int, Field(strict=True, gt=0)]
+
+
+# ---------------------------------------------------------------------------
+# The schema
+
+
+class _Model(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+
+# pydantic error type whose ctx carries certs.Finding values, rendered one per line
+_FILE_ERRORS = "certificate_files"
+
+
+class CertificatePair(_Model):
+    cert: FilePath
+    key: FilePath
+    _warnings: tuple[certs.Finding, ...] = PrivateAttr(default=())
+
+    @model_validator(mode="after")
+    def check_files(self, info: ValidationInfo) -> Self:
+        now: datetime = (info.context or {}).get("now") or datetime.now(UTC)
+        check = certs.check_pair(self.cert, self.key, now)
+        if check.errors:
+            raise PydanticCustomError(
+                _FILE_ERRORS, "unusable certificate files", {"findings": check.errors}
+            )
+        self._warnings = tuple(check.warnings)
+        return self
+
+
+class TLSConfig(_Model):
+    certificates: Annotated[
+        tuple[CertificatePair, ...],
+        _require(lambda pairs: len(pairs) > 0, "at least one certificate is required"),
+        _require(
+            lambda pairs: len(pairs) == 1,
+            "more than one certificate is not supported yet; keep exactly one entry",
+        ),
+    ]
+    min_version: Literal["TLSv1.2", "TLSv1.3"] = "TLSv1.2"
+    ciphers: Annotated[StrictStr, AfterValidator(_cipher_string)] = ""
+    alpn: tuple[Annotated[StrictStr, Field(min_length=1, max_length=255)], ...] = ()
+    client_auth: Annotated[
+        Literal["none", "optional", "require"],
+        _require(
+            lambda mode: mode == "none",
+            'client certificates (mTLS) are not supported yet; set client_auth = "none"',
+        ),
+    ] = "none"
+    client_ca: Annotated[
+        Path | None,
+        PlainValidator(_optional_file),
+        _require(
+            lambda path: path is None,
+            "client certificates (mTLS) are not supported yet; remove client_ca",
+        ),
+    ] = None
+    session_tickets: StrictBool = True
+
+
+class RouteConfig(_Model):
+    sni: StrictStr
+    backend: BackendAddress
+
+
+class ListenerConfig(_Model):
+    name: Annotated[StrictStr, AfterValidator(_metric_label)]
+    listen: ListenAddress
+    backend: BackendAddress
+    proxy_protocol: Annotated[
+        Literal["off", "v1", "v2"],
+        _require(
+            lambda version: version == "off",
+            'PROXY protocol headers are not supported yet; set proxy_protocol = "off"',
+        ),
+    ] = "off"
+    handshake_timeout: Seconds = 10.0
+    idle_timeout: Seconds = 300.0
+    connect_timeout: Seconds = 5.0
+    max_connections: PositiveInt = 10000
+    tls: TLSConfig
+    routes: Annotated[
+        tuple[RouteConfig, ...],
+        _require(
+            lambda routes: not routes,
+            "SNI routes are not supported yet; remove the [[listeners.routes]] tables",
+        ),
+    ] = ()
+
+
+class AdminConfig(_Model):
+    listen: ListenAddress = Address("127.0.0.1", 9090)
+
+
+class ProcessConfig(_Model):
+    workers: Annotated[
+        PositiveInt,
+        _require(
+            lambda workers: workers == 1,
+            "more than one worker is not supported yet; set workers = 1",
+        ),
+    ] = 1
+    drain_timeout: Seconds = 30.0
+    watch: Annotated[
+        StrictBool,
+        _require(
+            lambda watch: not watch,
+            "watching files is not supported yet; set watch = false and send SIGHUP to reload",
+        ),
+    ] = False
+
+
+class LogConfig(_Model):
+    level: Literal["debug", "info", "warning", "error"] = "info"
+    format: Literal["json", "text"] = "json"
+    access_log: StrictBool = True
+
+
+class ConfigFile(_Model):
+    """What a TOML file may contain."""
+
+    admin: AdminConfig = AdminConfig()
+    process: ProcessConfig = ProcessConfig()
+    log: LogConfig = LogConfig()
+    listeners: Annotated[
+        tuple[ListenerConfig, ...],
+        _require(lambda listeners: len(listeners) > 0, "at least one [[listeners]] is required"),
+    ]
+
+    @field_validator("listeners")
+    @classmethod
+    def unique_names(cls, listeners: tuple[ListenerConfig, ...]) -> tuple[ListenerConfig, ...]:
+        first: dict[str, int] = {}
+        for index, listener in enumerate(listeners):
+            if listener.name in first:
+                raise ValueError(
+                    f"listeners[{first[listener.name]}] and listeners[{index}] are both named "
+                    f"{listener.name!r}; names must be unique (they label metrics)"
+                )
+            first[listener.name] = index
+        return listeners
+
+
+class Config(ConfigFile):
+    """A validated config plus where it came from and what deserves attention."""
+
+    source: Path | None = None
+    warnings: tuple[str, ...] = ()
+
+
+# ---------------------------------------------------------------------------
+# Loading
+
+
+def load_config(path: Path) -> Config:
+    try:
+        data = tomllib.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError as exc:
+        raise ConfigError([f"{path}: config file not found"]) from exc
+    except OSError as exc:
+        raise ConfigError([f"{path}: cannot read config file: {exc.strerror}"]) from exc
+    except UnicodeDecodeError as exc:
+        raise ConfigError([f"{path}: not UTF-8 text ({exc.reason} at byte {exc.start})"]) from exc
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError([f"{path}: invalid TOML: {exc}"]) from exc
+    return parse_config(data, base_dir=path.absolute().parent, source=path.absolute())
+
+
+def parse_config(data: Mapping[str, Any], base_dir: Path, source: Path | None = None) -> Config:
+    context = {"base_dir": base_dir, "now": datetime.now(UTC)}
+    try:
+        parsed = ConfigFile.model_validate(dict(data), context=context)
+    except ValidationError as exc:
+        raise ConfigError(line for error in exc.errors() for line in _render(error)) from exc
+    warnings = [
+        f"{_toml_path(('listeners', i, 'tls', 'certificates', j, finding.file))}: {finding.message}"
+        for i, listener in enumerate(parsed.listeners)
+        for j, pair in enumerate(listener.tls.certificates)
+        for finding in pair._warnings
+    ]
+    return Config(**dict(parsed), source=source, warnings=tuple(warnings))
+
+
+def default_config(cert: Path, key: Path) -> Config:
+    """What `tlsproxy run` serves without --config: a newcomer's first success."""
+    listener = {
+        "name": "default",
+        "listen": "127.0.0.1:8443",
+        "backend": "127.0.0.1:8080",
+        "tls": {"certificates": [{"cert": cert, "key": key}]},
+    }
+    return parse_config({"listeners": [listener]}, base_dir=Path.cwd())
+
+
+def with_overrides(
+    config: Config,
+    *,
+    listen: str | None = None,
+    backend: str | None = None,
+    admin: str | None = None,
+    cert: str | None = None,
+    key: str | None = None,
+) -> Config:
+    """Command-line flags win over the file for the admin address and the first
+    listener, so one flag adapts the embedded default or a shared config. The
+    result is validated like a file (relative flag paths are relative to the
+    working directory), so a bad flag is a ConfigError, never a crash."""
+    data = config.model_dump(exclude={"source", "warnings"})
+    first = data["listeners"][0]
+    pair = first["tls"]["certificates"][0]
+    flags = [
+        (data["admin"], "listen", admin),
+        (first, "listen", listen),
+        (first, "backend", backend),
+        (pair, "cert", cert),
+        (pair, "key", key),
+    ]
+    if all(value is None for _, _, value in flags):
+        return config
+    for table, name, value in flags:
+        if value is not None:
+            table[name] = value
+    return parse_config(data, base_dir=Path.cwd(), source=config.source)
+
+
+# ---------------------------------------------------------------------------
+# Error messages: pydantic's wording is for Python programmers; ours is for
+# someone editing a TOML file.
+
+_EXPECTED = {
+    "string_type": "a string",
+    "int_type": "an integer",
+    "bool_type": "true or false",
+    "tuple_type": "an array",
+    "model_type": "a table",
+}
+
+
+def _render(error: ErrorDetails) -> Iterator[str]:
+    loc, ctx = error["loc"], error.get("ctx", {})
+    if error["type"] == _FILE_ERRORS:
+        for finding in ctx["findings"]:
+            yield f"{_toml_path((*loc, finding.file))}: {finding.message}"
+    else:
+        yield f"{_toml_path(loc)}: {_describe(error['type'], loc, ctx, error['input'])}"
+
+
+def _describe(kind: str, loc: tuple[int | str, ...], ctx: dict[str, Any], value: Any) -> str:
+    if kind == "extra_forbidden":
+        return _unknown_key(loc)
+    if kind == "missing":
+        return "required key is missing"
+    if kind == "value_error":
+        return str(ctx["error"])
+    if kind in _EXPECTED:
+        return f"expected {_EXPECTED[kind]}, got {_show(value)}"
+    if kind == "literal_error":
+        return f"must be {ctx['expected']}, got {_show(value)}"
+    if kind == "greater_than":
+        return f"must be > {ctx['gt']}, got {_show(value)}"
+    if kind == "string_too_short":
+        return "must not be empty"
+    if kind == "string_too_long":
+        return f"must be at most {ctx['max_length']} characters"
+    return f"invalid value {_show(value)}"
+
+
+def _unknown_key(loc: tuple[int | str, ...]) -> str:
+    key, known = str(loc[-1]), _keys_at(loc[:-1])
+    close = difflib.get_close_matches(key, known, n=1)
+    hint = f"did you mean '{close[0]}'?" if close else f"expected one of: {', '.join(known)}"
+    return f"unknown key '{key}' ({hint})"
+
+
+def _keys_at(loc: tuple[int | str, ...]) -> list[str]:
+    model: type[BaseModel] = ConfigFile
+    for part in loc:
+        if isinstance(part, str):
+            annotation = model.model_fields[part].annotation
+            model = next(
+                candidate
+                for candidate in (annotation, *get_args(annotation))
+                if isinstance(candidate, type) and issubclass(candidate, BaseModel)
+            )
+    return list(model.model_fields)
+
+
+def _toml_path(loc: Iterable[int | str]) -> str:
+    path = ""
+    for part in loc:
+        if isinstance(part, int):
+            path += f"[{part}]"
+        else:
+            path += f".{part}" if path else part
+    return path or "(top level)"
+
+
+def _show(value: object) -> str:
+    """A value as it looks in TOML, since that is what the user wrote."""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, str):
+        return repr(value)
+    if isinstance(value, Mapping):
+        return "a table"
+    if isinstance(value, list | tuple):
+        return "an array"
+    return str(value)
