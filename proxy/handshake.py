@@ -81,6 +81,9 @@ async def run_handshake(
             await loop.run(context)
         except Exception as exc:  # noqa: BLE001 - every failure is classified, never raised
             error = exc
+        except BaseException:
+            loop.conn.close()  # cancelled from outside: the wrapped socket is ours alone
+            raise
     outcome = classify(first=loop.first, error=error, timed_out=deadline.cancelled_caught)
     return HandshakeResult(
         outcome=outcome,

@@ -1,0 +1,281 @@
+"""Real clients, real backends and a real /metrics scrape, shared by the tests."""
+
+from __future__ import annotations
+
+import io
+import json
+import socket
+import ssl
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+import trio
+import trustme
+from prometheus_client.parser import text_string_to_metric_families
+
+from proxy.config import Config, parse_config
+from proxy.log import make_logger
+from proxy.metrics import Metrics
+from proxy.server import BoundAddresses, Server
+from prometheus_client import CollectorRegistry
+
+# Generous per-step deadline: these machines are shared and noisy, and a test
+# must never fail on timing luck. A step that takes this long is a hang.
+STEP = 20.0
+
+
+@dataclass(frozen=True)
+class Certs:
+    ca: trustme.CA
+    cert: Path
+    key: Path
+    ca_file: Path
+
+    def client_context(self) -> ssl.SSLContext:
+        context = ssl.create_default_context()
+        self.ca.configure_trust(context)
+        return context
+
+
+def write_certs(directory: Path, *names: str) -> Certs:
+    ca = trustme.CA()
+    leaf = ca.issue_cert(*(names or ("localhost", "127.0.0.1")))
+    cert = directory / "server.pem"
+    key = directory / "server.key"
+    ca_file = directory / "ca.pem"
+    cert.write_bytes(b"".join(blob.bytes() for blob in leaf.cert_chain_pems))
+    key.write_bytes(leaf.private_key_pem.bytes())
+    ca.cert_pem.write_to_path(str(ca_file))
+    return Certs(ca, cert, key, ca_file)
+
+
+def listener_table(certs: Certs, backend_port: int, **overrides: Any) -> dict[str, Any]:
+    table: dict[str, Any] = {
+        "name": "web",
+        "listen": "127.0.0.1:0",
+        "backend": f"127.0.0.1:{backend_port}",
+        "tls": {"certificates": [{"cert": str(certs.cert), "key": str(certs.key)}]},
+    }
+    table.update(overrides)
+    return table
+
+
+def build_config(
+    certs: Certs, backend_port: int, *, drain_timeout: float = 30.0, **listener: Any
+) -> Config:
+    return parse_config(
+        {
+            "admin": {"listen": "127.0.0.1:0"},
+            "process": {"drain_timeout": drain_timeout},
+            "listeners": [listener_table(certs, backend_port, **listener)],
+        },
+        certs.cert.parent,
+    )
+
+
+@dataclass
+class Running:
+    """A server running in the test's nursery, with its bound ports."""
+
+    server: Server
+    bound: BoundAddresses
+    log: io.StringIO
+
+    @property
+    def port(self) -> int:
+        return self.bound.listeners["web"][1]
+
+    @property
+    def admin_port(self) -> int:
+        return self.bound.admin[1]
+
+    def log_events(self) -> list[dict[str, Any]]:
+        return [json.loads(line) for line in self.log.getvalue().splitlines()]
+
+
+async def start_server(nursery: trio.Nursery, config: Config) -> Running:
+    log = io.StringIO()
+    server = Server(config, Metrics(CollectorRegistry()), make_logger(stream=log))
+    bound = await nursery.start(server.run)
+    return Running(server, bound, log)
+
+
+# ---------------------------------------------------------------- backends
+
+
+Handler = Callable[[trio.SocketStream], Awaitable[None]]
+
+
+async def start_backend(nursery: trio.Nursery, handler: Handler) -> int:
+    listeners = await nursery.start(partial(trio.serve_tcp, handler, 0, host="127.0.0.1"))
+    return int(listeners[0].socket.getsockname()[1])
+
+
+async def echo_handler(stream: trio.SocketStream) -> None:
+    """Echo until EOF, then half-close: proves both directions and the FIN."""
+    try:
+        async for data in stream:
+            await stream.send_all(data)
+        await stream.send_eof()
+    except trio.BrokenResourceError:
+        pass
+
+
+async def http_handler(stream: trio.SocketStream) -> None:
+    """A minimal HTTP/1.1 server: answers each request with 'hello' and closes."""
+    data = b""
+    try:
+        while b"\r\n\r\n" not in data:
+            chunk = await stream.receive_some(4096)
+            if not chunk:
+                return
+            data += chunk
+        body = b"hello from the backend\n"
+        await stream.send_all(
+            b"HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\nConnection: close\r\n"
+            b"Content-Length: " + str(len(body)).encode() + b"\r\n\r\n" + body
+        )
+    except trio.BrokenResourceError:
+        pass
+    finally:
+        await stream.aclose()
+
+
+# ---------------------------------------------------------------- metrics
+
+
+async def scrape(admin_port: int, path: str = "/metrics") -> tuple[int, str]:
+    """GET a path from the admin server over a real TCP connection."""
+    with trio.fail_after(STEP):
+        stream = await trio.open_tcp_stream("127.0.0.1", admin_port)
+        async with stream:
+            await stream.send_all(
+                f"GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n".encode()
+            )
+            raw = b""
+            while chunk := await stream.receive_some(65536):
+                raw += chunk
+    head, _, body = raw.partition(b"\r\n\r\n")
+    status = int(head.split(b" ", 2)[1])
+    return status, body.decode()
+
+
+def sample(text: str, name: str, **labels: str) -> float:
+    """One sample's value from exposition text; 0.0 when absent."""
+    for family in text_string_to_metric_families(text):
+        for s in family.samples:
+            if s.name == name and all(s.labels.get(k) == v for k, v in labels.items()):
+                return float(s.value)
+    return 0.0
+
+
+async def outcomes(admin_port: int) -> dict[str, float]:
+    _, text = await scrape(admin_port)
+    values: dict[str, float] = {}
+    for family in text_string_to_metric_families(text):
+        for s in family.samples:
+            if s.name == "tlsproxy_handshakes_total":
+                values[s.labels["outcome"]] = float(s.value)
+    return values
+
+
+# ---------------------------------------------------------------- clients
+
+
+async def tls_connect(port: int, context: ssl.SSLContext) -> trio.SSLStream[trio.SocketStream]:
+    """A Python ssl client (via trio.SSLStream) with the handshake done."""
+    stream = await trio.open_tcp_stream("127.0.0.1", port)
+    tls = trio.SSLStream(stream, context, server_hostname="localhost")
+    try:
+        await tls.do_handshake()
+    except BaseException:
+        await trio.aclose_forcefully(stream)
+        raise
+    return tls
+
+
+async def raw_connect(port: int) -> trio.SocketStream:
+    return await trio.open_tcp_stream("127.0.0.1", port)
+
+
+class BioClient:
+    """A Python ssl client over a memory BIO, for exact control of close_notify.
+
+    `SSLSocket.unwrap()` would read (and reject) data arriving after our
+    close_notify; with a memory BIO the test decides when bytes reach OpenSSL.
+    """
+
+    def __init__(self, stream: trio.SocketStream, context: ssl.SSLContext) -> None:
+        self.stream = stream
+        self.incoming = ssl.MemoryBIO()
+        self.outgoing = ssl.MemoryBIO()
+        self.obj = context.wrap_bio(self.incoming, self.outgoing, server_hostname="localhost")
+
+    @classmethod
+    async def connect(cls, port: int, context: ssl.SSLContext) -> BioClient:
+        client = cls(await raw_connect(port), context)
+        await client._retry(client.obj.do_handshake)
+        return client
+
+    async def _flush(self) -> None:
+        if data := self.outgoing.read():
+            await self.stream.send_all(data)
+
+    async def _feed(self) -> None:
+        data = await self.stream.receive_some(65536)
+        if data:
+            self.incoming.write(data)
+        else:
+            self.incoming.write_eof()
+
+    async def _retry(self, op: Callable[[], Any]) -> Any:
+        while True:
+            try:
+                result = op()
+            except ssl.SSLWantReadError:
+                await self._flush()
+                await self._feed()
+            else:
+                await self._flush()
+                return result
+
+    async def send_all(self, data: bytes) -> None:
+        self.obj.write(data)
+        await self._flush()
+
+    async def recv(self) -> bytes:
+        """Plaintext, or b'' once the server's close_notify arrived."""
+        try:
+            return bytes(await self._retry(lambda: self.obj.read(65536)))
+        except ssl.SSLZeroReturnError:
+            return b""
+
+    async def recv_all(self) -> bytes:
+        out = bytearray()
+        while chunk := await self.recv():
+            out += chunk
+        return bytes(out)
+
+    async def close_notify(self) -> None:
+        """Send close_notify without reading anything (the incoming BIO stays as is)."""
+        try:
+            self.obj.unwrap()
+        except ssl.SSLWantReadError:
+            pass
+        await self._flush()
+
+
+def blocking_tls_handshake(port: int, context: ssl.SSLContext) -> None:
+    """A plain stdlib SSLSocket handshake (run it in a thread).
+
+    Unlike trio.SSLStream, a failing SSLSocket writes its alert to the wire
+    before raising, as real clients do, so the server learns why.
+    """
+    with (
+        socket.create_connection(("127.0.0.1", port), timeout=STEP) as sock,
+        context.wrap_socket(sock, server_hostname="localhost") as tls,
+    ):
+        tls.sendall(b"x")

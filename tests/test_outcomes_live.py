@@ -1,0 +1,206 @@
+"""Every handshake outcome of this release, produced by a real client over a
+real socket, seen as exactly one +1 on /metrics scraped over HTTP, with the
+proxy still serving a normal client afterwards."""
+
+from __future__ import annotations
+
+import socket
+import ssl
+import struct
+import subprocess
+from collections.abc import Awaitable, Callable
+
+import pytest
+import trio
+
+from proxy.outcome import Outcome
+from tests.helpers import (
+    STEP,
+    blocking_tls_handshake,
+    Certs,
+    Running,
+    build_config,
+    outcomes,
+    raw_connect,
+    start_server,
+    tls_connect,
+)
+
+
+async def _wait_one_more(admin_port: int, before: dict[str, float]) -> dict[str, float]:
+    """Poll /metrics until one more handshake ended; return the per-outcome delta."""
+    with trio.fail_after(STEP):
+        while True:
+            after = await outcomes(admin_port)
+            if sum(after.values()) > sum(before.values()):
+                return {k: v - before.get(k, 0.0) for k, v in after.items() if v != before.get(k, 0.0)}
+            await trio.sleep(0.02)
+
+
+async def _served_normally(proxy: Running, certs: Certs) -> None:
+    with trio.fail_after(STEP):
+        tls = await tls_connect(proxy.port, certs.client_context())
+        await tls.send_all(b"still there?")
+        assert await tls.receive_some(100) == b"still there?"
+        await tls.aclose()
+
+
+async def _expect(
+    proxy: Running, certs: Certs, outcome: Outcome, client: Callable[[], Awaitable[None]]
+) -> None:
+    before = await outcomes(proxy.admin_port)
+    with trio.fail_after(STEP):
+        await client()
+    assert await _wait_one_more(proxy.admin_port, before) == {outcome.value: 1.0}
+    before = await outcomes(proxy.admin_port)
+    await _served_normally(proxy, certs)
+    assert await _wait_one_more(proxy.admin_port, before) == {"success": 1.0}
+
+
+def _in_thread(fn: Callable[[], None]) -> Callable[[], Awaitable[None]]:
+    async def run() -> None:
+        await trio.to_thread.run_sync(fn)
+
+    return run
+
+
+async def _wait_closed(stream: trio.SocketStream) -> None:
+    """Read until the proxy closes the connection (EOF or reset)."""
+    try:
+        while await stream.receive_some(4096):
+            pass
+    except trio.BrokenResourceError:
+        pass
+
+
+async def test_python_client_counts_success(proxy: Running, certs: Certs) -> None:
+    async def client() -> None:
+        tls = await tls_connect(proxy.port, certs.client_context())
+        await tls.send_all(b"ping")
+        assert await tls.receive_some(10) == b"ping"
+        await tls.aclose()
+
+    await _expect(proxy, certs, Outcome.SUCCESS, client)
+
+
+async def test_partial_client_hello_counts_timeout(proxy: Running, certs: Certs) -> None:
+    async def client() -> None:
+        stream = await raw_connect(proxy.port)
+        # A record header announcing a 512-byte hello, then only 4 bytes of it.
+        await stream.send_all(b"\x16\x03\x01\x02\x00\x01\x00\x01\xfc")
+        await _wait_closed(stream)  # the 2 s handshake_timeout closes it
+        await stream.aclose()
+
+    await _expect(proxy, certs, Outcome.TIMEOUT, client)
+
+
+async def test_connect_then_close_counts_client_closed(proxy: Running, certs: Certs) -> None:
+    async def client() -> None:
+        stream = await raw_connect(proxy.port)
+        await stream.aclose()
+
+    await _expect(proxy, certs, Outcome.CLIENT_CLOSED, client)
+
+
+async def test_connect_then_reset_counts_client_closed(proxy: Running, certs: Certs) -> None:
+    async def client() -> None:
+        sock = socket.create_connection(("127.0.0.1", proxy.port))
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        sock.close()  # linger 0: RST instead of FIN
+
+    await _expect(proxy, certs, Outcome.CLIENT_CLOSED, client)
+
+
+async def test_reset_in_the_middle_of_the_handshake_counts_client_closed(
+    proxy: Running, certs: Certs
+) -> None:
+    def client() -> None:
+        hello = ssl.MemoryBIO(), ssl.MemoryBIO()
+        obj = ssl.create_default_context().wrap_bio(*hello, server_hostname="localhost")
+        with pytest.raises(ssl.SSLWantReadError):
+            obj.do_handshake()
+        sock = socket.create_connection(("127.0.0.1", proxy.port), timeout=STEP)
+        sock.sendall(hello[1].read())
+        sock.recv(1)  # the server's flight has started: OpenSSL is mid-handshake
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        sock.close()
+
+    await _expect(proxy, certs, Outcome.CLIENT_CLOSED, _in_thread(client))
+
+
+async def test_plain_http_counts_not_tls(proxy: Running, certs: Certs) -> None:
+    async def client() -> None:
+        stream = await raw_connect(proxy.port)
+        await stream.send_all(b"GET / HTTP/1.1\r\nHost: localhost\r\n\r\n")
+        await _wait_closed(stream)
+        await stream.aclose()
+
+    await _expect(proxy, certs, Outcome.NOT_TLS, client)
+
+
+async def test_tls11_only_client_counts_unsupported_version(proxy: Running, certs: Certs) -> None:
+    async def client() -> None:
+        result = await trio.run_process(
+            ["openssl", "s_client", "-connect", f"127.0.0.1:{proxy.port}", "-tls1_1",
+             "-cipher", "DEFAULT:@SECLEVEL=0", "-servername", "localhost"],
+            stdin=subprocess.DEVNULL, capture_stdout=True, capture_stderr=True, check=False,
+        )
+        assert result.returncode != 0
+
+    await _expect(proxy, certs, Outcome.UNSUPPORTED_VERSION, client)
+
+
+async def test_python_client_without_our_ca_counts_certificate_rejected(
+    proxy: Running, certs: Certs
+) -> None:
+    def client() -> None:
+        with pytest.raises(ssl.SSLCertVerificationError):
+            blocking_tls_handshake(proxy.port, ssl.create_default_context())
+
+    await _expect(proxy, certs, Outcome.CERTIFICATE_REJECTED_BY_CLIENT, _in_thread(client))
+
+
+async def test_curl_without_cacert_counts_certificate_rejected(proxy: Running, certs: Certs) -> None:
+    async def client() -> None:
+        result = await trio.run_process(
+            ["curl", "--silent", "--max-time", "10", f"https://localhost:{proxy.port}/"],
+            capture_stdout=True, capture_stderr=True, check=False,
+        )
+        assert result.returncode == 60  # curl: peer certificate cannot be authenticated
+
+    await _expect(proxy, certs, Outcome.CERTIFICATE_REJECTED_BY_CLIENT, client)
+
+
+async def test_garbage_after_record_header_counts_protocol_error(
+    proxy: Running, certs: Certs
+) -> None:
+    async def client() -> None:
+        stream = await raw_connect(proxy.port)
+        await stream.send_all(b"\x16\x03\x01\x00\x10" + bytes(range(16)))
+        await _wait_closed(stream)
+        await stream.aclose()
+
+    await _expect(proxy, certs, Outcome.PROTOCOL_ERROR, client)
+
+
+class _BrokenContext(ssl.SSLContext):
+    """A server context with a bug: stands in for any unexpected failure."""
+
+    def wrap_socket(self, *args: object, **kwargs: object) -> ssl.SSLSocket:  # type: ignore[override]
+        raise RuntimeError("injected fault")
+
+
+async def test_unexpected_exception_counts_internal_error_and_logs_traceback(
+    nursery: trio.Nursery, certs: Certs, echo_port: int
+) -> None:
+    proxy = await start_server(nursery, build_config(certs, echo_port))
+    good = proxy.server.listeners[0].runtime.context
+    broken = _BrokenContext(ssl.PROTOCOL_TLS_SERVER)
+    proxy.server.listeners[0].runtime.context = broken
+    before = await outcomes(proxy.admin_port)
+    with trio.fail_after(STEP), pytest.raises(trio.BrokenResourceError):
+        await tls_connect(proxy.port, certs.client_context())
+    assert await _wait_one_more(proxy.admin_port, before) == {"internal_error": 1.0}
+    assert "RuntimeError: injected fault" in proxy.log.getvalue()
+    proxy.server.listeners[0].runtime.context = good
+    await _served_normally(proxy, certs)
