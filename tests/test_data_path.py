@@ -1,0 +1,272 @@
+"""Plaintext through the proxy: real clients, integrity, half-close, concurrency,
+backend failures and the idle timeout."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import socket
+
+import trio
+
+from tests.helpers import (
+    STEP,
+    BioClient,
+    Certs,
+    Running,
+    build_config,
+    http_handler,
+    sample,
+    scrape,
+    start_backend,
+    start_server,
+    tls_connect,
+)
+
+MIB = 1024 * 1024
+
+
+async def _http_proxy(nursery: trio.Nursery, certs: Certs) -> Running:
+    port = await start_backend(nursery, http_handler)
+    return await start_server(nursery, build_config(certs, port))
+
+
+async def test_python_ssl_client_gets_the_backend_response(
+    nursery: trio.Nursery, certs: Certs
+) -> None:
+    proxy = await _http_proxy(nursery, certs)
+    with trio.fail_after(STEP):
+        tls = await tls_connect(proxy.port, certs.client_context())
+        await tls.send_all(b"GET / HTTP/1.1\r\nHost: localhost\r\n\r\n")
+        response = b""
+        while chunk := await tls.receive_some(65536):
+            response += chunk
+        await tls.aclose()
+    assert response.startswith(b"HTTP/1.1 200 OK")
+    assert response.endswith(b"hello from the backend\n")
+
+
+async def test_openssl_s_client_gets_the_backend_response(
+    nursery: trio.Nursery, certs: Certs
+) -> None:
+    proxy = await _http_proxy(nursery, certs)
+    with trio.fail_after(STEP):
+        result = await trio.run_process(
+            ["openssl", "s_client", "-quiet", "-verify_return_error",
+             "-CAfile", str(certs.ca_file), "-servername", "localhost",
+             "-connect", f"127.0.0.1:{proxy.port}"],
+            stdin=b"GET / HTTP/1.1\r\nHost: localhost\r\n\r\n",
+            capture_stdout=True, capture_stderr=True, check=False,
+        )
+    assert b"hello from the backend" in result.stdout, result.stderr
+
+
+async def test_curl_gets_the_backend_response(nursery: trio.Nursery, certs: Certs) -> None:
+    proxy = await _http_proxy(nursery, certs)
+    with trio.fail_after(STEP):
+        result = await trio.run_process(
+            ["curl", "--silent", "--show-error", "--max-time", "15",
+             "--cacert", str(certs.ca_file),
+             "--resolve", f"localhost:{proxy.port}:127.0.0.1",
+             f"https://localhost:{proxy.port}/"],
+            capture_stdout=True, capture_stderr=True, check=False,
+        )
+    assert result.returncode == 0, result.stderr
+    assert result.stdout == b"hello from the backend\n"
+
+
+async def test_20_mib_each_way_arrive_intact(proxy: Running, certs: Certs) -> None:
+    payload = os.urandom(20 * MIB)
+    received = hashlib.sha256()
+    count = 0
+    with trio.fail_after(STEP * 3):
+        client = await BioClient.connect(proxy.port, certs.client_context())
+
+        async def send() -> None:
+            view = memoryview(payload)
+            for start in range(0, len(payload), MIB):
+                await client.send_all(bytes(view[start : start + MIB]))
+            await client.close_notify()
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(send)
+            while chunk := await client.recv():
+                received.update(chunk)
+                count += len(chunk)
+        await client.stream.aclose()
+    assert count == len(payload)
+    assert received.hexdigest() == hashlib.sha256(payload).hexdigest()
+    _, text = await scrape(proxy.admin_port)
+    assert sample(text, "tlsproxy_bytes_total", direction="to_backend") >= len(payload)
+    assert sample(text, "tlsproxy_bytes_total", direction="to_client") >= len(payload)
+
+
+async def _count_then_answer(stream: trio.SocketStream) -> None:
+    """Backend that answers only after the client half-closed: needs the FIN."""
+    total = 0
+    async for data in stream:
+        total += len(data)
+    await stream.send_all(f"got {total} bytes".encode())
+    await stream.aclose()
+
+
+async def test_client_close_notify_reaches_backend_as_fin_and_reply_still_arrives(
+    nursery: trio.Nursery, certs: Certs
+) -> None:
+    port = await start_backend(nursery, _count_then_answer)
+    proxy = await start_server(nursery, build_config(certs, port))
+    with trio.fail_after(STEP):
+        client = await BioClient.connect(proxy.port, certs.client_context())
+        await client.send_all(b"x" * 100_000)
+        await client.close_notify()
+        assert await client.recv_all() == b"got 100000 bytes"
+        await client.stream.aclose()
+
+
+async def _answer_then_fin_then_read(stream: trio.SocketStream) -> None:
+    """Backend that half-closes first, then still reads what the client sends."""
+    await stream.send_all(b"ready")
+    await stream.send_eof()
+    total = 0
+    async for data in stream:
+        total += len(data)
+    with trio.move_on_after(STEP):
+        # The reply goes nowhere (we already sent FIN); the count is the proof.
+        _counts.append(total)
+    await stream.aclose()
+
+
+_counts: list[int] = []
+
+
+async def test_backend_fin_reaches_client_as_close_notify_while_client_keeps_sending(
+    nursery: trio.Nursery, certs: Certs
+) -> None:
+    _counts.clear()
+    port = await start_backend(nursery, _answer_then_fin_then_read)
+    proxy = await start_server(nursery, build_config(certs, port))
+    with trio.fail_after(STEP):
+        client = await BioClient.connect(proxy.port, certs.client_context())
+        assert await client.recv_all() == b"ready"  # then the proxy's close_notify
+        await client.send_all(b"y" * 300_000)  # the client's half is still open
+        await client.close_notify()
+        while not _counts:
+            await trio.sleep(0.01)
+        await client.stream.aclose()
+    assert _counts == [300_000]
+
+
+async def test_100_concurrent_clients_each_get_their_own_bytes_back(
+    proxy: Running, certs: Certs
+) -> None:
+    context = certs.client_context()
+    failures: list[str] = []
+
+    async def one(i: int) -> None:
+        message = f"client {i} ".encode() * 1000
+        tls = await tls_connect(proxy.port, context)
+        await tls.send_all(message)
+        echoed = b""
+        while len(echoed) < len(message):
+            echoed += await tls.receive_some(65536)
+        if echoed != message:
+            failures.append(f"client {i} got someone else's bytes")
+        await tls.aclose()
+
+    with trio.fail_after(STEP * 3):
+        async with trio.open_nursery() as nursery:
+            for i in range(100):
+                nursery.start_soon(one, i)
+    assert failures == []
+    _, text = await scrape(proxy.admin_port)
+    assert sample(text, "tlsproxy_handshakes_total", outcome="success") == 100
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+async def test_dead_backend_is_counted_refused_and_client_gets_close_notify(
+    nursery: trio.Nursery, certs: Certs
+) -> None:
+    proxy = await start_server(nursery, build_config(certs, _free_port()))
+    with trio.fail_after(STEP):
+        client = await BioClient.connect(proxy.port, certs.client_context())
+        assert await client.recv() == b""  # a clean close_notify, not a reset
+        await client.stream.aclose()
+    _, text = await scrape(proxy.admin_port)
+    assert sample(text, "tlsproxy_backend_connect_failures_total", reason="refused") == 1
+    assert sample(text, "tlsproxy_handshakes_total", outcome="success") == 1
+    events = [e for e in proxy.log_events() if e.get("event") == "connection"]
+    assert events[-1]["close_reason"] == "backend_refused"
+
+
+async def test_silent_backend_is_counted_timeout_within_connect_timeout(
+    nursery: trio.Nursery, certs: Certs
+) -> None:
+    # A listening socket whose accept queue is full drops new SYNs: a connect
+    # to it neither succeeds nor fails, exactly like a black-holed backend.
+    with socket.socket() as full:
+        full.bind(("127.0.0.1", 0))
+        full.listen(0)
+        port = full.getsockname()[1]
+        fillers = [socket.socket() for _ in range(3)]
+        try:
+            for filler in fillers:
+                filler.setblocking(False)
+                filler.connect_ex(("127.0.0.1", port))
+            proxy = await start_server(nursery, build_config(certs, port, connect_timeout=1.0))
+            with trio.fail_after(STEP):
+                client = await BioClient.connect(proxy.port, certs.client_context())
+                start = trio.current_time()
+                assert await client.recv() == b""
+                elapsed = trio.current_time() - start
+                await client.stream.aclose()
+        finally:
+            for filler in fillers:
+                filler.close()
+    assert 0.5 < elapsed < STEP
+    _, text = await scrape(proxy.admin_port)
+    assert sample(text, "tlsproxy_backend_connect_failures_total", reason="timeout") == 1
+
+
+async def test_idle_connection_is_closed_after_idle_timeout(
+    nursery: trio.Nursery, certs: Certs, echo_port: int
+) -> None:
+    proxy = await start_server(nursery, build_config(certs, echo_port, idle_timeout=1.0))
+    with trio.fail_after(STEP):
+        client = await BioClient.connect(proxy.port, certs.client_context())
+        await client.send_all(b"hi")
+        assert await client.recv() == b"hi"
+        assert await client.recv() == b""  # close_notify once idle for 1 s
+        await client.stream.aclose()
+    with trio.fail_after(STEP):
+        while not [e for e in proxy.log_events() if e.get("event") == "connection"]:
+            await trio.sleep(0.01)
+    (event,) = [e for e in proxy.log_events() if e.get("event") == "connection"]
+    assert event["close_reason"] == "idle_timeout"
+    assert event["bytes_to_backend"] == 2
+    assert event["bytes_to_client"] == 2
+
+
+async def test_access_log_line_has_every_field(proxy: Running, certs: Certs) -> None:
+    with trio.fail_after(STEP):
+        tls = await tls_connect(proxy.port, certs.client_context())
+        await tls.send_all(b"abc")
+        assert await tls.receive_some(10) == b"abc"
+        await tls.aclose()
+        while not [e for e in proxy.log_events() if e.get("event") == "connection"]:
+            await trio.sleep(0.01)
+    (event,) = [e for e in proxy.log_events() if e.get("event") == "connection"]
+    for field in (
+        "timestamp", "listener", "client", "sni", "alpn", "tls_version", "cipher", "resumed",
+        "outcome", "handshake_ms", "wants_read", "wants_write", "backend",
+        "bytes_to_backend", "bytes_to_client", "duration_ms", "close_reason",
+    ):
+        assert field in event, field
+    assert event["sni"] == "localhost"
+    assert event["tls_version"] == "TLSv1.3"
+    assert event["outcome"] == "success"
+
