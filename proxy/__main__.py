@@ -21,7 +21,7 @@ from proxy.certs import default_state_dir, ensure_self_signed
 from proxy.config import Config, ConfigError, default_config, load_config, with_overrides
 from proxy.log import Logger, make_logger
 from proxy.metrics import Metrics
-from proxy.server import Server
+from proxy.server import Server, StartupError, State
 
 EXIT_CONFIG = 1
 EXIT_STARTUP = 2
@@ -46,7 +46,9 @@ def _parser() -> argparse.ArgumentParser:
     run = sub.add_parser("run", help="run the proxy (the embedded default without --config)")
     run.add_argument("--config", help="TOML config file")
     run.add_argument("--listen", help="TLS address of the first listener, e.g. 0.0.0.0:8443")
-    run.add_argument("--backend", help="plaintext backend of the first listener, e.g. 127.0.0.1:8080")
+    run.add_argument(
+        "--backend", help="plaintext backend of the first listener, e.g. 127.0.0.1:8080"
+    )
     run.add_argument("--admin", help="admin address for /metrics /healthz /readyz")
     run.add_argument("--cert", help="PEM certificate (chain) of the first listener")
     run.add_argument("--key", help="PEM private key of the first listener")
@@ -90,10 +92,14 @@ def _run(args: argparse.Namespace) -> int:
         )
     try:
         server = Server(config, Metrics(CollectorRegistry()), log)
-        trio.run(_serve, server, log)
-    except (OSError, ssl.SSLError) as exc:
-        log.error("cannot start; check the addresses and files in the config", error=str(exc))
+        server.bind()
+    except StartupError as exc:
+        log.error(str(exc))
         return EXIT_STARTUP
+    except (OSError, ssl.SSLError) as exc:
+        log.error("cannot load the certificate or key; run check-config", error=str(exc))
+        return EXIT_STARTUP
+    trio.run(_serve, server, log)
     return 0
 
 
@@ -131,7 +137,7 @@ async def _handle_signals(server: Server, log: Logger, scope: trio.CancelScope) 
                 log.warning(
                     "SIGHUP received: reloading is not supported yet; restart to apply changes"
                 )
-            elif server.state.value == "draining":
+            elif server.state is State.DRAINING:
                 log.warning("second stop signal: exiting now without waiting for connections")
                 scope.cancel()
             else:

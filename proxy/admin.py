@@ -7,14 +7,13 @@ its connection and a stuck admin client cannot pile up.
 
 from __future__ import annotations
 
+import socket
 from collections.abc import Callable
-from functools import partial
 
 import h11
 import trio
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 
-from proxy.config import Address
 from proxy.log import Logger
 
 # Seconds a client may take to send one request, and to sit idle between
@@ -39,13 +38,13 @@ class Admin:
         self.log = log
 
     async def serve(
-        self, address: Address, *, task_status: trio.TaskStatus[tuple[str, int]]
+        self, sock: socket.socket, *, task_status: trio.TaskStatus[tuple[str, int]]
     ) -> None:
-        """Bind, report the bound address, and serve until cancelled."""
-        listeners = await trio.open_tcp_listeners(address.port, host=address.host)
-        sockname = listeners[0].socket.getsockname()
-        task_status.started((sockname[0], sockname[1]))
-        await trio.serve_listeners(partial(self._handle), listeners)
+        """Serve on an already bound, listening socket until cancelled."""
+        listener = trio.SocketListener(trio.socket.from_stdlib_socket(sock))
+        sockname = sock.getsockname()
+        task_status.started((str(sockname[0]), int(sockname[1])))
+        await trio.serve_listeners(self._handle, [listener])
 
     async def _handle(self, stream: trio.SocketStream) -> None:
         conn = h11.Connection(h11.SERVER, max_incomplete_event_size=MAX_REQUEST_HEAD)
@@ -102,7 +101,6 @@ async def _next_event(
 ) -> h11.Event | type[h11.PAUSED]:
     while True:
         event = conn.next_event()
-        if event is h11.NEED_DATA:
-            conn.receive_data(await stream.receive_some(RECV_BYTES))
-            continue
-        return event
+        if event is not h11.NEED_DATA:
+            return event  # type: ignore[return-value]  # h11 types NEED_DATA as a class
+        conn.receive_data(await stream.receive_some(RECV_BYTES))

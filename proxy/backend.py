@@ -27,7 +27,7 @@ class BackendConnectError(Exception):
         self.detail = detail
 
 
-async def connect(address: Address, timeout: float) -> socket.socket:
+async def connect(address: Address, timeout: float) -> socket.socket:  # noqa: ASYNC109 - a timeout is a failure reason to report
     """Open a non-blocking TCP connection to the backend within `timeout` seconds."""
     with trio.move_on_after(timeout):
         family, sockaddr = await _resolve(address)

@@ -76,58 +76,78 @@ async def handle_connection(
     sock: socket.socket, peer: Any, listener: ListenerState, connections: ConnectionSet
 ) -> None:
     """Serve one accepted socket; never raises, always closes, always logs."""
-    runtime = listener.runtime
-    lm = runtime.metrics
-    start = trio.current_time()
-    fields: dict[str, Any] = {"listener": lm.name, "client": _format_peer(peer)}
-    conn = sock
-    established = False
-    backend_sock: socket.socket | None = None
+    conn = _Connection(sock, peer, listener.runtime)
     scope = trio.CancelScope()
     connections.add(scope)
     listener.active += 1
-    lm.accepted.inc()
-    lm.active.inc()
     try:
         with scope:
-            lm.in_progress.inc()
-            try:
-                result = await run_handshake(
-                    sock, runtime.context, runtime.config.handshake_timeout
-                )
-            finally:
-                lm.in_progress.dec()
-            conn = result.conn
-            _record_handshake(result, runtime, fields)
-            if result.outcome is not Outcome.SUCCESS:
-                return
-            established = True
-            backend_sock = await _connect_backend(runtime, fields)
-            if backend_sock is None:
-                return
-            splice = Splice(result.tls, backend_sock, runtime.config.idle_timeout, lm)
-            try:
-                fields["close_reason"] = (await splice.run()).value
-            finally:
-                fields["bytes_to_backend"] = splice.bytes_to_backend
-                fields["bytes_to_client"] = splice.bytes_to_client
-    except Exception:  # noqa: BLE001 - a bug in one connection must not stop the listener
-        runtime.log.exception("connection failed unexpectedly; please report this", **fields)
-        fields["close_reason"] = "internal_error"
+            await conn.serve()
+    except Exception:
+        conn.runtime.log.exception(
+            "connection failed unexpectedly; please report this", **conn.fields
+        )
+        conn.fields["close_reason"] = "internal_error"
     finally:
         connections.discard(scope)
         listener.active -= 1
-        if scope.cancelled_caught and connections.cutting:
+        conn.close(drained=scope.cancelled_caught and connections.cutting)
+
+
+class _Connection:
+    """The sockets and access-log fields of one connection."""
+
+    def __init__(self, sock: socket.socket, peer: Any, runtime: ListenerRuntime) -> None:
+        self.runtime = runtime
+        self.start = trio.current_time()
+        self.fields: dict[str, Any] = {
+            "listener": runtime.metrics.name,
+            "client": _format_peer(peer),
+        }
+        self.client = sock
+        self.tls: ssl.SSLSocket | None = None  # set once the handshake succeeded
+        self.backend: socket.socket | None = None
+        runtime.metrics.accepted.inc()
+        runtime.metrics.active.inc()
+
+    async def serve(self) -> None:
+        runtime = self.runtime
+        lm = runtime.metrics
+        lm.in_progress.inc()
+        try:
+            result = await run_handshake(
+                self.client, runtime.context, runtime.config.handshake_timeout
+            )
+        finally:
+            lm.in_progress.dec()
+        self.client = result.conn
+        _record_handshake(result, runtime, self.fields)
+        if result.outcome is not Outcome.SUCCESS:
+            return
+        self.tls = result.tls
+        self.backend = await _connect_backend(runtime, self.fields)
+        if self.backend is None:
+            return
+        splice = Splice(self.tls, self.backend, runtime.config.idle_timeout, lm)
+        try:
+            self.fields["close_reason"] = (await splice.run()).value
+        finally:
+            self.fields["bytes_to_backend"] = splice.bytes_to_backend
+            self.fields["bytes_to_client"] = splice.bytes_to_client
+
+    def close(self, *, drained: bool) -> None:
+        fields = self.fields
+        if drained:
             fields["close_reason"] = CloseReason.DRAIN.value
-        if established and fields.get("close_reason") != CloseReason.CLIENT_RESET.value:
-            send_close_notify(result.tls)
-        conn.close()
-        if backend_sock is not None:
-            backend_sock.close()
-        lm.active.dec()
-        if runtime.access_log:
-            fields["duration_ms"] = round((trio.current_time() - start) * 1000, 3)
-            runtime.log.info("connection", **fields)
+        if self.tls is not None and fields.get("close_reason") != CloseReason.CLIENT_RESET.value:
+            send_close_notify(self.tls)
+        self.client.close()
+        if self.backend is not None:
+            self.backend.close()
+        self.runtime.metrics.active.dec()
+        if self.runtime.access_log:
+            fields["duration_ms"] = round((trio.current_time() - self.start) * 1000, 3)
+            self.runtime.log.info("connection", **fields)
 
 
 def _record_handshake(
@@ -152,7 +172,7 @@ def _record_handshake(
         version = tls.version() or "unknown"
         cipher = (tls.cipher() or ("unknown",))[0]
         alpn = tls.selected_alpn_protocol() or "none"
-        resumed = tls.session_reused
+        resumed = bool(tls.session_reused)
         lm.negotiated(version, cipher, alpn, resumed)
         fields.update(tls_version=version, cipher=cipher, alpn=alpn, resumed=resumed)
     elif result.outcome is Outcome.INTERNAL_ERROR:

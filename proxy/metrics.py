@@ -54,7 +54,7 @@ class Metrics:
         )
         self.handshake_wants = Counter(
             "handshake_wants",
-            "Times the handshake loop waited on the socket because OpenSSL wanted to read or write.",
+            "Times the handshake loop waited because OpenSSL wanted to read or write.",
             ["listener", "want"],
             namespace=NAMESPACE,
             registry=registry,

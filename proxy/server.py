@@ -46,6 +46,10 @@ _RESOURCE_ERRNOS = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.E
 _TRANSIENT_ERRNOS = frozenset({errno.ECONNABORTED, errno.EPROTO, errno.EPERM})
 
 
+class StartupError(Exception):
+    """The daemon cannot start; the message says what to change."""
+
+
 class State(StrEnum):
     STARTING = "starting"
     SERVING = "serving"
@@ -71,6 +75,8 @@ class Server:
         self.state = State.STARTING
         self.connections = ConnectionSet()
         self._drain_requested = trio.Event()
+        self._sockets: list[socket.socket] = []
+        self._admin_socket: socket.socket | None = None
         self.listeners = [
             ListenerState(
                 ListenerRuntime(
@@ -93,18 +99,42 @@ class Server:
             self.state = State.DRAINING
             self._drain_requested.set()
 
-    async def run(self, *, task_status: trio.TaskStatus[BoundAddresses] = trio.TASK_STATUS_IGNORED) -> None:
+    def bind(self) -> None:
+        """Bind every listener and the admin port, or raise StartupError.
+
+        Done synchronously, before any task starts, so that a port in use is
+        one clear message rather than a failure inside a nursery.
+        """
+        if self._admin_socket is not None:
+            return
+        sockets: list[socket.socket] = []
+        try:
+            for state in self.listeners:
+                lc = state.runtime.config
+                sockets.append(_bind(lc.listen, f"listener {lc.name!r}"))
+            sockets.append(_bind(self.config.admin.listen, "admin"))
+        except BaseException:
+            for sock in sockets:
+                sock.close()
+            raise
+        self._admin_socket = sockets.pop()
+        self._sockets = sockets
+
+    async def run(
+        self, *, task_status: trio.TaskStatus[BoundAddresses] = trio.TASK_STATUS_IGNORED
+    ) -> None:
         """Serve until drained; report the bound addresses once accepting."""
+        self.bind()
+        assert self._admin_socket is not None
         admin = Admin(self.metrics.registry, self.is_ready, self.log)
-        async with trio.open_nursery() as services:
-            admin_address = await services.start(admin.serve, self.config.admin.listen)
-            sockets = [_bind(state.runtime.config.listen) for state in self.listeners]
-            try:
-                await self._serve(sockets, admin_address, task_status)
-            finally:
-                for sock in sockets:
-                    sock.close()
-            services.cancel_scope.cancel()
+        try:
+            async with trio.open_nursery() as services:
+                admin_address = await services.start(admin.serve, self._admin_socket)
+                await self._serve(self._sockets, admin_address, task_status)
+                services.cancel_scope.cancel()
+        finally:
+            for sock in (*self._sockets, self._admin_socket):
+                sock.close()
         self.state = State.STOPPED
         self.log.info("stopped")
 
@@ -184,22 +214,26 @@ class Server:
         await trio.sleep(ACCEPT_BACKOFF)
 
 
-def _bind(address: Address) -> socket.socket:
-    family, _, _, _, sockaddr = socket.getaddrinfo(
-        address.host or None,
-        address.port,
-        type=socket.SOCK_STREAM,
-        flags=socket.AI_PASSIVE,
-    )[0]
+def _bind(address: Address, what: str) -> socket.socket:
+    try:
+        family, _, _, _, sockaddr = socket.getaddrinfo(
+            address.host or None,
+            address.port,
+            type=socket.SOCK_STREAM,
+            flags=socket.AI_PASSIVE,
+        )[0]
+    except socket.gaierror as exc:
+        raise StartupError(f"cannot listen on {address} ({what}): {exc.strerror}") from exc
     sock = socket.socket(family, socket.SOCK_STREAM)
     try:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         sock.bind(sockaddr)
         sock.listen(LISTEN_BACKLOG)
         sock.setblocking(False)
-    except BaseException:
+    except OSError as exc:
         sock.close()
-        raise
+        hint = " (is another process using it?)" if exc.errno == errno.EADDRINUSE else ""
+        raise StartupError(f"cannot listen on {address} ({what}): {exc.strerror}{hint}") from exc
     return sock
 
 

@@ -3,7 +3,15 @@ from __future__ import annotations
 import pytest
 import trio
 
-from tests.helpers import Certs, Running, build_config, echo_handler, start_backend, start_server, write_certs
+from tests.helpers import (
+    Certs,
+    Running,
+    build_config,
+    echo_handler,
+    start_backend,
+    start_server,
+    write_certs,
+)
 
 
 @pytest.fixture(scope="session")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import socket
@@ -14,13 +15,13 @@ from typing import Any
 
 import trio
 import trustme
+from prometheus_client import CollectorRegistry
 from prometheus_client.parser import text_string_to_metric_families
 
 from proxy.config import Config, parse_config
 from proxy.log import make_logger
 from proxy.metrics import Metrics
 from proxy.server import BoundAddresses, Server
-from prometheus_client import CollectorRegistry
 
 # Generous per-step deadline: these machines are shared and noisy, and a test
 # must never fail on timing luck. A step that takes this long is a hang.
@@ -92,8 +93,18 @@ class Running:
     def admin_port(self) -> int:
         return self.bound.admin[1]
 
-    def log_events(self) -> list[dict[str, Any]]:
-        return [json.loads(line) for line in self.log.getvalue().splitlines()]
+    def log_events(self, event: str | None = None) -> list[dict[str, Any]]:
+        lines = [json.loads(line) for line in self.log.getvalue().splitlines()]
+        return [line for line in lines if event is None or line.get("event") == event]
+
+    async def access_log(self, count: int = 1) -> list[dict[str, Any]]:
+        """The access-log lines, once `count` connections have been logged."""
+        with trio.fail_after(STEP):
+            while True:
+                lines = self.log_events("connection")
+                if len(lines) >= count:
+                    return lines
+                await trio.sleep(0.01)
 
 
 async def start_server(nursery: trio.Nursery, config: Config) -> Running:
@@ -261,10 +272,8 @@ class BioClient:
 
     async def close_notify(self) -> None:
         """Send close_notify without reading anything (the incoming BIO stays as is)."""
-        try:
+        with contextlib.suppress(ssl.SSLWantReadError):
             self.obj.unwrap()
-        except ssl.SSLWantReadError:
-            pass
         await self._flush()
 
 

@@ -16,9 +16,9 @@ import trio
 from proxy.outcome import Outcome
 from tests.helpers import (
     STEP,
-    blocking_tls_handshake,
     Certs,
     Running,
+    blocking_tls_handshake,
     build_config,
     outcomes,
     raw_connect,
@@ -33,7 +33,9 @@ async def _wait_one_more(admin_port: int, before: dict[str, float]) -> dict[str,
         while True:
             after = await outcomes(admin_port)
             if sum(after.values()) > sum(before.values()):
-                return {k: v - before.get(k, 0.0) for k, v in after.items() if v != before.get(k, 0.0)}
+                return {
+                    k: v - before.get(k, 0.0) for k, v in after.items() if v != before.get(k, 0.0)
+                }
             await trio.sleep(0.02)
 
 
@@ -141,9 +143,21 @@ async def test_plain_http_counts_not_tls(proxy: Running, certs: Certs) -> None:
 async def test_tls11_only_client_counts_unsupported_version(proxy: Running, certs: Certs) -> None:
     async def client() -> None:
         result = await trio.run_process(
-            ["openssl", "s_client", "-connect", f"127.0.0.1:{proxy.port}", "-tls1_1",
-             "-cipher", "DEFAULT:@SECLEVEL=0", "-servername", "localhost"],
-            stdin=subprocess.DEVNULL, capture_stdout=True, capture_stderr=True, check=False,
+            [
+                "openssl",
+                "s_client",
+                "-connect",
+                f"127.0.0.1:{proxy.port}",
+                "-tls1_1",
+                "-cipher",
+                "DEFAULT:@SECLEVEL=0",
+                "-servername",
+                "localhost",
+            ],
+            stdin=subprocess.DEVNULL,
+            capture_stdout=True,
+            capture_stderr=True,
+            check=False,
         )
         assert result.returncode != 0
 
@@ -160,11 +174,15 @@ async def test_python_client_without_our_ca_counts_certificate_rejected(
     await _expect(proxy, certs, Outcome.CERTIFICATE_REJECTED_BY_CLIENT, _in_thread(client))
 
 
-async def test_curl_without_cacert_counts_certificate_rejected(proxy: Running, certs: Certs) -> None:
+async def test_curl_without_cacert_counts_certificate_rejected(
+    proxy: Running, certs: Certs
+) -> None:
     async def client() -> None:
         result = await trio.run_process(
             ["curl", "--silent", "--max-time", "10", f"https://localhost:{proxy.port}/"],
-            capture_stdout=True, capture_stderr=True, check=False,
+            capture_stdout=True,
+            capture_stderr=True,
+            check=False,
         )
         assert result.returncode == 60  # curl: peer certificate cannot be authenticated
 
@@ -186,7 +204,7 @@ async def test_garbage_after_record_header_counts_protocol_error(
 class _BrokenContext(ssl.SSLContext):
     """A server context with a bug: stands in for any unexpected failure."""
 
-    def wrap_socket(self, *args: object, **kwargs: object) -> ssl.SSLSocket:  # type: ignore[override]
+    def wrap_socket(self, *args: object, **kwargs: object) -> ssl.SSLSocket:
         raise RuntimeError("injected fault")
 
 
