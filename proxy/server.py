@@ -20,6 +20,7 @@ from enum import StrEnum
 import trio
 
 from proxy.admin import Admin
+from proxy.certs import load_leaf
 from proxy.config import Address, Config
 from proxy.connection import ConnectionSet, ListenerRuntime, ListenerState, handle_connection
 from proxy.log import Logger
@@ -89,6 +90,8 @@ class Server:
             )
             for lc in config.listeners
         ]
+        for state in self.listeners:
+            _export_expiry(state.runtime)
 
     def is_ready(self) -> bool:
         return self.state is State.SERVING
@@ -212,6 +215,14 @@ class Server:
             error=str(exc),
         )
         await trio.sleep(ACCEPT_BACKOFF)
+
+
+def _export_expiry(runtime: ListenerRuntime) -> None:
+    for pair in runtime.config.tls.certificates:
+        leaf = load_leaf(pair.cert)
+        runtime.metrics.family.certificate_expiry.labels(
+            runtime.config.name, leaf.subject.rfc4514_string()
+        ).set(leaf.not_valid_after_utc.timestamp())
 
 
 def _bind(address: Address, what: str) -> socket.socket:
