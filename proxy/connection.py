@@ -20,7 +20,7 @@ from proxy.handshake import HandshakeResult, run_handshake
 from proxy.log import Logger
 from proxy.metrics import ListenerMetrics
 from proxy.outcome import Outcome
-from proxy.splice import CloseReason, Splice, send_close_notify
+from proxy.splice import BufferPool, CloseReason, Splice, send_close_notify
 from proxy.tls import server_name
 
 
@@ -44,9 +44,11 @@ class ListenerState:
 
 
 class ConnectionSet:
-    """Every live connection's cancel scope, so a drain can wait for or cut them."""
+    """Every live connection's cancel scope, so a drain can wait for or cut them,
+    and the receive buffers they share."""
 
     def __init__(self) -> None:
+        self.buffers = BufferPool()
         self.live: set[trio.CancelScope] = set()
         self.cutting = False
         self._idle = trio.Event()
@@ -76,7 +78,7 @@ async def handle_connection(
     sock: socket.socket, peer: Any, listener: ListenerState, connections: ConnectionSet
 ) -> None:
     """Serve one accepted socket; never raises, always closes, always logs."""
-    conn = _Connection(sock, peer, listener.runtime)
+    conn = _Connection(sock, peer, listener.runtime, connections.buffers)
     scope = trio.CancelScope()
     connections.add(scope)
     listener.active += 1
@@ -97,8 +99,11 @@ async def handle_connection(
 class _Connection:
     """The sockets and access-log fields of one connection."""
 
-    def __init__(self, sock: socket.socket, peer: Any, runtime: ListenerRuntime) -> None:
+    def __init__(
+        self, sock: socket.socket, peer: Any, runtime: ListenerRuntime, buffers: BufferPool
+    ) -> None:
         self.runtime = runtime
+        self.buffers = buffers
         self.start = trio.current_time()
         self.fields: dict[str, Any] = {
             "listener": runtime.metrics.name,
@@ -128,7 +133,7 @@ class _Connection:
         self.backend = await _connect_backend(runtime, self.fields)
         if self.backend is None:
             return
-        splice = Splice(self.tls, self.backend, runtime.config.idle_timeout, lm)
+        splice = Splice(self.tls, self.backend, runtime.config.idle_timeout, lm, self.buffers)
         try:
             self.fields["close_reason"] = (await splice.run()).value
         finally:

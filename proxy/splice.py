@@ -3,10 +3,12 @@
 Theory of operation
 -------------------
 
-Two tasks in one nursery, one per direction. Each reads one chunk into its
-own reusable buffer and writes all of it before reading again, so a slow
-receiver stops the reader (back-pressure through the kernel's socket
-buffers) and memory per connection is bounded by two buffers.
+Two tasks in one nursery, one per direction. Each reads one chunk and
+writes all of it before reading again, so a slow receiver stops the reader
+(back-pressure through the kernel's socket buffers) and memory per
+connection is bounded by one chunk per direction. The chunk buffers are
+lent by a `BufferPool` only while bytes are in flight: an idle connection,
+parked waiting for readability, holds none.
 
 After the handshake OpenSSL keeps the same contract as during it
 (`SSL_read(3)`, `SSL_write(3)`): a read may raise `SSLWantReadError` (no
@@ -49,6 +51,10 @@ from proxy.metrics import ListenerMetrics
 # (two buffers per established connection).
 RECV_CHUNK = 64 * 1024
 
+# Free buffers kept for reuse (64 x 64 KiB = 4 MiB at most); beyond that a
+# returned buffer is left to the garbage collector.
+POOL_KEEP = 64
+
 # Seconds to wait between retries when the other direction already holds the
 # socket's readiness slot (see `_wait_shared`). Only reachable through
 # post-handshake messages that make a read want a write, which are rare.
@@ -65,6 +71,22 @@ class CloseReason(StrEnum):
     CLIENT_PROTOCOL_ERROR = "client_protocol_error"
     IDLE_TIMEOUT = "idle_timeout"
     DRAIN = "drain"
+
+
+class BufferPool:
+    """Receive buffers lent for one read-then-write cycle, then reused."""
+
+    __slots__ = ("_free",)
+
+    def __init__(self) -> None:
+        self._free: list[memoryview] = []
+
+    def take(self) -> memoryview:
+        return self._free.pop() if self._free else memoryview(bytearray(RECV_CHUNK))
+
+    def give(self, view: memoryview) -> None:
+        if len(self._free) < POOL_KEEP:
+            self._free.append(view)
 
 
 class _ClientGone(Exception):
@@ -93,6 +115,7 @@ class Splice:
         "last_activity",
         "metrics",
         "open_directions",
+        "pool",
     )
 
     def __init__(
@@ -101,7 +124,9 @@ class Splice:
         backend: socket.socket,
         idle_timeout: float,
         metrics: ListenerMetrics,
+        pool: BufferPool,
     ) -> None:
+        self.pool = pool
         self.client = client
         self.backend = backend
         self.idle_timeout = idle_timeout
@@ -146,13 +171,14 @@ class Splice:
             await trio.sleep_until(deadline)
 
     async def _to_backend(self, scope: trio.CancelScope) -> None:
-        buf = bytearray(RECV_CHUNK)
-        view = memoryview(buf)
         counter = self.metrics.bytes_to_backend
+        pool = self.pool
         try:
-            while n := await self._client_recv_into(view):
+            while chunk := await self._client_recv():
                 self.last_activity = trio.current_time()
+                view, n = chunk
                 await _sock_send_all(self.backend, view[:n])
+                pool.give(view)
                 self.bytes_to_backend += n
                 counter.inc(n)
             _shutdown_write(self.backend)
@@ -163,13 +189,14 @@ class Splice:
             self._end(CloseReason.BACKEND_RESET, scope)
 
     async def _to_client(self, scope: trio.CancelScope) -> None:
-        buf = bytearray(RECV_CHUNK)
-        view = memoryview(buf)
         counter = self.metrics.bytes_to_client
+        pool = self.pool
         try:
-            while n := await _sock_recv_into(self.backend, view):
+            while chunk := await _sock_recv(self.backend, pool):
                 self.last_activity = trio.current_time()
+                view, n = chunk
                 await self._client_send_all(view[:n])
+                pool.give(view)
                 self.bytes_to_client += n
                 counter.inc(n)
             self.close_notify_wanted = True
@@ -180,23 +207,33 @@ class Splice:
         except _BackendGone:
             self._end(CloseReason.BACKEND_RESET, scope)
 
-    async def _client_recv_into(self, view: memoryview) -> int:
+    async def _client_recv(self) -> tuple[memoryview, int] | None:
+        """The next plaintext chunk as (pooled buffer, length), or None at EOF."""
         client = self.client
+        pool = self.pool
         while True:
+            view = pool.take()
             try:
-                return client.recv_into(view)
+                n = client.recv_into(view)
             except ssl.SSLWantReadError:
+                pool.give(view)
                 if self.close_notify_wanted:
                     self._try_close_notify()
                 await trio.lowlevel.wait_readable(client)
             except ssl.SSLWantWriteError:
+                pool.give(view)
                 await _wait_shared(trio.lowlevel.wait_writable, client)
             except ssl.SSLZeroReturnError:
-                return 0  # close_notify after ours: a clean end
+                return None  # close_notify after ours: a clean end
             except ssl.SSLError as exc:
                 raise _ClientGone(CloseReason.CLIENT_PROTOCOL_ERROR) from exc
             except OSError as exc:
                 raise _ClientGone(CloseReason.CLIENT_RESET) from exc
+            else:
+                if n:
+                    return view, n
+                pool.give(view)
+                return None
 
     async def _client_send_all(self, view: memoryview) -> None:
         client = self.client
@@ -261,14 +298,22 @@ async def _wait_shared(
         await trio.sleep(SHARED_WAIT_POLL)
 
 
-async def _sock_recv_into(sock: socket.socket, view: memoryview) -> int:
+async def _sock_recv(sock: socket.socket, pool: BufferPool) -> tuple[memoryview, int] | None:
+    """The next chunk from a plain socket as (pooled buffer, length), or None at EOF."""
     while True:
+        view = pool.take()
         try:
-            return sock.recv_into(view)
+            n = sock.recv_into(view)
         except BlockingIOError:
+            pool.give(view)
             await trio.lowlevel.wait_readable(sock)
         except OSError as exc:
             raise _BackendGone from exc
+        else:
+            if n:
+                return view, n
+            pool.give(view)
+            return None
 
 
 async def _sock_send_all(sock: socket.socket, view: memoryview) -> None:

@@ -1,0 +1,687 @@
+"""The real daemon as a user runs it: `python -m proxy` in a subprocess, driven
+over real sockets by real clients (Python ssl, curl), observed through its
+exit codes, stdout/stderr and JSON log lines. Every wait has a deadline and
+waits for an event (a log line, a status code, an exit), never a guessed sleep.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.metadata
+import json
+import os
+import re
+import shutil
+import signal
+import ssl
+import stat
+import subprocess
+import sys
+from collections.abc import AsyncIterator, Iterator
+from contextlib import asynccontextmanager, contextmanager, suppress
+from pathlib import Path
+from typing import Any
+
+import pytest
+import trio
+from cryptography import x509
+
+import proxy
+from tests.helpers import (
+    STEP,
+    BioClient,
+    Certs,
+    echo_handler,
+    http_handler,
+    scrape,
+    start_backend,
+    tls_connect,
+)
+
+PYTHON_M_PROXY = (sys.executable, "-m", "proxy")
+CONSOLE_SCRIPT = Path(sys.executable).parent / "tlsproxy"
+
+# The drain test's response: big enough to be many TLS records and socket
+# buffers, sent in chunks so it is still in flight when SIGTERM arrives.
+PAYLOAD_SIZE = 4 * 1024 * 1024
+CHUNK = 64 * 1024
+
+
+# ---------------------------------------------------------------- helpers
+
+
+def _env(state_dir: Path) -> dict[str, str]:
+    """The daemon never touches the real ~/.local/state, whatever a test does."""
+    return {**os.environ, "TLSPROXY_STATE_DIR": str(state_dir)}
+
+
+def _q(value: object) -> str:
+    """A TOML basic string (JSON string escapes are valid TOML)."""
+    return json.dumps(str(value))
+
+
+def _config_text(
+    cert: object,
+    key: object,
+    *,
+    backend_port: int = 1,
+    listen: str = "127.0.0.1:0",
+    drain_timeout: float = 30.0,
+    listener_lines: str = "",
+) -> str:
+    return f"""\
+[admin]
+listen = "127.0.0.1:0"
+
+[process]
+drain_timeout = {drain_timeout}
+
+[[listeners]]
+name = "web"
+listen = "{listen}"
+backend = "127.0.0.1:{backend_port}"
+{listener_lines}
+
+[listeners.tls]
+certificates = [{{ cert = {_q(cert)}, key = {_q(key)} }}]
+"""
+
+
+def _write_config(path: Path, certs: Certs, **kwargs: Any) -> Path:
+    path.write_text(_config_text(certs.cert, certs.key, **kwargs), encoding="utf-8")
+    return path
+
+
+class Completed:
+    """A finished CLI invocation, decoded."""
+
+    def __init__(self, result: subprocess.CompletedProcess[bytes]) -> None:
+        self.returncode = result.returncode
+        self.stdout = result.stdout.decode(errors="replace")
+        self.stderr = result.stderr.decode(errors="replace")
+
+    def __repr__(self) -> str:
+        return f"exit {self.returncode}\n--- stdout\n{self.stdout}--- stderr\n{self.stderr}"
+
+
+async def _cli(
+    *args: str | Path, cwd: Path, command: tuple[str, ...] = PYTHON_M_PROXY
+) -> Completed:
+    """Run a command that is expected to exit by itself."""
+    with trio.fail_after(STEP):
+        result = await trio.run_process(
+            [*command, *map(str, args)],
+            stdin=subprocess.DEVNULL,
+            capture_stdout=True,
+            capture_stderr=True,
+            check=False,
+            cwd=cwd,
+            env=_env(cwd / "state"),
+        )
+    return Completed(result)
+
+
+class Daemon:
+    """A running `python -m proxy run ...` and everything it has printed so far."""
+
+    def __init__(self, process: trio.Process) -> None:
+        self.process = process
+        self.lines: list[str] = []
+        self.events: list[dict[str, Any]] = []
+        self._changed = trio.Event()
+        self.eof = trio.Event()
+
+    def output(self) -> str:
+        return "\n".join(self.lines)
+
+    @contextmanager
+    def deadline(self, seconds: float, what: str) -> Iterator[None]:
+        """fail_after, but a timeout shows what the daemon said."""
+        try:
+            with trio.fail_after(seconds):
+                yield
+        except trio.TooSlowError:
+            raise AssertionError(
+                f"timed out after {seconds}s waiting for {what}; daemon output:\n{self.output()}"
+            ) from None
+
+    async def pump(self) -> None:
+        """Read stdout+stderr line by line until the process closes them."""
+        assert self.process.stdout is not None
+        pending = b""
+        try:
+            async for chunk in self.process.stdout:
+                pending += chunk
+                *complete, pending = pending.split(b"\n")
+                for raw in complete:
+                    self._add(raw.decode(errors="replace"))
+        except trio.ClosedResourceError:
+            pass
+        finally:
+            if pending:
+                self._add(pending.decode(errors="replace"))
+            self.eof.set()
+            self._notify()
+
+    def _add(self, line: str) -> None:
+        self.lines.append(line)
+        if line.startswith("{"):
+            with suppress(json.JSONDecodeError):
+                self.events.append(json.loads(line))
+        self._notify()
+
+    def _notify(self) -> None:
+        self._changed.set()
+        self._changed = trio.Event()
+
+    def find(self, event: str, **fields: Any) -> dict[str, Any] | None:
+        for record in self.events:
+            if record.get("event") == event and all(record.get(k) == v for k, v in fields.items()):
+                return record
+        return None
+
+    async def wait_for(self, event: str, **fields: Any) -> dict[str, Any]:
+        """The first log line with this event (and these fields), waiting for it."""
+        with self.deadline(STEP, f"log event {event!r} {fields or ''}"):
+            while (record := self.find(event, **fields)) is None:
+                if self.eof.is_set():
+                    raise AssertionError(
+                        f"daemon exited without logging {event!r}:\n{self.output()}"
+                    )
+                await self._changed.wait()
+        return record
+
+    async def started(self) -> tuple[int, int]:
+        """(TLS port, admin port) once the daemon is accepting."""
+        listening = await self.wait_for("listening")
+        admin = await self.wait_for("admin listening")
+        return _port(listening["address"]), _port(admin["address"])
+
+    def signal(self, signum: int) -> None:
+        self.process.send_signal(signum)
+
+    async def exit_code(self, within: float = STEP) -> int:
+        """Wait for the process to exit by itself and for all of its output."""
+        with self.deadline(within, "the daemon to exit"):
+            code = await self.process.wait()
+            await self.eof.wait()
+        return code
+
+
+def _port(address: str) -> int:
+    return int(address.rpartition(":")[2])
+
+
+@asynccontextmanager
+async def run_daemon(nursery: trio.Nursery, cwd: Path, *args: str | Path) -> AsyncIterator[Daemon]:
+    """Start `python -m proxy run ARGS`; always kill and reap it afterwards."""
+    process = await trio.lowlevel.open_process(
+        [*PYTHON_M_PROXY, "run", *map(str, args)],
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        cwd=cwd,
+        env=_env(cwd / "state"),
+    )
+    daemon = Daemon(process)
+    try:
+        nursery.start_soon(daemon.pump)
+        yield daemon
+    finally:
+        with trio.CancelScope(shield=True), trio.move_on_after(STEP):
+            if process.returncode is None:
+                process.kill()
+            await process.wait()
+            await daemon.eof.wait()
+        if process.stdout is not None:
+            with trio.CancelScope(shield=True):
+                await process.stdout.aclose()
+    # reached only when the test body passed: the daemon itself must not have failed
+    assert "Traceback" not in daemon.output(), daemon.output()
+    assert not [e for e in daemon.events if e.get("level") == "error"], daemon.output()
+
+
+async def _poll_status(admin_port: int, path: str, expected: int) -> None:
+    """Poll an admin endpoint until it answers `expected`."""
+    status = None
+    try:
+        with trio.fail_after(STEP):
+            while True:
+                status, _ = await scrape(admin_port, path)
+                if status == expected:
+                    return
+                await trio.sleep(0.02)
+    except trio.TooSlowError:
+        raise AssertionError(
+            f"{path} still answers {status} after {STEP}s, not {expected}"
+        ) from None
+
+
+async def _assert_refused(port: int) -> None:
+    sock = trio.socket.socket()
+    with sock, trio.fail_after(STEP), pytest.raises(ConnectionRefusedError):
+        await sock.connect(("127.0.0.1", port))
+
+
+async def _echo_through(port: int, context: ssl.SSLContext) -> None:
+    with trio.fail_after(STEP):
+        tls = await tls_connect(port, context)
+        try:
+            await tls.send_all(b"hello through the daemon")
+            received = b""
+            while len(received) < len(b"hello through the daemon"):
+                chunk = await tls.receive_some(100)
+                assert chunk, "the proxy closed before echoing"
+                received += chunk
+            assert received == b"hello through the daemon"
+        finally:
+            await tls.aclose()
+
+
+async def _http_get(port: int, context: ssl.SSLContext) -> tuple[bytes, bytes]:
+    """GET / over TLS; returns (the server's certificate in DER, the response)."""
+    with trio.fail_after(STEP):
+        tls = await tls_connect(port, context)
+        try:
+            peer = tls.getpeercert(binary_form=True)
+            assert peer is not None
+            await tls.send_all(b"GET / HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n")
+            response = b""
+            while chunk := await tls.receive_some(65536):
+                response += chunk
+        finally:
+            await tls.aclose()
+    return peer, response
+
+
+async def _stalled_backend(stream: trio.SocketStream) -> None:
+    """Sends a first line, then never another byte and never closes."""
+    await stream.send_all(b"first bytes\n")
+    await trio.sleep_forever()
+
+
+async def _receive_first_line(client: BioClient) -> None:
+    received = b""
+    with trio.fail_after(STEP):
+        while not received.endswith(b"\n"):
+            chunk = await client.recv()
+            assert chunk, "closed before the backend's first bytes arrived"
+            received += chunk
+    assert received == b"first bytes\n"
+
+
+# ---------------------------------------------------------------- --version
+
+
+@pytest.mark.parametrize(
+    "command", [PYTHON_M_PROXY, (str(CONSOLE_SCRIPT),)], ids=["python-m-proxy", "tlsproxy"]
+)
+async def test_version_flag_prints_program_and_package_version_and_exits_0(
+    tmp_path: Path, command: tuple[str, ...]
+) -> None:
+    result = await _cli("--version", cwd=tmp_path, command=command)
+    assert result.returncode == 0, result
+    assert re.fullmatch(r"tlsproxy \d+\.\d+\.\d+\S*\n", result.stdout), result
+    assert result.stdout == f"tlsproxy {proxy.__version__}\n"
+    # the code's version is the one the installed distribution declares
+    assert proxy.__version__ == importlib.metadata.version("tlsproxy")
+
+
+# ---------------------------------------------------------------- check-config
+
+
+async def test_check_config_accepts_a_valid_file_with_paths_relative_to_it(
+    tmp_path: Path, certs: Certs
+) -> None:
+    conf_dir = tmp_path / "conf"
+    conf_dir.mkdir()
+    (conf_dir / "tls.crt").write_bytes(certs.cert.read_bytes())
+    (conf_dir / "tls.key").write_bytes(certs.key.read_bytes())
+    config = conf_dir / "proxy.toml"
+    config.write_text(_config_text("tls.crt", "tls.key"), encoding="utf-8")
+
+    # run from elsewhere: relative paths must resolve against the config's directory
+    result = await _cli("check-config", config, cwd=tmp_path)
+
+    assert result.returncode == 0, result
+    assert "ok" in result.stdout, result
+    assert "error" not in result.stderr, result
+    assert "Traceback" not in result.stderr, result
+
+
+async def test_check_config_prints_every_error_with_its_toml_path_and_exits_1(
+    tmp_path: Path, certs: Certs
+) -> None:
+    config = tmp_path / "bad.toml"
+    config.write_text(
+        _config_text(
+            certs.cert,
+            tmp_path / "missing.key",
+            listen="127.0.0.1:99999",
+            listener_lines='colour = "blue"',
+        ),
+        encoding="utf-8",
+    )
+
+    result = await _cli("check-config", config, cwd=tmp_path)
+
+    assert result.returncode == 1, result
+    assert "Traceback" not in result.stderr, result
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error: ")]
+    expected = {
+        "listeners[0].colour": "unknown key 'colour'",
+        "listeners[0].listen": "out of range",
+        "listeners[0].tls.certificates[0].key": "file not found",
+    }
+    for path, message in expected.items():
+        assert any(line.startswith(f"error: {path}: ") and message in line for line in errors), (
+            f"no error for {path} ({message!r}):\n{result}"
+        )
+    assert len(errors) == len(expected), result
+    assert f"{len(expected)} error(s)" in result.stderr, result
+    assert result.stdout == "", result
+
+
+async def test_check_config_reports_toml_syntax_error_with_line_and_exits_1(
+    tmp_path: Path,
+) -> None:
+    config = tmp_path / "broken.toml"
+    config.write_text('[admin]\nlisten = "127.0.0.1:9090"\n[[listeners]\nname = "web"\n')
+
+    result = await _cli("check-config", config, cwd=tmp_path)
+
+    assert result.returncode == 1, result
+    assert "Traceback" not in result.stderr, result
+    assert "invalid TOML" in result.stderr, result
+    assert re.search(r"line 3\b", result.stderr), result
+    assert str(config.name) in result.stderr, result
+
+
+async def test_check_config_on_a_missing_file_says_not_found_and_exits_1(
+    tmp_path: Path,
+) -> None:
+    result = await _cli("check-config", tmp_path / "nope.toml", cwd=tmp_path)
+
+    assert result.returncode == 1, result
+    assert "Traceback" not in result.stderr, result
+    assert "nope.toml" in result.stderr, result
+    assert "not found" in result.stderr, result
+
+
+async def test_check_config_rejects_a_not_yet_supported_setting_and_exits_1(
+    tmp_path: Path, certs: Certs
+) -> None:
+    config = _write_config(tmp_path / "v2.toml", certs, listener_lines='proxy_protocol = "v2"')
+
+    result = await _cli("check-config", config, cwd=tmp_path)
+
+    assert result.returncode == 1, result
+    assert "Traceback" not in result.stderr, result
+    assert "error: listeners[0].proxy_protocol: " in result.stderr, result
+    assert "not supported yet" in result.stderr, result
+
+
+# ---------------------------------------------------------------- run: embedded default
+
+
+@pytest.mark.skipif(shutil.which("curl") is None, reason="needs the curl command")
+async def test_embedded_default_serves_curl_and_reuses_its_certificate_across_restarts(
+    tmp_path: Path, nursery: trio.Nursery
+) -> None:
+    backend_port = await start_backend(nursery, http_handler)
+    state = tmp_path / "state"  # what _env() points TLSPROXY_STATE_DIR at
+    cert = state / "cert.pem"
+    args = ["--listen", "127.0.0.1:0", "--admin", "127.0.0.1:0"]
+    args += ["--backend", f"127.0.0.1:{backend_port}"]
+
+    async with run_daemon(nursery, tmp_path, *args) as daemon:
+        hint = await daemon.wait_for("running the embedded default config")
+        port, _ = await daemon.started()
+        assert hint["certificate"] == str(cert)
+        assert f"curl --cacert {cert} https://localhost:" in hint["try_it"]
+        assert stat.S_IMODE((state / "key.pem").stat().st_mode) == 0o600
+
+        with trio.fail_after(STEP):
+            curl = await trio.run_process(
+                [
+                    *("curl", "--silent", "--show-error", "--fail", "--max-time", str(STEP)),
+                    *("--cacert", str(cert), "--resolve", f"localhost:{port}:127.0.0.1"),
+                    f"https://localhost:{port}/",
+                ],
+                capture_stdout=True,
+                capture_stderr=True,
+                check=False,
+            )
+        assert curl.returncode == 0, curl.stderr.decode()
+        assert curl.stdout == b"hello from the backend\n"
+
+        daemon.signal(signal.SIGTERM)
+        assert await daemon.exit_code() == 0, daemon.output()
+    first_pem = cert.read_bytes()
+
+    async with run_daemon(nursery, tmp_path, *args) as daemon:
+        port, _ = await daemon.started()
+        assert cert.read_bytes() == first_pem, "the certificate was regenerated on restart"
+        peer, response = await _http_get(port, ssl.create_default_context(cafile=cert))
+        served = x509.load_der_x509_certificate(peer)
+        assert served.serial_number == x509.load_pem_x509_certificate(first_pem).serial_number
+        assert peer == ssl.PEM_cert_to_DER_cert(first_pem.decode())
+        assert response.endswith(b"\r\n\r\nhello from the backend\n")
+        daemon.signal(signal.SIGTERM)
+        assert await daemon.exit_code() == 0, daemon.output()
+
+
+# ---------------------------------------------------------------- run: config and flags
+
+
+async def test_run_with_config_file_proxies_tls_to_the_backend(
+    tmp_path: Path, certs: Certs, nursery: trio.Nursery
+) -> None:
+    echo_port = await start_backend(nursery, echo_handler)
+    config = _write_config(tmp_path / "proxy.toml", certs, backend_port=echo_port)
+
+    async with run_daemon(nursery, tmp_path, "--config", config) as daemon:
+        port, admin_port = await daemon.started()
+        assert (await daemon.wait_for("listening"))["listener"] == "web"
+        await _echo_through(port, certs.client_context())
+        assert await scrape(admin_port, "/readyz") == (200, "ready\n")
+        line = await daemon.wait_for("connection")
+        assert line["outcome"] == "success"
+        assert line["backend"] == f"127.0.0.1:{echo_port}"
+        assert (
+            line["bytes_to_backend"] == line["bytes_to_client"] == len(b"hello through the daemon")
+        )
+        daemon.signal(signal.SIGTERM)
+        assert await daemon.exit_code() == 0, daemon.output()
+    assert not (tmp_path / "state").exists(), "a config file must not need the default cert"
+
+
+async def test_run_with_cert_and_key_flags_and_no_config_proxies_tls(
+    tmp_path: Path, certs: Certs, nursery: trio.Nursery
+) -> None:
+    echo_port = await start_backend(nursery, echo_handler)
+    args = ("--cert", certs.cert, "--key", certs.key, "--backend", f"127.0.0.1:{echo_port}")
+
+    async with run_daemon(
+        nursery, tmp_path, *args, "--listen", "127.0.0.1:0", "--admin", "127.0.0.1:0"
+    ) as daemon:
+        port, _ = await daemon.started()
+        await _echo_through(port, certs.client_context())
+        daemon.signal(signal.SIGINT)  # Ctrl-C stops it as cleanly as SIGTERM
+        assert await daemon.exit_code() == 0, daemon.output()
+    assert not (tmp_path / "state").exists(), "--cert/--key must not generate a certificate"
+
+
+# ---------------------------------------------------------------- run: drain
+
+
+class GatedStream:
+    """A backend that streams `payload` in chunks and stops halfway until told to go on."""
+
+    def __init__(self, payload: bytes) -> None:
+        self.payload = payload
+        self.go_on = trio.Event()
+
+    async def handler(self, stream: trio.SocketStream) -> None:
+        for offset in range(0, len(self.payload), CHUNK):
+            if offset == len(self.payload) // 2:
+                await self.go_on.wait()
+            await stream.send_all(self.payload[offset : offset + CHUNK])
+            await trio.sleep(0.001)
+        # returning closes the stream (trio.serve_tcp): the backend's FIN
+
+
+async def test_sigterm_drains_in_flight_transfer_while_refusing_new_clients(
+    tmp_path: Path, certs: Certs, nursery: trio.Nursery
+) -> None:
+    backend = GatedStream(os.urandom(PAYLOAD_SIZE))
+    backend_port = await start_backend(nursery, backend.handler)
+    config = _write_config(
+        tmp_path / "proxy.toml", certs, backend_port=backend_port, drain_timeout=20
+    )
+
+    async with run_daemon(nursery, tmp_path, "--config", config) as daemon:
+        port, admin_port = await daemon.started()
+        assert await scrape(admin_port, "/readyz") == (200, "ready\n")
+        tls = await tls_connect(port, certs.client_context())
+        received = bytearray()
+        some_arrived, all_arrived = trio.Event(), trio.Event()
+
+        async def read_to_the_end() -> None:
+            while chunk := await tls.receive_some(65536):
+                received.extend(chunk)
+                some_arrived.set()
+            all_arrived.set()
+
+        try:
+            async with trio.open_nursery() as client:
+                client.start_soon(read_to_the_end)
+                with daemon.deadline(STEP, "the first bytes"):
+                    await some_arrived.wait()
+
+                daemon.signal(signal.SIGTERM)
+                await _poll_status(admin_port, "/readyz", 503)
+                assert (await scrape(admin_port, "/healthz"))[0] == 200
+                draining = await daemon.wait_for("draining")
+                assert draining["connections"] == 1
+                await _assert_refused(port)
+                assert not all_arrived.is_set()
+                assert len(received) < PAYLOAD_SIZE
+                assert daemon.process.returncode is None
+
+                backend.go_on.set()
+                with daemon.deadline(STEP, "the rest of the transfer"):
+                    await all_arrived.wait()
+        finally:
+            await tls.aclose()
+
+        assert len(received) == PAYLOAD_SIZE
+        assert hashlib.sha256(received).digest() == hashlib.sha256(backend.payload).digest()
+        assert await daemon.exit_code() == 0, daemon.output()
+        line = daemon.find("connection")
+        assert line is not None, daemon.output()
+        assert line["close_reason"] == "backend_closed"
+        assert line["bytes_to_client"] == PAYLOAD_SIZE
+        assert daemon.find("stopped") is not None
+
+
+async def test_drain_timeout_cuts_a_stuck_connection_with_close_notify_and_exits_0(
+    tmp_path: Path, certs: Certs, nursery: trio.Nursery
+) -> None:
+    drain_timeout = 1.0
+    backend_port = await start_backend(nursery, _stalled_backend)
+    config = _write_config(
+        tmp_path / "proxy.toml", certs, backend_port=backend_port, drain_timeout=drain_timeout
+    )
+
+    async with run_daemon(nursery, tmp_path, "--config", config) as daemon:
+        port, _ = await daemon.started()
+        with trio.fail_after(STEP):
+            client = await BioClient.connect(port, certs.client_context())
+        try:
+            await _receive_first_line(client)
+            start = trio.current_time()
+            daemon.signal(signal.SIGTERM)
+            with daemon.deadline(drain_timeout + 8, "the cut at drain_timeout"):
+                # b"" only for a close_notify; a bare TCP EOF raises SSLEOFError
+                assert await client.recv() == b""
+            assert await daemon.exit_code(within=drain_timeout + 8) == 0, daemon.output()
+            elapsed = trio.current_time() - start
+        finally:
+            await client.stream.aclose()
+
+    assert elapsed >= drain_timeout * 0.95, "exited before drain_timeout"
+    assert daemon.find("drain_timeout expired; closing the remaining connections") is not None
+    line = daemon.find("connection")
+    assert line is not None, daemon.output()
+    assert line["close_reason"] == "drain", line
+    assert line["bytes_to_client"] == len(b"first bytes\n")
+
+
+async def test_second_sigterm_during_drain_exits_at_once(
+    tmp_path: Path, certs: Certs, nursery: trio.Nursery
+) -> None:
+    drain_timeout = 120.0  # far beyond the test's deadline: only the 2nd signal can end it
+    backend_port = await start_backend(nursery, _stalled_backend)
+    config = _write_config(
+        tmp_path / "proxy.toml", certs, backend_port=backend_port, drain_timeout=drain_timeout
+    )
+
+    async with run_daemon(nursery, tmp_path, "--config", config) as daemon:
+        port, _ = await daemon.started()
+        with trio.fail_after(STEP):
+            client = await BioClient.connect(port, certs.client_context())
+        try:
+            await _receive_first_line(client)
+            daemon.signal(signal.SIGTERM)
+            # wait until the first signal is consumed, or trio would merge the two
+            draining = await daemon.wait_for("draining")
+            assert draining["connections"] == 1
+            assert daemon.process.returncode is None
+
+            daemon.signal(signal.SIGTERM)
+            assert await daemon.exit_code() == 0, daemon.output()
+        finally:
+            await client.stream.aclose()
+    assert daemon.find("second stop signal: exiting now without waiting for connections")
+
+
+# ---------------------------------------------------------------- run: startup failures
+
+
+async def test_run_with_bad_config_prints_errors_and_exits_1_without_listening(
+    tmp_path: Path, certs: Certs
+) -> None:
+    config = _write_config(
+        tmp_path / "bad.toml", certs, listener_lines='handshake_timeout = -1\nproxy_protocol = "v1"'
+    )
+
+    result = await _cli("run", "--config", config, cwd=tmp_path)
+
+    assert result.returncode == 1, result
+    assert "Traceback" not in result.stderr, result
+    assert "error: listeners[0].handshake_timeout: must be > 0" in result.stderr, result
+    assert "error: listeners[0].proxy_protocol: " in result.stderr, result
+    assert "not supported yet" in result.stderr, result
+    assert '"listening"' not in result.stderr, result
+
+
+@pytest.mark.parametrize("busy_flag", ["--listen", "--admin"])
+async def test_run_on_a_port_in_use_exits_2_naming_the_address(
+    tmp_path: Path, certs: Certs, busy_flag: str
+) -> None:
+    config = _write_config(tmp_path / "proxy.toml", certs)
+    busy = trio.socket.socket()
+    with busy:
+        await busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        address = f"127.0.0.1:{busy.getsockname()[1]}"
+
+        result = await _cli("run", "--config", config, busy_flag, address, cwd=tmp_path)
+
+    assert "Traceback" not in result.stderr, result
+    assert result.returncode == 2, result
+    errors = [line for line in result.stderr.splitlines() if '"level": "error"' in line]
+    assert errors, result
+    assert any(address in line for line in errors), f"the error does not name {address}:\n{result}"
+    assert any("already in use" in line for line in errors), result
