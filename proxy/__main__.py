@@ -61,9 +61,7 @@ def _check_config(path: Path) -> int:
     try:
         config = load_config(path)
     except ConfigError as exc:
-        for error in exc.errors:
-            print(f"error: {error}", file=sys.stderr)
-        print(f"{path}: {len(exc.errors)} error(s)", file=sys.stderr)
+        _print_errors(exc, str(path))
         return EXIT_CONFIG
     for warning in config.warnings:
         print(f"warning: {warning}", file=sys.stderr)
@@ -71,25 +69,21 @@ def _check_config(path: Path) -> int:
     return 0
 
 
+def _print_errors(exc: ConfigError, what: str) -> None:
+    for error in exc.errors:
+        print(f"error: {error}", file=sys.stderr)
+    print(f"{what}: {len(exc.errors)} error(s)", file=sys.stderr)
+
+
 def _run(args: argparse.Namespace) -> int:
     try:
         config = _load_for_run(args)
     except ConfigError as exc:
-        for error in exc.errors:
-            print(f"error: {error}", file=sys.stderr)
+        _print_errors(exc, "not started")
         return EXIT_CONFIG
     log = make_logger(config.log.level, config.log.format)
     for warning in config.warnings:
         log.warning("config warning", detail=warning)
-    if config.source is None:
-        cert = config.listeners[0].tls.certificates[0].cert
-        listen = config.listeners[0].listen
-        log.info(
-            "running the embedded default config",
-            certificate=str(cert),
-            backend=str(config.listeners[0].backend),
-            try_it=f"curl --cacert {cert} https://localhost:{listen.port}/",
-        )
     try:
         server = Server(config, Metrics(CollectorRegistry()), log)
         server.bind()
@@ -99,6 +93,15 @@ def _run(args: argparse.Namespace) -> int:
     except (OSError, ssl.SSLError) as exc:
         log.error("cannot load the certificate or key; run check-config", error=str(exc))
         return EXIT_STARTUP
+    if config.source is None:
+        cert = config.listeners[0].tls.certificates[0].cert
+        port = server.listen_ports()[config.listeners[0].name]
+        log.info(
+            "running the embedded default config",
+            certificate=str(cert),
+            backend=str(config.listeners[0].backend),
+            try_it=f"curl --cacert {cert} https://localhost:{port}/",
+        )
     trio.run(_serve, server, log)
     return 0
 

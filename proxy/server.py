@@ -123,6 +123,13 @@ class Server:
         self._admin_socket = sockets.pop()
         self._sockets = sockets
 
+    def listen_ports(self) -> dict[str, int]:
+        """Each listener's bound port (after `bind`), e.g. when 0 was asked for."""
+        return {
+            state.runtime.config.name: _sockname(sock)[1]
+            for sock, state in zip(self._sockets, self.listeners, strict=True)
+        }
+
     async def run(
         self, *, task_status: trio.TaskStatus[BoundAddresses] = trio.TASK_STATUS_IGNORED
     ) -> None:
