@@ -20,12 +20,11 @@ from enum import StrEnum
 import trio
 
 from proxy.admin import Admin
-from proxy.certs import load_leaf
 from proxy.config import Address, Config
-from proxy.connection import ConnectionSet, ListenerRuntime, ListenerState, handle_connection
+from proxy.connection import ConnectionSet, ListenerState, handle_connection
 from proxy.log import Logger
 from proxy.metrics import Metrics
-from proxy.tls import build_context
+from proxy.runtime import build_runtimes, export_certificates
 
 # Pending connections the kernel queues per listener before refusing SYNs.
 # Matches the Linux default somaxconn of 4096 (since 5.4); HAProxy uses the
@@ -78,20 +77,9 @@ class Server:
         self._drain_requested = trio.Event()
         self._sockets: list[socket.socket] = []
         self._admin_socket: socket.socket | None = None
-        self.listeners = [
-            ListenerState(
-                ListenerRuntime(
-                    config=lc,
-                    context=build_context(lc.tls),
-                    metrics=metrics.for_listener(lc.name),
-                    log=log,
-                    access_log=config.log.access_log,
-                )
-            )
-            for lc in config.listeners
-        ]
-        for state in self.listeners:
-            _export_expiry(state.runtime)
+        runtimes = build_runtimes(config, metrics, log)
+        self.listeners = [ListenerState(runtime) for runtime in runtimes]
+        export_certificates(runtimes, metrics)
 
     def is_ready(self) -> bool:
         return self.state is State.SERVING
@@ -222,14 +210,6 @@ class Server:
             error=str(exc),
         )
         await trio.sleep(ACCEPT_BACKOFF)
-
-
-def _export_expiry(runtime: ListenerRuntime) -> None:
-    for pair in runtime.config.tls.certificates:
-        leaf = load_leaf(pair.cert)
-        runtime.metrics.family.certificate_expiry.labels(
-            runtime.config.name, leaf.subject.rfc4514_string()
-        ).set(leaf.not_valid_after_utc.timestamp())
 
 
 def _bind(address: Address, what: str) -> socket.socket:

@@ -1,0 +1,44 @@
+"""Build what a listener's connections use at run time, from its config.
+
+Start-up and reload share this code: reload builds a complete new set of
+runtimes (every SSLContext, every certificate read and checked) before
+anything is swapped, so a failure anywhere leaves the running set untouched.
+Certificates are parsed here, once, never per handshake.
+"""
+
+from __future__ import annotations
+
+from proxy.certs import load_leaf
+from proxy.config import Config, ListenerConfig
+from proxy.connection import ListenerRuntime
+from proxy.log import Logger
+from proxy.metrics import Metrics
+from proxy.tls import build_context
+
+
+def build_runtime(
+    lc: ListenerConfig, config: Config, metrics: Metrics, log: Logger
+) -> ListenerRuntime:
+    return ListenerRuntime(
+        config=lc,
+        context=build_context(lc.tls),
+        metrics=metrics.for_listener(lc.name),
+        log=log,
+        access_log=config.log.access_log,
+    )
+
+
+def build_runtimes(config: Config, metrics: Metrics, log: Logger) -> list[ListenerRuntime]:
+    """All listeners' runtimes; raises (OSError, ssl.SSLError, ValueError) on bad material."""
+    return [build_runtime(lc, config, metrics, log) for lc in config.listeners]
+
+
+def export_certificates(runtimes: list[ListenerRuntime], metrics: Metrics) -> None:
+    """Publish the expiry of exactly the certificates now in use."""
+    metrics.certificate_expiry.clear()
+    for runtime in runtimes:
+        for pair in runtime.config.tls.certificates:
+            leaf = load_leaf(pair.cert)
+            metrics.certificate_expiry.labels(
+                runtime.config.name, leaf.subject.rfc4514_string()
+            ).set(leaf.not_valid_after_utc.timestamp())
