@@ -3,9 +3,11 @@ PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 # Debian packages the tests drive as real clients and servers.
-TEST_DEBS := openssl curl
+TEST_DEBS := openssl curl haproxy
+# deploy/ checks: promtool and a real Prometheus server; systemd-analyze.
+TEST_DEBS += prometheus systemd
 
-.PHONY: run test lint typecheck pytest system-deps bench clean
+.PHONY: run test lint typecheck pytest system-deps bench soak clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -39,12 +41,32 @@ lint: $(VENV)/.installed-dev
 	$(BIN)/ruff format --check .
 
 typecheck: $(VENV)/.installed-dev
-	$(BIN)/mypy proxy tests
+	$(BIN)/mypy proxy tests benchmarks
 
-pytest: system-deps $(VENV)/.installed-dev
-	$(BIN)/pytest
+# sslyze pins an older cryptography than tlsproxy: its own virtualenv, with
+# the pin read from pyproject.toml's `scan` extra.
+SSLYZE := $(VENV)/tools/sslyze/bin/sslyze
+$(SSLYZE): pyproject.toml | $(BIN)/python
+	$(PYTHON) -m venv $(VENV)/tools/sslyze
+	$(VENV)/tools/sslyze/bin/pip install --quiet \
+		"$$(sed -n 's/^scan = \["\(sslyze==[^"]*\)"\]/\1/p' pyproject.toml)"
+	touch $@
+
+pytest: system-deps $(VENV)/.installed-dev $(SSLYZE)
+	TLSPROXY_REQUIRE_SSLYZE=1 $(BIN)/pytest
 
 test: lint typecheck pytest
 
+# Ten minutes of connection churn against the real daemon (not part of
+# `make test`); fails if RSS grows 5 % or more between minute 2 and 10.
+soak: $(VENV)/.installed-dev
+	$(BIN)/python -m benchmarks.soak --minutes 10
+
 clean:
 	rm -rf $(VENV) .mypy_cache .pytest_cache .ruff_cache
+
+# The container image, built where no registry is reachable: a debootstrapped
+# Debian base and buildah (root). With a registry, `docker build .` is enough.
+image:
+	$(MAKE) system-deps TEST_DEBS="buildah debootstrap"
+	deploy/docker/build-offline.sh localhost/tlsproxy:dev

@@ -10,7 +10,8 @@ import argparse
 import signal
 import ssl
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from functools import partial
 from pathlib import Path
 
 import trio
@@ -22,6 +23,7 @@ from proxy.config import Config, ConfigError, default_config, load_config, with_
 from proxy.log import Logger, make_logger
 from proxy.metrics import Metrics
 from proxy.server import Server, StartupError, State
+from proxy.watch import watch_files
 
 EXIT_CONFIG = 1
 EXIT_STARTUP = 2
@@ -102,7 +104,7 @@ def _run(args: argparse.Namespace) -> int:
             backend=str(config.listeners[0].backend),
             try_it=f"curl --cacert {cert} https://localhost:{port}/",
         )
-    trio.run(_serve, server, log)
+    trio.run(_serve, server, log, partial(_load_for_run, args))
     return 0
 
 
@@ -126,23 +128,26 @@ def _load_for_run(args: argparse.Namespace) -> Config:
     )
 
 
-async def _serve(server: Server, log: Logger) -> None:
+async def _serve(server: Server, log: Logger, load: Callable[[], Config]) -> None:
     async with trio.open_nursery() as nursery:
-        nursery.start_soon(_handle_signals, server, log, nursery.cancel_scope)
+        nursery.start_soon(_handle_signals, server, log, load, nursery)
+        if server.config.process.watch:
+            nursery.start_soon(watch_files, server, load)
         await server.run()
         nursery.cancel_scope.cancel()
 
 
-async def _handle_signals(server: Server, log: Logger, scope: trio.CancelScope) -> None:
+async def _handle_signals(
+    server: Server, log: Logger, load: Callable[[], Config], nursery: trio.Nursery
+) -> None:
     with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as signals:
         async for signum in signals:
             if signum == signal.SIGHUP:
-                log.warning(
-                    "SIGHUP received: reloading is not supported yet; restart to apply changes"
-                )
+                log.info("SIGHUP received; reloading")
+                nursery.start_soon(partial(server.reload, load, trigger="SIGHUP"))
             elif server.state is State.DRAINING:
                 log.warning("second stop signal: exiting now without waiting for connections")
-                scope.cancel()
+                nursery.cancel_scope.cancel()
             else:
                 log.info("stop signal received; draining", signal=signal.Signals(signum).name)
                 server.request_drain()

@@ -1,10 +1,20 @@
-"""Connect to the backend, and say in one word why it failed when it does.
+"""Connect to the backend, send the PROXY header, and say in one word why it
+failed when it does.
 
 The reasons are a metric label (`backend_connect_failures_total{reason}`), so
 the vocabulary is small and fixed: `refused` (nothing listens: the app is
 down or still starting), `timeout` (no answer within `connect_timeout`),
 `unreachable` (no route, or any other socket error), `resolve` (the name
 did not resolve).
+
+A name may resolve to several addresses (`localhost` is often ::1 and
+127.0.0.1, and the app listens on only one): they are tried in the
+resolver's order, all within the one `connect_timeout`, and the last
+failure is reported.
+
+The PROXY header (if any) is written as part of the connect, under the same
+deadline: a backend that accepts but never reads is a backend that did not
+answer.
 """
 
 from __future__ import annotations
@@ -12,10 +22,22 @@ from __future__ import annotations
 import errno
 import os
 import socket
+import ssl
+from typing import Any
 
 import trio
 
+from proxy import proxy_protocol
 from proxy.config import Address
+from proxy.tls import server_name
+
+# A Unix-socket connect fails at once with these when the socket file exists
+# but nobody accepts (ECONNREFUSED), does not exist yet (ENOENT: the app has
+# not started), or its accept queue is full (EAGAIN: the app is not keeping
+# up). The application is not taking connections in all three cases.
+_REFUSED_ERRNOS = frozenset({errno.ECONNREFUSED, errno.ENOENT, errno.EAGAIN})
+
+Sockaddr = Any  # (host, port[, flowinfo, scope_id]) or a Unix path
 
 
 class BackendConnectError(Exception):
@@ -27,45 +49,107 @@ class BackendConnectError(Exception):
         self.detail = detail
 
 
-async def connect(address: Address, timeout: float) -> socket.socket:  # noqa: ASYNC109 - a timeout is a failure reason to report
-    """Open a non-blocking TCP connection to the backend within `timeout` seconds."""
+async def connect(
+    address: Address,
+    timeout: float,  # noqa: ASYNC109 - a timeout is a failure reason to report
+    preamble: bytes = b"",
+) -> socket.socket:
+    """A non-blocking connection to the backend, `preamble` already written,
+    within `timeout` seconds."""
     with trio.move_on_after(timeout):
-        family, sockaddr = await _resolve(address)
-        sock = socket.socket(family, socket.SOCK_STREAM)
-        try:
-            sock.setblocking(False)
-            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            await _connect(sock, sockaddr)
-        except BaseException:
-            sock.close()
-            raise
-        return sock
+        if address.unix_path is not None:
+            targets = [(socket.AF_UNIX, address.unix_path)]
+        else:
+            targets = await _resolve(address)
+        error: BackendConnectError | None = None
+        for family, sockaddr in targets:
+            try:
+                return await _open(family, sockaddr, preamble)
+            except BackendConnectError as exc:
+                error = exc
+        assert error is not None  # getaddrinfo never returns an empty list
+        raise error
     raise BackendConnectError("timeout", f"no answer from {address} within {timeout:g} s")
 
 
-async def _resolve(address: Address) -> tuple[socket.AddressFamily, tuple[str, int]]:
+def proxy_header(
+    version: proxy_protocol.Version, tls: ssl.SSLSocket, peer: tuple[str, int]
+) -> bytes:
+    """The PROXY header for a client at `peer` that completed the handshake on `tls`.
+
+    `peer` is the address from accept: `getpeername()` fails once the client
+    has reset, while the local address of the accepted socket stays known.
+    """
+    local = tls.getsockname()
+    cipher = tls.cipher()
+    facts = proxy_protocol.TLSFacts(
+        version=tls.version(),
+        cipher=cipher[0] if cipher else None,
+        alpn=tls.selected_alpn_protocol(),
+        sni=server_name(tls),
+    )
+    return proxy_protocol.encode(version, (peer[0], peer[1]), (local[0], local[1]), facts)
+
+
+async def _resolve(address: Address) -> list[tuple[socket.AddressFamily, Sockaddr]]:
     try:
         infos = await trio.socket.getaddrinfo(
             address.host, address.port, type=socket.SOCK_STREAM, flags=socket.AI_NUMERICSERV
         )
     except socket.gaierror as exc:
         raise BackendConnectError("resolve", f"{address.host}: {exc.strerror}") from exc
-    family, _, _, _, sockaddr = infos[0]
-    return family, (str(sockaddr[0]), int(sockaddr[1]))
+    return [(family, sockaddr) for family, _, _, _, sockaddr in infos]
 
 
-async def _connect(sock: socket.socket, sockaddr: tuple[str, int]) -> None:
+async def _open(family: socket.AddressFamily, sockaddr: Sockaddr, preamble: bytes) -> socket.socket:
+    try:
+        sock = socket.socket(family, socket.SOCK_STREAM)
+    except OSError as exc:  # EMFILE/ENFILE: this connection cannot be served now
+        raise BackendConnectError("unreachable", f"cannot open a socket: {exc.strerror}") from exc
+    try:
+        sock.setblocking(False)
+        if family != socket.AF_UNIX:
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        await _connect(sock, sockaddr)
+        await _send_all(sock, sockaddr, preamble)
+    except BaseException:
+        sock.close()
+        raise
+    return sock
+
+
+async def _connect(sock: socket.socket, sockaddr: Sockaddr) -> None:
     err = sock.connect_ex(sockaddr)
     if err == errno.EINPROGRESS:
         await trio.lowlevel.wait_writable(sock)
         err = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
     if err:
-        raise BackendConnectError(_reason(err), f"{sockaddr[0]}:{sockaddr[1]}: {os.strerror(err)}")
+        raise BackendConnectError(_reason(err), f"{_show(sockaddr)}: {os.strerror(err)}")
+
+
+async def _send_all(sock: socket.socket, sockaddr: Sockaddr, data: bytes) -> None:
+    view = memoryview(data)
+    while view:
+        try:
+            view = view[sock.send(view) :]
+        except BlockingIOError:
+            await trio.lowlevel.wait_writable(sock)
+        except OSError as exc:
+            raise BackendConnectError(
+                _reason(exc.errno or 0), f"{_show(sockaddr)}: {exc.strerror}"
+            ) from exc
 
 
 def _reason(err: int) -> str:
-    if err == errno.ECONNREFUSED:
+    if err in _REFUSED_ERRNOS:
         return "refused"
     if err == errno.ETIMEDOUT:
         return "timeout"
     return "unreachable"
+
+
+def _show(sockaddr: Sockaddr) -> str:
+    if isinstance(sockaddr, str):
+        return f"unix:{sockaddr}"
+    host, port = sockaddr[0], sockaddr[1]
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"

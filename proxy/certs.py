@@ -74,6 +74,14 @@ def check_pair(cert: Path, key: Path, now: datetime) -> CertCheck:
     return check
 
 
+def check_ca_bundle(path: Path) -> str | None:
+    """Why `path` cannot be a client CA bundle (mTLS), or None when it can."""
+    check = CertCheck()
+    if _read(path, "cert", _load_chain, check) is None:
+        return check.errors[0].message.replace("PEM cert file", "PEM CA bundle")
+    return None
+
+
 def ensure_self_signed(state_dir: Path) -> tuple[Path, Path]:
     """Reuse the default certificate while it is healthy, so a browser exception
     or `curl --cacert` set up by the user keeps working across restarts."""
@@ -156,6 +164,17 @@ def _check_chain(
         starts = leaf.not_valid_before_utc
         check.warnings.append(
             Finding("cert", f"certificate is not valid until {starts:%Y-%m-%d %H:%M}Z: {cert}")
+        )
+    try:
+        leaf.extensions.get_extension_for_class(x509.SubjectAlternativeName)
+    except x509.ExtensionNotFound:
+        check.warnings.append(
+            Finding(
+                "cert",
+                f"certificate has no subjectAltName, so SNI cannot select it and most "
+                f"clients (browsers, Go, Python) reject it; reissue it with the DNS names "
+                f"as SANs: {cert}",
+            )
         )
     for position, (child, parent) in enumerate(pairwise(chain), start=1):
         try:

@@ -40,7 +40,7 @@ from pydantic import (
 )
 from pydantic_core import ErrorDetails, PydanticCustomError, core_schema
 
-from proxy import certs
+from proxy import certs, sni
 
 
 class ConfigError(Exception):
@@ -147,14 +147,21 @@ def _not_unix(address: Address) -> Address:
     return address
 
 
-def _tcp_backend(address: Address) -> Address:
-    if address.unix_path is not None:
-        raise ValueError("unix socket backends are not supported yet; use host:port")
+# sockaddr_un.sun_path on Linux: 108 bytes including the terminating NUL.
+UNIX_PATH_MAX = 107
+
+
+def _backend(address: Address) -> Address:
+    if address.unix_path is not None and len(address.unix_path.encode()) > UNIX_PATH_MAX:
+        raise ValueError(
+            f"unix socket path is longer than {UNIX_PATH_MAX} bytes, the most the kernel "
+            f"accepts; use a shorter path: {address.unix_path!r}"
+        )
     return address
 
 
 ListenAddress = Annotated[Address, AfterValidator(_not_unix)]
-BackendAddress = Annotated[Address, AfterValidator(_tcp_backend)]
+BackendAddress = Annotated[Address, AfterValidator(_backend)]
 
 
 # ---------------------------------------------------------------------------
@@ -249,38 +256,49 @@ class CertificatePair(_Model):
         return self
 
 
+def _client_ca(path: Path | None) -> Path | None:
+    if path is not None and (problem := certs.check_ca_bundle(path)):
+        raise ValueError(problem)
+    return path
+
+
+def _server_name(pattern: str) -> str:
+    if problem := sni.check_pattern(pattern):
+        raise ValueError(f"{problem}; got {pattern!r}")
+    return pattern
+
+
 class TLSConfig(_Model):
     certificates: Annotated[
         tuple[CertificatePair, ...],
         _require(lambda pairs: len(pairs) > 0, "at least one certificate is required"),
-        _require(
-            lambda pairs: len(pairs) == 1,
-            "more than one certificate is not supported yet; keep exactly one entry",
-        ),
     ]
     min_version: Literal["TLSv1.2", "TLSv1.3"] = "TLSv1.2"
     ciphers: Annotated[StrictStr, AfterValidator(_cipher_string)] = ""
     alpn: tuple[Annotated[StrictStr, Field(min_length=1, max_length=255)], ...] = ()
-    client_auth: Annotated[
-        Literal["none", "optional", "require"],
-        _require(
-            lambda mode: mode == "none",
-            'client certificates (mTLS) are not supported yet; set client_auth = "none"',
-        ),
-    ] = "none"
+    client_auth: Literal["none", "optional", "require"] = "none"
     client_ca: Annotated[
-        Path | None,
-        PlainValidator(_optional_file),
-        _require(
-            lambda path: path is None,
-            "client certificates (mTLS) are not supported yet; remove client_ca",
-        ),
+        Path | None, PlainValidator(_optional_file), AfterValidator(_client_ca)
     ] = None
     session_tickets: StrictBool = True
 
+    @model_validator(mode="after")
+    def client_auth_needs_a_ca(self) -> Self:
+        if self.client_auth != "none" and self.client_ca is None:
+            raise ValueError(
+                f'client_auth = "{self.client_auth}" needs client_ca, the PEM bundle of '
+                "the CAs that sign client certificates"
+            )
+        if self.client_auth == "none" and self.client_ca is not None:
+            raise ValueError(
+                'client_ca is set but client_auth = "none", so no client certificate would '
+                'be asked for; set client_auth = "optional" or "require", or remove client_ca'
+            )
+        return self
+
 
 class RouteConfig(_Model):
-    sni: StrictStr
+    sni: Annotated[StrictStr, AfterValidator(_server_name)]
     backend: BackendAddress
 
 
@@ -288,25 +306,27 @@ class ListenerConfig(_Model):
     name: Annotated[StrictStr, AfterValidator(_metric_label)]
     listen: ListenAddress
     backend: BackendAddress
-    proxy_protocol: Annotated[
-        Literal["off", "v1", "v2"],
-        _require(
-            lambda version: version == "off",
-            'PROXY protocol headers are not supported yet; set proxy_protocol = "off"',
-        ),
-    ] = "off"
+    proxy_protocol: Literal["off", "v1", "v2"] = "off"
     handshake_timeout: Seconds = 10.0
     idle_timeout: Seconds = 300.0
     connect_timeout: Seconds = 5.0
     max_connections: PositiveInt = 10000
     tls: TLSConfig
-    routes: Annotated[
-        tuple[RouteConfig, ...],
-        _require(
-            lambda routes: not routes,
-            "SNI routes are not supported yet; remove the [[listeners.routes]] tables",
-        ),
-    ] = ()
+    routes: tuple[RouteConfig, ...] = ()
+
+    @field_validator("routes")
+    @classmethod
+    def unique_routes(cls, routes: tuple[RouteConfig, ...]) -> tuple[RouteConfig, ...]:
+        first: dict[str, int] = {}
+        for index, route in enumerate(routes):
+            name = sni.normalize(route.sni)
+            if name in first:
+                raise ValueError(
+                    f"routes[{first[name]}] and routes[{index}] both match {route.sni!r}; "
+                    "each SNI may be routed once"
+                )
+            first[name] = index
+        return routes
 
 
 class AdminConfig(_Model):
@@ -322,13 +342,7 @@ class ProcessConfig(_Model):
         ),
     ] = 1
     drain_timeout: Seconds = 30.0
-    watch: Annotated[
-        StrictBool,
-        _require(
-            lambda watch: not watch,
-            "watching files is not supported yet; set watch = false and send SIGHUP to reload",
-        ),
-    ] = False
+    watch: StrictBool = True
 
 
 class LogConfig(_Model):

@@ -9,17 +9,19 @@ from __future__ import annotations
 
 import socket
 import ssl
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import trio
 
 from proxy import backend
-from proxy.config import ListenerConfig
+from proxy.config import Address, ListenerConfig
 from proxy.handshake import HandshakeResult, run_handshake
+from proxy.ja4 import ja4
 from proxy.log import Logger
 from proxy.metrics import ListenerMetrics
-from proxy.outcome import Outcome
+from proxy.outcome import Outcome, client_cert_reason
+from proxy.sni import NameTable
 from proxy.splice import BufferPool, CloseReason, Splice, send_close_notify
 from proxy.tls import server_name
 
@@ -33,6 +35,16 @@ class ListenerRuntime:
     metrics: ListenerMetrics
     log: Logger
     access_log: bool
+    # [[listeners.routes]]: backend by SNI, built once from the config
+    routes: NameTable[Address] = field(init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        self.routes = NameTable((route.sni, route.backend) for route in self.config.routes)
+
+    def backend_for(self, sni: str | None) -> Address:
+        """The route matching the SNI (exact before wildcard), else the listener's."""
+        found = self.routes.lookup(sni) if self.routes else None
+        return self.config.backend if found is None else found[1]
 
 
 @dataclass
@@ -81,7 +93,6 @@ async def handle_connection(
     conn = _Connection(sock, peer, listener.runtime, connections.buffers)
     scope = trio.CancelScope()
     connections.add(scope)
-    listener.active += 1
     try:
         with scope:
             await conn.serve()
@@ -92,7 +103,7 @@ async def handle_connection(
         conn.fields["close_reason"] = "internal_error"
     finally:
         connections.discard(scope)
-        listener.active -= 1
+        listener.active -= 1  # taken by the accept loop, before this task started
         conn.close(drained=scope.cancelled_caught and connections.cutting)
 
 
@@ -110,6 +121,7 @@ class _Connection:
             "client": _format_peer(peer),
         }
         self.client = sock
+        self.peer = peer  # kept for the PROXY header: getpeername() fails after a reset
         self.tls: ssl.SSLSocket | None = None  # set once the handshake succeeded
         self.backend: socket.socket | None = None
         runtime.metrics.accepted.inc()
@@ -130,7 +142,7 @@ class _Connection:
         if result.outcome is not Outcome.SUCCESS:
             return
         self.tls = result.tls
-        self.backend = await _connect_backend(runtime, self.fields)
+        self.backend = await _connect_backend(runtime, self.fields, self.tls, self.peer)
         if self.backend is None:
             return
         splice = Splice(self.tls, self.backend, runtime.config.idle_timeout, lm, self.buffers)
@@ -170,8 +182,11 @@ def _record_handshake(
     fields["handshake_ms"] = round(result.seconds * 1000, 3)
     fields["wants_read"] = result.wants_read
     fields["wants_write"] = result.wants_write
-    if isinstance(result.conn, ssl.SSLSocket):
-        fields["sni"] = server_name(result.conn)
+    notes = result.notes
+    fields["sni"] = notes.sni
+    fields["sni_match"] = notes.sni_match
+    if notes.hello is not None and runtime.access_log:
+        fields["ja4"] = ja4(notes.hello)
     if ok:
         tls = result.tls
         version = tls.version() or "unknown"
@@ -180,6 +195,8 @@ def _record_handshake(
         resumed = bool(tls.session_reused)
         lm.negotiated(version, cipher, alpn, resumed)
         fields.update(tls_version=version, cipher=cipher, alpn=alpn, resumed=resumed)
+        if runtime.config.tls.client_auth != "none":
+            _record_client_cert(tls, fields)
     elif result.outcome is Outcome.INTERNAL_ERROR:
         runtime.log.error(
             "handshake failed unexpectedly; please report this",
@@ -188,17 +205,51 @@ def _record_handshake(
         )
     elif result.error is not None:
         fields["error"] = str(result.error)
+        if result.outcome is Outcome.CLIENT_CERT_INVALID:
+            fields["client_cert_error"] = client_cert_reason(result.error)
+
+
+# getpeercert() spells attribute names out; RFC 4514 (and the certificate
+# expiry metric's subject label) use the short forms.
+_RDN_KEYS = {
+    "commonName": "CN",
+    "organizationName": "O",
+    "organizationalUnitName": "OU",
+    "countryName": "C",
+    "stateOrProvinceName": "ST",
+    "localityName": "L",
+    "streetAddress": "STREET",
+    "domainComponent": "DC",
+    "userId": "UID",
+}
+
+
+def _record_client_cert(tls: ssl.SSLSocket, fields: dict[str, Any]) -> None:
+    """The verified client certificate's subject and SAN DNS names and URIs."""
+    cert = tls.getpeercert()
+    if not cert:
+        fields["client_subject"] = None
+        return
+    rdns: Any = cert.get("subject", ())
+    sans: Any = cert.get("subjectAltName", ())
+    fields["client_subject"] = ",".join(
+        f"{_RDN_KEYS.get(key, key)}={value}" for rdn in reversed(rdns) for key, value in rdn
+    )
+    fields["client_san_dns"] = [value for kind, value in sans if kind == "DNS"]
+    fields["client_san_uri"] = [value for kind, value in sans if kind == "URI"]
 
 
 async def _connect_backend(
-    runtime: ListenerRuntime, fields: dict[str, Any]
+    runtime: ListenerRuntime, fields: dict[str, Any], tls: ssl.SSLSocket, peer: Any
 ) -> socket.socket | None:
-    address = runtime.config.backend
+    address = runtime.backend_for(server_name(tls))
     fields["backend"] = str(address)
     lm = runtime.metrics
+    version = runtime.config.proxy_protocol
+    preamble = b"" if version == "off" else backend.proxy_header(version, tls, peer)
     start = trio.current_time()
     try:
-        sock = await backend.connect(address, runtime.config.connect_timeout)
+        sock = await backend.connect(address, runtime.config.connect_timeout, preamble)
     except backend.BackendConnectError as exc:
         lm.connect_failed(exc.reason)
         fields["close_reason"] = f"backend_{exc.reason}"

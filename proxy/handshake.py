@@ -32,6 +32,22 @@ Peeking first matters for diagnosis: a plain `GET / HTTP/1.1` on the TLS
 port would otherwise surface as OpenSSL's "wrong version number"; looking at
 the record type byte before OpenSSL does lets us say `not_tls`.
 
+The peek also reads the whole ClientHello (for the JA4 fingerprint in the
+access log and the ALPN policy in `proxy.tls`) without consuming it: OpenSSL
+then reads the very same bytes. The hello may arrive in several TCP segments,
+and a peek does not drain the socket, so "wait until readable, peek again"
+would spin: the socket stays readable while the first segment sits unread.
+Instead, once `proxy.clienthello.reassemble` says how many bytes it needs,
+the loop sets `SO_RCVLOWAT` to that count, so the kernel reports the socket
+readable only when that many bytes are queued (or on EOF/error), waits once,
+peeks again, and puts `SO_RCVLOWAT` back to 1. Each wait needs strictly more
+bytes than the last, the total is bounded by `MAX_PEEK_BYTES`, and the whole
+thing runs under the handshake deadline. Waiting here costs nothing: OpenSSL
+cannot answer before it has the whole ClientHello either. If the bytes stop
+growing (EOF), the hello is malformed or too big, or the socket option is
+refused, the loop gives up on the fingerprint and lets OpenSSL judge the
+bytes: a fingerprint is best effort and never fails a handshake.
+
 Every way the loop can end, including the deadline, is classified into
 exactly one `Outcome` by the pure functions in `proxy.outcome`.
 """
@@ -44,7 +60,10 @@ from dataclasses import dataclass
 
 import trio
 
+from proxy import clienthello
+from proxy.clienthello import ClientHello
 from proxy.outcome import Outcome, classify
+from proxy.tls import HandshakeNotes, attach_notes
 
 # One TLS record header: content type, two version bytes, two length bytes.
 # The content type alone decides not_tls; the rest is there for the log.
@@ -61,6 +80,7 @@ class HandshakeResult:
     wants_write: int
     seconds: float
     error: BaseException | None
+    notes: HandshakeNotes
 
     @property
     def tls(self) -> ssl.SSLSocket:
@@ -90,7 +110,12 @@ async def run_handshake(
         except BaseException:
             loop.conn.close()  # cancelled from outside: the wrapped socket is ours alone
             raise
-    outcome = classify(first=loop.first, error=error, timed_out=deadline.cancelled_caught)
+    outcome = classify(
+        first=loop.first,
+        error=error,
+        timed_out=deadline.cancelled_caught,
+        refused=loop.notes.refused,
+    )
     return HandshakeResult(
         outcome=outcome,
         conn=loop.conn,
@@ -98,25 +123,28 @@ async def run_handshake(
         wants_write=loop.wants_write,
         seconds=trio.current_time() - start,
         error=error,
+        notes=loop.notes,
     )
 
 
 class _Loop:
     """The state of one handshake, kept so a deadline can still report it."""
 
-    __slots__ = ("conn", "first", "wants_read", "wants_write")
+    __slots__ = ("conn", "first", "notes", "wants_read", "wants_write")
 
     def __init__(self, sock: socket.socket) -> None:
         self.conn: socket.socket = sock
         self.first: bytes | None = None
+        self.notes = HandshakeNotes()
         self.wants_read = 0
         self.wants_write = 0
 
     async def run(self, context: ssl.SSLContext) -> None:
-        self.first = await self._peek()
+        self.notes.hello = await self._peek_hello()
         if not self.first or self.first[0] != 0x16:
             return  # the classifier decides from the bytes alone
         tls = context.wrap_socket(self.conn, server_side=True, do_handshake_on_connect=False)
+        attach_notes(tls, self.notes)
         self.conn = tls
         while True:
             try:
@@ -130,9 +158,40 @@ class _Loop:
             else:
                 return
 
+    async def _peek_hello(self) -> ClientHello | None:
+        """Peek until the ClientHello is whole (see the module docstring)."""
+        data = await self._peek()
+        self.first = data[:PEEK_BYTES]
+        while True:
+            verdict = clienthello.reassemble(data)
+            if isinstance(verdict, bytes):
+                return clienthello.parse(verdict)
+            if verdict == clienthello.GIVE_UP:
+                return None
+            more = await self._peek_at_least(verdict)
+            if len(more) <= len(data):
+                return None  # EOF, or the kernel would not wait for us: let OpenSSL judge
+            data = more
+
     async def _peek(self) -> bytes:
         while True:
             try:
-                return self.conn.recv(PEEK_BYTES, socket.MSG_PEEK)
+                return self.conn.recv(clienthello.MAX_PEEK_BYTES, socket.MSG_PEEK)
             except BlockingIOError:
                 await trio.lowlevel.wait_readable(self.conn)
+
+    async def _peek_at_least(self, count: int) -> bytes:
+        """Wait until `count` bytes are queued (or EOF), then peek them all."""
+        sock = self.conn
+        try:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVLOWAT, count)
+        except OSError:
+            return b""
+        try:
+            await trio.lowlevel.wait_readable(sock)
+        finally:
+            # WARNING: must be restored before OpenSSL reads or the handshake
+            # loop waits: with a low-water mark left at `count`, a later
+            # wait_readable would sleep until `count` bytes of *new* data came.
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVLOWAT, 1)
+        return await self._peek()

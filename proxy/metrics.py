@@ -130,6 +130,8 @@ class Metrics:
             namespace=NAMESPACE,
             registry=registry,
         )
+        for result in ("success", "failure"):
+            self.config_reloads.labels(result)  # at zero, so increase() sees the first failure
         self.build_info = Gauge(
             "build_info",
             "Always 1; the labels say what is running.",
@@ -161,6 +163,10 @@ class ListenerMetrics:
     bytes_to_backend: Counter
     bytes_to_client: Counter
     connect_duration: Histogram
+    # tls_negotiated children by (version, cipher, alpn, resumed): the labels
+    # vary per handshake but take few values (bounded by the TLS policy and
+    # the ALPN list), so each child is looked up once and then reused.
+    negotiated_children: dict[tuple[str, str, str, bool], Counter]
 
     @classmethod
     def bind(cls, family: Metrics, name: str) -> ListenerMetrics:
@@ -180,12 +186,18 @@ class ListenerMetrics:
             bytes_to_backend=family.bytes.labels(name, "to_backend"),
             bytes_to_client=family.bytes.labels(name, "to_client"),
             connect_duration=family.backend_connect_duration.labels(name),
+            negotiated_children={},
         )
 
     def negotiated(self, version: str, cipher: str, alpn: str, resumed: bool) -> None:
-        self.family.tls_negotiated.labels(
-            self.name, version, cipher, alpn, "true" if resumed else "false"
-        ).inc()
+        key = (version, cipher, alpn, resumed)
+        child = self.negotiated_children.get(key)
+        if child is None:
+            child = self.family.tls_negotiated.labels(
+                self.name, version, cipher, alpn, "true" if resumed else "false"
+            )
+            self.negotiated_children[key] = child
+        child.inc()
 
     def rejected(self, reason: str) -> None:
         self.family.connections_rejected.labels(self.name, reason).inc()

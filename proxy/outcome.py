@@ -37,6 +37,7 @@ class Outcome(StrEnum):
 # set; anything else (an HTTP verb, an SSH banner) is not TLS at all.
 TLS_HANDSHAKE_RECORD = 0x16
 SSLV2_HELLO_MASK = 0x80
+SSLV2_CLIENT_HELLO = 0x01
 
 # Alerts a client sends when it does not accept our certificate chain: the
 # "certificate rollout" failure operators most need to see.
@@ -61,7 +62,18 @@ _VERSION_REASONS = frozenset(
     }
 )
 
-_CIPHER_REASONS = frozenset({"NO_SHARED_CIPHER", "TLSV1_ALERT_INSUFFICIENT_SECURITY"})
+# The client and we share no cipher suite, no signature algorithm our key can
+# make, or no key-exchange group: nothing to negotiate with.
+_CIPHER_REASONS = frozenset(
+    {
+        "NO_SHARED_CIPHER",
+        "NO_CIPHERS_AVAILABLE",
+        "NO_SHARED_SIGNATURE_ALGORITHMS",
+        "NO_SUITABLE_SIGNATURE_ALGORITHM",
+        "NO_SHARED_GROUPS",
+        "TLSV1_ALERT_INSUFFICIENT_SECURITY",
+    }
+)
 
 _ALPN_REASONS = frozenset({"NO_APPLICATION_PROTOCOL", "TLSV1_ALERT_NO_APPLICATION_PROTOCOL"})
 
@@ -69,9 +81,46 @@ _CLIENT_CERT_MISSING_REASONS = frozenset(
     {"PEER_DID_NOT_RETURN_A_CERTIFICATE", "TLSV13_ALERT_CERTIFICATE_REQUIRED"}
 )
 
+# The client's certificate failed verification (SSLCertVerificationError, whose
+# reason is CERTIFICATE_VERIFY_FAILED), or its CertificateVerify signature did
+# not match the certificate's key.
+_CLIENT_CERT_INVALID_REASONS = frozenset({"CERTIFICATE_VERIFY_FAILED", "BAD_SIGNATURE"})
+
 # An EOF in the middle of the handshake is the client going away, not a
 # protocol violation: OpenSSL 3 names it UNEXPECTED_EOF_WHILE_READING.
 _EOF_REASONS = frozenset({"UNEXPECTED_EOF_WHILE_READING"})
+
+# Every OpenSSL reason the classifier maps; any other reason is protocol_error.
+REASONS: dict[str, Outcome] = {
+    reason: outcome
+    for reasons, outcome in (
+        (_EOF_REASONS, Outcome.CLIENT_CLOSED),
+        (_CERT_REJECTED_REASONS, Outcome.CERTIFICATE_REJECTED_BY_CLIENT),
+        (_VERSION_REASONS, Outcome.UNSUPPORTED_VERSION),
+        (_CIPHER_REASONS, Outcome.NO_SHARED_CIPHER),
+        (_ALPN_REASONS, Outcome.ALPN_MISMATCH),
+        (_CLIENT_CERT_MISSING_REASONS, Outcome.CLIENT_CERT_MISSING),
+        (_CLIENT_CERT_INVALID_REASONS, Outcome.CLIENT_CERT_INVALID),
+    )
+    for reason in reasons
+}
+
+# Why a client certificate failed, from OpenSSL's X509_V_ERR_* verify code
+# (x509_vfy.h), in the words the access log uses. Anything else is logged
+# with OpenSSL's own message.
+CLIENT_CERT_REASONS: dict[int, str] = {
+    2: "unknown_ca",  # unable to get issuer certificate
+    7: "bad_signature",  # certificate signature failure
+    9: "not_yet_valid",
+    10: "expired",
+    18: "unknown_ca",  # self-signed certificate
+    19: "unknown_ca",  # self-signed certificate in chain
+    20: "unknown_ca",  # unable to get local issuer certificate
+    21: "unknown_ca",  # unable to verify the first certificate
+    23: "revoked",
+    24: "invalid_ca",  # invalid CA certificate
+    26: "wrong_purpose",  # unsupported certificate purpose (not for client auth)
+}
 
 
 def classify_first_bytes(first: bytes) -> Outcome | None:
@@ -85,9 +134,20 @@ def classify_first_bytes(first: bytes) -> Outcome | None:
         return Outcome.CLIENT_CLOSED
     if first[0] == TLS_HANDSHAKE_RECORD:
         return None
-    if first[0] & SSLV2_HELLO_MASK:
+    if _is_sslv2_client_hello(first):
         return Outcome.UNSUPPORTED_VERSION
     return Outcome.NOT_TLS
+
+
+def _is_sslv2_client_hello(first: bytes) -> bool:
+    """An SSLv2(-compatible) CLIENT-HELLO: a 2-byte length with the top bit
+    set, message type 1, then a version major of 0 (SSLv2) or 3 (SSLv3/TLS)."""
+    return (
+        len(first) >= 4
+        and bool(first[0] & SSLV2_HELLO_MASK)
+        and first[2] == SSLV2_CLIENT_HELLO
+        and first[3] in (0x00, 0x03)
+    )
 
 
 def classify_error(exc: BaseException) -> Outcome:
@@ -97,32 +157,35 @@ def classify_error(exc: BaseException) -> Outcome:
     if isinstance(exc, (ssl.SSLEOFError, ssl.SSLZeroReturnError)):
         return Outcome.CLIENT_CLOSED
     if isinstance(exc, ssl.SSLError):
-        return _classify_reason(exc.reason)
+        return REASONS.get(exc.reason or "", Outcome.PROTOCOL_ERROR)
     if isinstance(exc, (ConnectionResetError, BrokenPipeError, ConnectionAbortedError)):
         return Outcome.CLIENT_CLOSED
     return Outcome.INTERNAL_ERROR
 
 
-def _classify_reason(reason: str | None) -> Outcome:
-    table: tuple[tuple[frozenset[str], Outcome], ...] = (
-        (_EOF_REASONS, Outcome.CLIENT_CLOSED),
-        (_CERT_REJECTED_REASONS, Outcome.CERTIFICATE_REJECTED_BY_CLIENT),
-        (_VERSION_REASONS, Outcome.UNSUPPORTED_VERSION),
-        (_CIPHER_REASONS, Outcome.NO_SHARED_CIPHER),
-        (_ALPN_REASONS, Outcome.ALPN_MISMATCH),
-        (_CLIENT_CERT_MISSING_REASONS, Outcome.CLIENT_CERT_MISSING),
-    )
-    for reasons, outcome in table:
-        if reason in reasons:
-            return outcome
-    return Outcome.PROTOCOL_ERROR
+def client_cert_reason(exc: BaseException) -> str | None:
+    """Why the client's certificate was refused ("expired", "unknown_ca"...)."""
+    if isinstance(exc, ssl.SSLCertVerificationError):
+        code = exc.verify_code
+        return CLIENT_CERT_REASONS.get(code) or str(exc.verify_message or code)
+    if isinstance(exc, ssl.SSLError) and exc.reason == "BAD_SIGNATURE":
+        return "bad_signature"
+    return None
 
 
-def classify(*, first: bytes | None, error: BaseException | None, timed_out: bool) -> Outcome:
+def classify(
+    *,
+    first: bytes | None,
+    error: BaseException | None,
+    timed_out: bool,
+    refused: Outcome | None = None,
+) -> Outcome:
     """The whole decision: deadline first, then the wire, then the exception.
 
     `first` is None when nothing could be peeked (the deadline fired or the
-    socket failed before the first byte).
+    socket failed before the first byte). `refused` is set when our own policy
+    failed the handshake from a callback (the ALPN check in `proxy.tls`):
+    OpenSSL then reports a generic CALLBACK_FAILED, and only we know why.
     """
     if timed_out:
         return Outcome.TIMEOUT
@@ -132,4 +195,6 @@ def classify(*, first: bytes | None, error: BaseException | None, timed_out: boo
             return verdict
     if error is None:
         return Outcome.SUCCESS
+    if refused is not None:
+        return refused
     return classify_error(error)

@@ -34,11 +34,18 @@ def build_runtimes(config: Config, metrics: Metrics, log: Logger) -> list[Listen
 
 
 def export_certificates(runtimes: list[ListenerRuntime], metrics: Metrics) -> None:
-    """Publish the expiry of exactly the certificates now in use."""
-    metrics.certificate_expiry.clear()
+    """Publish the expiry of exactly the certificates now in use.
+
+    Two certificates can share a subject (an RSA and an ECDSA one for the
+    same name): the series shows the earlier expiry, the one to act on.
+    """
+    earliest: dict[tuple[str, str], float] = {}
     for runtime in runtimes:
         for pair in runtime.config.tls.certificates:
             leaf = load_leaf(pair.cert)
-            metrics.certificate_expiry.labels(
-                runtime.config.name, leaf.subject.rfc4514_string()
-            ).set(leaf.not_valid_after_utc.timestamp())
+            labels = (runtime.config.name, leaf.subject.rfc4514_string())
+            expiry = leaf.not_valid_after_utc.timestamp()
+            earliest[labels] = min(expiry, earliest.get(labels, expiry))
+    metrics.certificate_expiry.clear()
+    for labels, expiry in earliest.items():
+        metrics.certificate_expiry.labels(*labels).set(expiry)

@@ -14,14 +14,16 @@ from __future__ import annotations
 
 import errno
 import socket
-from dataclasses import dataclass
+import ssl
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from enum import StrEnum
 
 import trio
 
 from proxy.admin import Admin
-from proxy.config import Address, Config
-from proxy.connection import ConnectionSet, ListenerState, handle_connection
+from proxy.config import Address, Config, ConfigError
+from proxy.connection import ConnectionSet, ListenerRuntime, ListenerState, handle_connection
 from proxy.log import Logger
 from proxy.metrics import Metrics
 from proxy.runtime import build_runtimes, export_certificates
@@ -40,6 +42,11 @@ ACCEPT_BATCH = 64
 # kernel memory; live connections keep being served and free descriptors as
 # they close (trio's serve_listeners uses the same pause).
 ACCEPT_BACKOFF = 0.1
+
+EXHAUSTED_EVENT = (
+    "cannot accept: out of file descriptors or memory; pausing accepts until "
+    "connections close; raise the fd limit (ulimit -n) or lower max_connections"
+)
 
 _RESOURCE_ERRNOS = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM})
 # A client that reset before we accepted it: skip it, keep accepting.
@@ -65,8 +72,21 @@ class BoundAddresses:
     admin: tuple[str, int]
 
 
+@dataclass(eq=False)
+class _Listener:
+    """A bound listening socket, its accept loop's scope, and its runtime."""
+
+    state: ListenerState
+    sock: socket.socket
+    scope: trio.CancelScope = field(default_factory=trio.CancelScope)
+
+    @property
+    def name(self) -> str:
+        return self.state.runtime.config.name
+
+
 class Server:
-    """The daemon: admin endpoint, one accept loop per listener, and drain."""
+    """The daemon: admin endpoint, one accept loop per listener, reload and drain."""
 
     def __init__(self, config: Config, metrics: Metrics, log: Logger) -> None:
         self.config = config
@@ -75,11 +95,18 @@ class Server:
         self.state = State.STARTING
         self.connections = ConnectionSet()
         self._drain_requested = trio.Event()
-        self._sockets: list[socket.socket] = []
+        self._reload_lock = trio.Lock()
+        self._runtimes = build_runtimes(config, metrics, log)
+        export_certificates(self._runtimes, metrics)
+        self._bound: dict[Address, _Listener] = {}
         self._admin_socket: socket.socket | None = None
-        runtimes = build_runtimes(config, metrics, log)
-        self.listeners = [ListenerState(runtime) for runtime in runtimes]
-        export_certificates(runtimes, metrics)
+        self._accepting: trio.Nursery | None = None  # accept loops; None once draining
+        self._handlers: trio.Nursery | None = None  # connection handlers
+
+    @property
+    def listeners(self) -> list[ListenerState]:
+        """The listeners now accepting, in config order."""
+        return [listener.state for listener in self._bound.values()]
 
     def is_ready(self) -> bool:
         return self.state is State.SERVING
@@ -98,25 +125,17 @@ class Server:
         """
         if self._admin_socket is not None:
             return
-        sockets: list[socket.socket] = []
+        self._bound = _bind_new(self._runtimes, {})
         try:
-            for state in self.listeners:
-                lc = state.runtime.config
-                sockets.append(_bind(lc.listen, f"listener {lc.name!r}"))
-            sockets.append(_bind(self.config.admin.listen, "admin"))
-        except BaseException:
-            for sock in sockets:
-                sock.close()
+            self._admin_socket = _bind(self.config.admin.listen, "admin")
+        except StartupError:
+            for listener in self._bound.values():
+                listener.sock.close()
             raise
-        self._admin_socket = sockets.pop()
-        self._sockets = sockets
 
     def listen_ports(self) -> dict[str, int]:
         """Each listener's bound port (after `bind`), e.g. when 0 was asked for."""
-        return {
-            state.runtime.config.name: _sockname(sock)[1]
-            for sock, state in zip(self._sockets, self.listeners, strict=True)
-        }
+        return {listener.name: _sockname(listener.sock)[1] for listener in self._bound.values()}
 
     async def run(
         self, *, task_status: trio.TaskStatus[BoundAddresses] = trio.TASK_STATUS_IGNORED
@@ -128,39 +147,104 @@ class Server:
         try:
             async with trio.open_nursery() as services:
                 admin_address = await services.start(admin.serve, self._admin_socket)
-                await self._serve(self._sockets, admin_address, task_status)
+                await self._serve(admin_address, task_status)
                 services.cancel_scope.cancel()
         finally:
-            for sock in (*self._sockets, self._admin_socket):
-                sock.close()
+            for listener in self._bound.values():
+                listener.sock.close()
+            self._admin_socket.close()
         self.state = State.STOPPED
         self.log.info("stopped")
 
     async def _serve(
-        self,
-        sockets: list[socket.socket],
-        admin_address: tuple[str, int],
-        task_status: trio.TaskStatus[BoundAddresses],
+        self, admin_address: tuple[str, int], task_status: trio.TaskStatus[BoundAddresses]
     ) -> None:
-        async with trio.open_nursery() as connections:
+        async with trio.open_nursery() as handlers:
+            self._handlers = handlers
             async with trio.open_nursery() as accepting:
-                for sock, state in zip(sockets, self.listeners, strict=True):
-                    accepting.start_soon(self._accept_loop, sock, state, connections)
-                bound = {
-                    state.runtime.config.name: _sockname(sock)
-                    for sock, state in zip(sockets, self.listeners, strict=True)
-                }
-                for name, address in bound.items():
-                    self.log.info("listening", listener=name, address=_format(address))
+                self._accepting = accepting
+                for listener in self._bound.values():
+                    self._start_accepting(listener)
                 self.log.info("admin listening", address=_format(admin_address))
                 if self.state is State.STARTING:
                     self.state = State.SERVING
+                bound = {b.name: _sockname(b.sock) for b in self._bound.values()}
                 task_status.started(BoundAddresses(listeners=bound, admin=admin_address))
                 await self._drain_requested.wait()
+                self._accepting = None
                 accepting.cancel_scope.cancel()
-            for sock in sockets:
-                sock.close()
             await self._drain()
+
+    def _start_accepting(self, listener: _Listener) -> None:
+        self.log.info(
+            "listening", listener=listener.name, address=_format(_sockname(listener.sock))
+        )
+
+        handlers = self._handlers
+        assert handlers is not None
+
+        async def accept() -> None:
+            try:
+                with listener.scope:
+                    await self._accept_loop(listener.sock, listener.state, handlers)
+            finally:
+                listener.sock.close()  # refuse new connects; live ones are unaffected
+
+        assert self._accepting is not None
+        self._accepting.start_soon(accept)
+
+    async def reload(self, load: Callable[[], Config], *, trigger: str) -> bool:
+        """Build, validate, swap: the new config serves new connections only if
+        all of it is good; otherwise the old one keeps serving. Never raises."""
+        async with self._reload_lock:
+            if self.state is not State.SERVING or self._accepting is None:
+                self.log.warning("reload ignored: not serving", trigger=trigger)
+                return False
+            try:
+                config, runtimes = await trio.to_thread.run_sync(self._build, load)
+                self._swap(config, runtimes)
+            except ConfigError as exc:
+                self._reload_failed(trigger, list(exc.errors))
+                return False
+            except (StartupError, OSError, ssl.SSLError, ValueError) as exc:
+                self._reload_failed(trigger, [str(exc)])
+                return False
+            self.metrics.config_reloads.labels("success").inc()
+            self.log.info("config reloaded", trigger=trigger, listeners=len(runtimes))
+            return True
+
+    def _build(self, load: Callable[[], Config]) -> tuple[Config, list[ListenerRuntime]]:
+        """Runs in a worker thread: file reads and certificate parsing stay off the event loop."""
+        config = load()
+        return config, build_runtimes(config, self.metrics, self.log)
+
+    def _swap(self, config: Config, runtimes: list[ListenerRuntime]) -> None:
+        assert self._accepting is not None
+        added = _bind_new(runtimes, self._bound)  # the only step that can fail: do it first
+        wanted = {runtime.config.listen: runtime for runtime in runtimes}
+        kept: dict[Address, _Listener] = {}
+        for address, listener in self._bound.items():
+            if address in wanted:
+                listener.state.runtime = wanted[address]  # new handshakes only
+                kept[address] = listener
+            else:
+                self.log.info("listener removed; its connections finish", listener=listener.name)
+                listener.scope.cancel()
+        self._bound = {**kept, **added}
+        for listener in added.values():
+            self._start_accepting(listener)
+        if config.admin.listen != self.config.admin.listen:
+            self.log.warning("admin.listen changed; restart to move the admin endpoint")
+        self.config = config
+        self._runtimes = runtimes
+        export_certificates(runtimes, self.metrics)
+
+    def _reload_failed(self, trigger: str, errors: list[str]) -> None:
+        self.metrics.config_reloads.labels("failure").inc()
+        for error in errors:
+            self.log.error(
+                "reload rejected; the previous config keeps serving", trigger=trigger, error=error
+            )
 
     async def _drain(self) -> None:
         timeout = self.config.process.drain_timeout
@@ -178,6 +262,7 @@ class Server:
     async def _accept_loop(
         self, sock: socket.socket, state: ListenerState, nursery: trio.Nursery
     ) -> None:
+        exhausted = False  # inside an episode of EMFILE/ENFILE: log and count it once
         while True:
             await trio.lowlevel.wait_readable(sock)
             for _ in range(ACCEPT_BATCH):
@@ -190,8 +275,14 @@ class Server:
                         continue
                     if exc.errno not in _RESOURCE_ERRNOS:
                         raise
-                    await self._back_off(state, exc)
+                    if not exhausted:
+                        self._exhausted(state, exc)
+                        exhausted = True
+                    await trio.sleep(ACCEPT_BACKOFF)
                     break
+                if exhausted:
+                    self.log.info("accepting again", listener=state.runtime.config.name)
+                    exhausted = False
                 runtime = state.runtime
                 if state.active >= runtime.config.max_connections:
                     conn.close()
@@ -199,17 +290,38 @@ class Server:
                     continue
                 conn.setblocking(False)
                 conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+                # Counted here, not when the handler task first runs: the tasks
+                # of one accept burst start only after the burst, and the
+                # limit must already hold within it. The handler releases it.
+                state.active += 1
                 nursery.start_soon(handle_connection, conn, peer, state, self.connections)
 
-    async def _back_off(self, state: ListenerState, exc: OSError) -> None:
+    def _exhausted(self, state: ListenerState, exc: OSError) -> None:
+        """One log line and one count per episode, however long it lasts."""
         state.runtime.metrics.rejected("fd_exhausted")
         self.log.error(
-            "cannot accept: out of file descriptors or memory; raise the fd limit "
-            "(ulimit -n) or lower max_connections",
+            EXHAUSTED_EVENT,
             listener=state.runtime.config.name,
             error=str(exc),
         )
-        await trio.sleep(ACCEPT_BACKOFF)
+
+
+def _bind_new(
+    runtimes: list[ListenerRuntime], bound: dict[Address, _Listener]
+) -> dict[Address, _Listener]:
+    """Bind the listeners whose address is not bound yet; all or none."""
+    added: dict[Address, _Listener] = {}
+    try:
+        for runtime in runtimes:
+            address = runtime.config.listen
+            if address not in bound:
+                sock = _bind(address, f"listener {runtime.config.name!r}")
+                added[address] = _Listener(ListenerState(runtime), sock)
+    except BaseException:
+        for listener in added.values():
+            listener.sock.close()
+        raise
+    return added
 
 
 def _bind(address: Address, what: str) -> socket.socket:

@@ -1,14 +1,57 @@
-"""Build the server-side SSLContext for a listener from its TLS config.
+"""Build a listener's server SSLContext from its TLS config; select by SNI.
 
-Everything that costs time (parsing certificates and keys, cipher strings)
-happens here, once per listener at start-up, never per handshake.
+Theory of operation
+-------------------
+
+`build_context(tls)` is a pure function of the `[listeners.tls]` table (it
+reads the files the table names) and is the only place certificates, keys and
+cipher strings are parsed: once per listener at start-up or reload, never per
+handshake. It builds one complete `SSLContext` per configured certificate,
+all with the same policy (versions, ciphers, ALPN, client CA, tickets), and
+returns the first one, the default, which every connection is wrapped with.
+
+SNI selection happens in that context's `sni_callback`, which OpenSSL calls
+once per handshake right after reading the ClientHello (with `None` when the
+client sent no SNI). The callback looks the name up in a prebuilt table of the
+certificates' DNS SANs (`proxy.sni`: exact before wildcard) and, on a match,
+switches `ssl_sock.context` to that certificate's prebuilt context
+(`SSL_set_SSL_CTX`): two dict probes and a pointer swap. No match, or no SNI,
+keeps the default (the first certificate).
+
+What the switch does and does not change, in OpenSSL 3: the certificate, key
+and chain, the ALPN selection callback and the verify store come from the new
+context; options, verify mode and ticket count stay as the SSL object got them
+from the default context; session tickets are encrypted and decrypted with the
+*default* context's keys (`session_ctx` never changes). Since every context is
+built by the same code, all of these agree, and a ticket issued under any
+certificate resumes under the listener.
+
+The callback also enforces the ALPN policy of RFC 7301 section 3.2: when the
+listener offers protocols and the client offers only others, the handshake
+fails with a `no_application_protocol` alert (outcome `alpn_mismatch`).
+Python's own ALPN callback would instead carry on without ALPN, so a gRPC
+client would learn of the mismatch only from a confused backend. The offered
+list comes from the ClientHello the handshake loop peeked before OpenSSL read
+it (`HandshakeNotes.hello`); when that could not be parsed, the policy is not
+applied and the handshake proceeds as Python would.
+
+Per-connection facts (the SNI, the configured name it matched, a refusal)
+travel on the SSL socket as a `HandshakeNotes`, set before the handshake by
+`proxy.handshake` and filled by the callback.
 """
 
 from __future__ import annotations
 
 import ssl
+from collections.abc import Iterator
+from dataclasses import dataclass
 
-from proxy.config import TLSConfig
+from cryptography import x509
+
+from proxy.clienthello import ClientHello
+from proxy.config import CertificatePair, TLSConfig
+from proxy.outcome import Outcome
+from proxy.sni import NameTable
 
 # Mozilla's "intermediate" profile for TLS 1.2, narrowed to ECDHE key exchange
 # with AEAD ciphers: forward secrecy always, no CBC, no static RSA, no DHE
@@ -27,35 +70,125 @@ DEFAULT_TLS12_CIPHERS = ":".join(
 
 _MIN_VERSIONS = {"TLSv1.2": ssl.TLSVersion.TLSv1_2, "TLSv1.3": ssl.TLSVersion.TLSv1_3}
 
+_VERIFY_MODES = {
+    "none": ssl.CERT_NONE,
+    "optional": ssl.CERT_OPTIONAL,
+    "require": ssl.CERT_REQUIRED,
+}
+
+# RFC 7301: "no_application_protocol(120)". Python's ssl has no constant for
+# it; an sni_callback may return any alert number.
+ALERT_NO_APPLICATION_PROTOCOL = 120
+
+# The label value for an SNI that matched no configured name (or no SNI):
+# keeps the set of values bounded by the config, whatever clients send.
+OTHER_NAME = "other"
+
+_NOTES = "tlsproxy_notes"
+
+
+@dataclass(slots=True)
+class HandshakeNotes:
+    """What one handshake learned outside OpenSSL's own state."""
+
+    hello: ClientHello | None = None
+    sni: str | None = None
+    sni_match: str = OTHER_NAME  # the configured name the SNI matched, bounded
+    refused: Outcome | None = None  # our policy failed the handshake, and why
+
+
+def attach_notes(conn: ssl.SSLSocket, notes: HandshakeNotes) -> None:
+    setattr(conn, _NOTES, notes)
+
+
+def notes_of(conn: ssl.SSLSocket | ssl.SSLObject) -> HandshakeNotes:
+    notes = getattr(conn, _NOTES, None)
+    if notes is None:
+        notes = HandshakeNotes()
+        setattr(conn, _NOTES, notes)
+    return notes
+
 
 def build_context(tls: TLSConfig) -> ssl.SSLContext:
-    """A hardened server context; raises ssl.SSLError/OSError on bad material."""
+    """The default certificate's context, selecting the others by SNI.
+
+    Raises ssl.SSLError/OSError/ValueError on unusable material (the config
+    checks make that rare: a file changed between check and load).
+    """
+    contexts = [_certificate_context(tls, pair) for pair in tls.certificates]
+    names = NameTable(
+        (name, context)
+        for pair, context in zip(tls.certificates, contexts, strict=True)
+        for name in certificate_names(pair)
+    )
+    default = contexts[0]
+    default.sni_callback = _SNISelector(names, frozenset(a.encode() for a in tls.alpn))
+    return default
+
+
+def _certificate_context(tls: TLSConfig, pair: CertificatePair) -> ssl.SSLContext:
     context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     context.minimum_version = _MIN_VERSIONS[tls.min_version]
     context.set_ciphers(tls.ciphers or DEFAULT_TLS12_CIPHERS)
+    # Renegotiation off, compression off (CRIME), and our cipher order, not
+    # the client's: with ECDHE+AEAD only, every choice is a good one.
     context.options |= (
         ssl.OP_NO_RENEGOTIATION | ssl.OP_NO_COMPRESSION | ssl.OP_CIPHER_SERVER_PREFERENCE
     )
-    pair = tls.certificates[0]
     context.load_cert_chain(str(pair.cert), str(pair.key))
     if tls.alpn:
         context.set_alpn_protocols(list(tls.alpn))
+    context.verify_mode = _VERIFY_MODES[tls.client_auth]
+    if tls.client_ca is not None:
+        context.load_verify_locations(cafile=str(tls.client_ca))
     if not tls.session_tickets:
         # OP_NO_TICKET alone still lets OpenSSL send stateful TLS 1.3 tickets
         # backed by its session cache; zero tickets means no resumption at all.
         context.options |= ssl.OP_NO_TICKET
         context.num_tickets = 0
-    context.sni_callback = _remember_server_name
     return context
 
 
-def _remember_server_name(
-    conn: ssl.SSLObject | ssl.SSLSocket, server_name: str | None, _context: ssl.SSLContext
-) -> None:
-    """Keep the client's SNI on its socket for the access log."""
-    conn.server_name_indication = server_name  # type: ignore[union-attr]
+def certificate_names(pair: CertificatePair) -> Iterator[str]:
+    """The DNS names of a certificate's leaf (its SAN), what SNI selects on."""
+    leaf = x509.load_pem_x509_certificate(pair.cert.read_bytes())
+    try:
+        san = leaf.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    except x509.ExtensionNotFound:
+        return
+    yield from san.get_values_for_type(x509.DNSName)
+
+
+class _SNISelector:
+    """The sni_callback: switch to the matching certificate, apply ALPN policy.
+
+    WARNING: OpenSSL calls this from inside do_handshake(); an exception here
+    becomes an unraisable-exception report and an internal_error alert, so it
+    must not raise.
+    """
+
+    __slots__ = ("alpn", "names")
+
+    def __init__(self, names: NameTable[ssl.SSLContext], alpn: frozenset[bytes]) -> None:
+        self.names = names
+        self.alpn = alpn
+
+    def __call__(
+        self, conn: ssl.SSLSocket | ssl.SSLObject, server_name: str | None, _ctx: ssl.SSLContext
+    ) -> int | None:
+        notes = notes_of(conn)
+        notes.sni = server_name
+        found = self.names.lookup(server_name)
+        if found is not None:
+            notes.sni_match, context = found
+            conn.context = context
+        hello = notes.hello
+        if self.alpn and hello is not None and hello.alpn and self.alpn.isdisjoint(hello.alpn):
+            notes.refused = Outcome.ALPN_MISMATCH
+            return ALERT_NO_APPLICATION_PROTOCOL
+        return None
 
 
 def server_name(conn: ssl.SSLSocket) -> str | None:
     """The SNI the client sent, if any."""
-    return getattr(conn, "server_name_indication", None)
+    return notes_of(conn).sni

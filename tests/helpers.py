@@ -114,6 +114,16 @@ async def start_server(nursery: trio.Nursery, config: Config) -> Running:
     return Running(server, bound, log)
 
 
+async def until(check: Callable[[], Awaitable[bool]], interval: float = 0.05) -> None:
+    """Poll an observable condition (a scrape, a handshake) until it holds, under
+    the step deadline: for state that can only be observed by asking again."""
+    with trio.fail_after(STEP):
+        while True:
+            if await check():
+                return
+            await trio.sleep(interval)
+
+
 # ---------------------------------------------------------------- backends
 
 

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import hashlib
 import importlib.metadata
-import json
 import os
 import re
 import signal
@@ -16,16 +15,23 @@ import ssl
 import stat
 import subprocess
 import sys
-from collections.abc import AsyncIterator, Iterator
-from contextlib import asynccontextmanager, contextmanager, suppress
 from pathlib import Path
-from typing import Any
 
 import pytest
 import trio
 from cryptography import x509
 
 import proxy
+from tests.daemon import (
+    PYTHON_M_PROXY,
+    assert_refused,
+    config_text,
+    echo_through,
+    env_for,
+    poll_status,
+    run_daemon,
+    write_config,
+)
 from tests.helpers import (
     STEP,
     BioClient,
@@ -37,58 +43,15 @@ from tests.helpers import (
     tls_connect,
 )
 
-PYTHON_M_PROXY = (sys.executable, "-m", "proxy")
 CONSOLE_SCRIPT = Path(sys.executable).parent / "tlsproxy"
 
 # The drain test's response: big enough to be many TLS records and socket
 # buffers, sent in chunks so it is still in flight when SIGTERM arrives.
-PAYLOAD_SIZE = 4 * 1024 * 1024
+PAYLOAD_SIZE = 10 * 1024 * 1024
 CHUNK = 64 * 1024
 
 
 # ---------------------------------------------------------------- helpers
-
-
-def _env(state_dir: Path) -> dict[str, str]:
-    """The daemon never touches the real ~/.local/state, whatever a test does."""
-    return {**os.environ, "TLSPROXY_STATE_DIR": str(state_dir)}
-
-
-def _q(value: object) -> str:
-    """A TOML basic string (JSON string escapes are valid TOML)."""
-    return json.dumps(str(value))
-
-
-def _config_text(
-    cert: object,
-    key: object,
-    *,
-    backend_port: int = 1,
-    listen: str = "127.0.0.1:0",
-    drain_timeout: float = 30.0,
-    listener_lines: str = "",
-) -> str:
-    return f"""\
-[admin]
-listen = "127.0.0.1:0"
-
-[process]
-drain_timeout = {drain_timeout}
-
-[[listeners]]
-name = "web"
-listen = "{listen}"
-backend = "127.0.0.1:{backend_port}"
-{listener_lines}
-
-[listeners.tls]
-certificates = [{{ cert = {_q(cert)}, key = {_q(key)} }}]
-"""
-
-
-def _write_config(path: Path, certs: Certs, **kwargs: Any) -> Path:
-    path.write_text(_config_text(certs.cert, certs.key, **kwargs), encoding="utf-8")
-    return path
 
 
 class Completed:
@@ -115,166 +78,9 @@ async def _cli(
             capture_stderr=True,
             check=False,
             cwd=cwd,
-            env=_env(cwd / "state"),
+            env=env_for(cwd / "state"),
         )
     return Completed(result)
-
-
-class Daemon:
-    """A running `python -m proxy run ...` and everything it has printed so far."""
-
-    def __init__(self, process: trio.Process) -> None:
-        self.process = process
-        self.lines: list[str] = []
-        self.events: list[dict[str, Any]] = []
-        self._changed = trio.Event()
-        self.eof = trio.Event()
-
-    def output(self) -> str:
-        return "\n".join(self.lines)
-
-    @contextmanager
-    def deadline(self, seconds: float, what: str) -> Iterator[None]:
-        """fail_after, but a timeout shows what the daemon said."""
-        try:
-            with trio.fail_after(seconds):
-                yield
-        except trio.TooSlowError:
-            raise AssertionError(
-                f"timed out after {seconds}s waiting for {what}; daemon output:\n{self.output()}"
-            ) from None
-
-    async def pump(self) -> None:
-        """Read stdout+stderr line by line until the process closes them."""
-        assert self.process.stdout is not None
-        pending = b""
-        try:
-            async for chunk in self.process.stdout:
-                pending += chunk
-                *complete, pending = pending.split(b"\n")
-                for raw in complete:
-                    self._add(raw.decode(errors="replace"))
-        except trio.ClosedResourceError:
-            pass
-        finally:
-            if pending:
-                self._add(pending.decode(errors="replace"))
-            self.eof.set()
-            self._notify()
-
-    def _add(self, line: str) -> None:
-        self.lines.append(line)
-        if line.startswith("{"):
-            with suppress(json.JSONDecodeError):
-                self.events.append(json.loads(line))
-        self._notify()
-
-    def _notify(self) -> None:
-        self._changed.set()
-        self._changed = trio.Event()
-
-    def find(self, event: str, **fields: Any) -> dict[str, Any] | None:
-        for record in self.events:
-            if record.get("event") == event and all(record.get(k) == v for k, v in fields.items()):
-                return record
-        return None
-
-    async def wait_for(self, event: str, **fields: Any) -> dict[str, Any]:
-        """The first log line with this event (and these fields), waiting for it."""
-        with self.deadline(STEP, f"log event {event!r} {fields or ''}"):
-            while (record := self.find(event, **fields)) is None:
-                if self.eof.is_set():
-                    raise AssertionError(
-                        f"daemon exited without logging {event!r}:\n{self.output()}"
-                    )
-                await self._changed.wait()
-        return record
-
-    async def started(self) -> tuple[int, int]:
-        """(TLS port, admin port) once the daemon is accepting."""
-        listening = await self.wait_for("listening")
-        admin = await self.wait_for("admin listening")
-        return _port(listening["address"]), _port(admin["address"])
-
-    def signal(self, signum: int) -> None:
-        self.process.send_signal(signum)
-
-    async def exit_code(self, within: float = STEP) -> int:
-        """Wait for the process to exit by itself and for all of its output."""
-        with self.deadline(within, "the daemon to exit"):
-            code = await self.process.wait()
-            await self.eof.wait()
-        return code
-
-
-def _port(address: str) -> int:
-    return int(address.rpartition(":")[2])
-
-
-@asynccontextmanager
-async def run_daemon(nursery: trio.Nursery, cwd: Path, *args: str | Path) -> AsyncIterator[Daemon]:
-    """Start `python -m proxy run ARGS`; always kill and reap it afterwards."""
-    process = await trio.lowlevel.open_process(
-        [*PYTHON_M_PROXY, "run", *map(str, args)],
-        stdin=subprocess.DEVNULL,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        cwd=cwd,
-        env=_env(cwd / "state"),
-    )
-    daemon = Daemon(process)
-    try:
-        nursery.start_soon(daemon.pump)
-        yield daemon
-    finally:
-        with trio.CancelScope(shield=True), trio.move_on_after(STEP):
-            if process.returncode is None:
-                process.kill()
-            await process.wait()
-            await daemon.eof.wait()
-        if process.stdout is not None:
-            with trio.CancelScope(shield=True):
-                await process.stdout.aclose()
-    # reached only when the test body passed: the daemon itself must not have failed
-    assert "Traceback" not in daemon.output(), daemon.output()
-    assert not [e for e in daemon.events if e.get("level") == "error"], daemon.output()
-
-
-async def _poll_status(admin_port: int, path: str, expected: int) -> None:
-    """Poll an admin endpoint until it answers `expected`."""
-    status = None
-    try:
-        with trio.fail_after(STEP):
-            while True:
-                status, _ = await scrape(admin_port, path)
-                if status == expected:
-                    return
-                await trio.sleep(0.02)
-    except trio.TooSlowError:
-        raise AssertionError(
-            f"{path} still answers {status} after {STEP}s, not {expected}"
-        ) from None
-
-
-async def _assert_refused(port: int) -> None:
-    sock = trio.socket.socket()
-    with sock, trio.fail_after(STEP), pytest.raises(ConnectionRefusedError):
-        await sock.connect(("127.0.0.1", port))
-
-
-async def _echo_through(port: int, context: ssl.SSLContext) -> None:
-    with trio.fail_after(STEP):
-        tls = await tls_connect(port, context)
-        try:
-            await tls.send_all(b"hello through the daemon")
-            received = b""
-            while len(received) < len(b"hello through the daemon"):
-                chunk = await tls.receive_some(100)
-                assert chunk, "the proxy closed before echoing"
-                received += chunk
-            assert received == b"hello through the daemon"
-        finally:
-            await tls.aclose()
 
 
 async def _http_get(port: int, context: ssl.SSLContext) -> tuple[bytes, bytes]:
@@ -337,7 +143,7 @@ async def test_check_config_accepts_a_valid_file_with_paths_relative_to_it(
     (conf_dir / "tls.crt").write_bytes(certs.cert.read_bytes())
     (conf_dir / "tls.key").write_bytes(certs.key.read_bytes())
     config = conf_dir / "proxy.toml"
-    config.write_text(_config_text("tls.crt", "tls.key"), encoding="utf-8")
+    config.write_text(config_text("tls.crt", "tls.key"), encoding="utf-8")
 
     # run from elsewhere: relative paths must resolve against the config's directory
     result = await _cli("check-config", config, cwd=tmp_path)
@@ -353,7 +159,7 @@ async def test_check_config_prints_every_error_with_its_toml_path_and_exits_1(
 ) -> None:
     config = tmp_path / "bad.toml"
     config.write_text(
-        _config_text(
+        config_text(
             certs.cert,
             tmp_path / "missing.key",
             listen="127.0.0.1:99999",
@@ -410,13 +216,15 @@ async def test_check_config_on_a_missing_file_says_not_found_and_exits_1(
 async def test_check_config_rejects_a_not_yet_supported_setting_and_exits_1(
     tmp_path: Path, certs: Certs
 ) -> None:
-    config = _write_config(tmp_path / "v2.toml", certs, listener_lines='proxy_protocol = "v2"')
+    config = tmp_path / "workers.toml"
+    text = config_text(certs.cert, certs.key).replace("[process]\n", "[process]\nworkers = 2\n")
+    config.write_text(text, encoding="utf-8")
 
     result = await _cli("check-config", config, cwd=tmp_path)
 
     assert result.returncode == 1, result
     assert "Traceback" not in result.stderr, result
-    assert "error: listeners[0].proxy_protocol: " in result.stderr, result
+    assert "error: process.workers: " in result.stderr, result
     assert "not supported yet" in result.stderr, result
 
 
@@ -427,7 +235,7 @@ async def test_embedded_default_serves_curl_and_reuses_its_certificate_across_re
     tmp_path: Path, nursery: trio.Nursery
 ) -> None:
     backend_port = await start_backend(nursery, http_handler)
-    state = tmp_path / "state"  # what _env() points TLSPROXY_STATE_DIR at
+    state = tmp_path / "state"  # what env_for() points TLSPROXY_STATE_DIR at
     cert = state / "cert.pem"
     args = ["--listen", "127.0.0.1:0", "--admin", "127.0.0.1:0"]
     args += ["--backend", f"127.0.0.1:{backend_port}"]
@@ -476,12 +284,12 @@ async def test_run_with_config_file_proxies_tls_to_the_backend(
     tmp_path: Path, certs: Certs, nursery: trio.Nursery
 ) -> None:
     echo_port = await start_backend(nursery, echo_handler)
-    config = _write_config(tmp_path / "proxy.toml", certs, backend_port=echo_port)
+    config = write_config(tmp_path / "proxy.toml", certs, backend_port=echo_port)
 
     async with run_daemon(nursery, tmp_path, "--config", config) as daemon:
         port, admin_port = await daemon.started()
         assert (await daemon.wait_for("listening"))["listener"] == "web"
-        await _echo_through(port, certs.client_context())
+        await echo_through(port, certs.client_context())
         assert await scrape(admin_port, "/readyz") == (200, "ready\n")
         line = await daemon.wait_for("connection")
         assert line["outcome"] == "success"
@@ -504,7 +312,7 @@ async def test_run_with_cert_and_key_flags_and_no_config_proxies_tls(
         nursery, tmp_path, *args, "--listen", "127.0.0.1:0", "--admin", "127.0.0.1:0"
     ) as daemon:
         port, _ = await daemon.started()
-        await _echo_through(port, certs.client_context())
+        await echo_through(port, certs.client_context())
         daemon.signal(signal.SIGINT)  # Ctrl-C stops it as cleanly as SIGTERM
         assert await daemon.exit_code() == 0, daemon.output()
     assert not (tmp_path / "state").exists(), "--cert/--key must not generate a certificate"
@@ -534,7 +342,7 @@ async def test_sigterm_drains_in_flight_transfer_while_refusing_new_clients(
 ) -> None:
     backend = GatedStream(os.urandom(PAYLOAD_SIZE))
     backend_port = await start_backend(nursery, backend.handler)
-    config = _write_config(
+    config = write_config(
         tmp_path / "proxy.toml", certs, backend_port=backend_port, drain_timeout=20
     )
 
@@ -558,11 +366,11 @@ async def test_sigterm_drains_in_flight_transfer_while_refusing_new_clients(
                     await some_arrived.wait()
 
                 daemon.signal(signal.SIGTERM)
-                await _poll_status(admin_port, "/readyz", 503)
+                await poll_status(admin_port, "/readyz", 503)
                 assert (await scrape(admin_port, "/healthz"))[0] == 200
                 draining = await daemon.wait_for("draining")
                 assert draining["connections"] == 1
-                await _assert_refused(port)
+                await assert_refused(port)
                 assert not all_arrived.is_set()
                 assert len(received) < PAYLOAD_SIZE
                 assert daemon.process.returncode is None
@@ -588,7 +396,7 @@ async def test_drain_timeout_cuts_a_stuck_connection_with_close_notify_and_exits
 ) -> None:
     drain_timeout = 1.0
     backend_port = await start_backend(nursery, _stalled_backend)
-    config = _write_config(
+    config = write_config(
         tmp_path / "proxy.toml", certs, backend_port=backend_port, drain_timeout=drain_timeout
     )
 
@@ -621,7 +429,7 @@ async def test_second_sigterm_during_drain_exits_at_once(
 ) -> None:
     drain_timeout = 120.0  # far beyond the test's deadline: only the 2nd signal can end it
     backend_port = await start_backend(nursery, _stalled_backend)
-    config = _write_config(
+    config = write_config(
         tmp_path / "proxy.toml", certs, backend_port=backend_port, drain_timeout=drain_timeout
     )
 
@@ -650,8 +458,8 @@ async def test_second_sigterm_during_drain_exits_at_once(
 async def test_run_with_bad_config_prints_errors_and_exits_1_without_listening(
     tmp_path: Path, certs: Certs
 ) -> None:
-    config = _write_config(
-        tmp_path / "bad.toml", certs, listener_lines='handshake_timeout = -1\nproxy_protocol = "v1"'
+    config = write_config(
+        tmp_path / "bad.toml", certs, listener_lines='handshake_timeout = -1\nproxy_protocol = "v3"'
     )
 
     result = await _cli("run", "--config", config, cwd=tmp_path)
@@ -659,8 +467,7 @@ async def test_run_with_bad_config_prints_errors_and_exits_1_without_listening(
     assert result.returncode == 1, result
     assert "Traceback" not in result.stderr, result
     assert "error: listeners[0].handshake_timeout: must be > 0" in result.stderr, result
-    assert "error: listeners[0].proxy_protocol: " in result.stderr, result
-    assert "not supported yet" in result.stderr, result
+    assert "error: listeners[0].proxy_protocol: must be 'off', 'v1' or 'v2'" in result.stderr
     assert '"listening"' not in result.stderr, result
 
 
@@ -668,7 +475,7 @@ async def test_run_with_bad_config_prints_errors_and_exits_1_without_listening(
 async def test_run_on_a_port_in_use_exits_2_naming_the_address(
     tmp_path: Path, certs: Certs, busy_flag: str
 ) -> None:
-    config = _write_config(tmp_path / "proxy.toml", certs)
+    config = write_config(tmp_path / "proxy.toml", certs)
     busy = trio.socket.socket()
     with busy:
         await busy.bind(("127.0.0.1", 0))

@@ -6,7 +6,7 @@ import ssl
 
 import pytest
 
-from proxy.outcome import Outcome, classify
+from proxy.outcome import CLIENT_CERT_REASONS, REASONS, Outcome, classify, client_cert_reason
 
 
 def _ssl_error(reason: str) -> ssl.SSLError:
@@ -25,6 +25,8 @@ CASES = [
     ("plain HTTP", b"GET /", None, False, Outcome.NOT_TLS),
     ("SSH banner", b"SSH-2", None, False, Outcome.NOT_TLS),
     ("SSLv2 hello", b"\x80\x2e\x01\x00\x02", None, False, Outcome.UNSUPPORTED_VERSION),
+    ("SSLv2-compat TLS hello", b"\x80\x2e\x01\x03\x01", None, False, Outcome.UNSUPPORTED_VERSION),
+    ("high bit, not a hello", b"\x9c\x11\x7f\x00\x02", None, False, Outcome.NOT_TLS),
     ("handshake done", HELLO, None, False, Outcome.SUCCESS),
     ("EOF mid-handshake", HELLO, ssl.SSLEOFError(8, "eof"), False, Outcome.CLIENT_CLOSED),
     ("EOF reason", HELLO, _ssl_error("UNEXPECTED_EOF_WHILE_READING"), False, Outcome.CLIENT_CLOSED),
@@ -107,3 +109,72 @@ def test_classify_maps_evidence_to_one_outcome(
 
 def test_every_outcome_is_reachable_from_the_table() -> None:
     assert {case[-1] for case in CASES} == set(Outcome)
+
+
+# Every OpenSSL reason the classifier maps, listed here so that a change to the
+# tables shows up as a change to this test.
+MAPPED = {
+    "UNEXPECTED_EOF_WHILE_READING": Outcome.CLIENT_CLOSED,
+    "TLSV1_ALERT_UNKNOWN_CA": Outcome.CERTIFICATE_REJECTED_BY_CLIENT,
+    "SSLV3_ALERT_BAD_CERTIFICATE": Outcome.CERTIFICATE_REJECTED_BY_CLIENT,
+    "SSLV3_ALERT_CERTIFICATE_EXPIRED": Outcome.CERTIFICATE_REJECTED_BY_CLIENT,
+    "SSLV3_ALERT_CERTIFICATE_UNKNOWN": Outcome.CERTIFICATE_REJECTED_BY_CLIENT,
+    "SSLV3_ALERT_CERTIFICATE_REVOKED": Outcome.CERTIFICATE_REJECTED_BY_CLIENT,
+    "SSLV3_ALERT_UNSUPPORTED_CERTIFICATE": Outcome.CERTIFICATE_REJECTED_BY_CLIENT,
+    "TLSV1_ALERT_DECRYPT_ERROR": Outcome.CERTIFICATE_REJECTED_BY_CLIENT,
+    "UNSUPPORTED_PROTOCOL": Outcome.UNSUPPORTED_VERSION,
+    "VERSION_TOO_LOW": Outcome.UNSUPPORTED_VERSION,
+    "TLSV1_ALERT_PROTOCOL_VERSION": Outcome.UNSUPPORTED_VERSION,
+    "UNKNOWN_PROTOCOL": Outcome.UNSUPPORTED_VERSION,
+    "NO_SHARED_CIPHER": Outcome.NO_SHARED_CIPHER,
+    "NO_CIPHERS_AVAILABLE": Outcome.NO_SHARED_CIPHER,
+    "NO_SHARED_SIGNATURE_ALGORITHMS": Outcome.NO_SHARED_CIPHER,
+    "NO_SUITABLE_SIGNATURE_ALGORITHM": Outcome.NO_SHARED_CIPHER,
+    "NO_SHARED_GROUPS": Outcome.NO_SHARED_CIPHER,
+    "TLSV1_ALERT_INSUFFICIENT_SECURITY": Outcome.NO_SHARED_CIPHER,
+    "NO_APPLICATION_PROTOCOL": Outcome.ALPN_MISMATCH,
+    "TLSV1_ALERT_NO_APPLICATION_PROTOCOL": Outcome.ALPN_MISMATCH,
+    "PEER_DID_NOT_RETURN_A_CERTIFICATE": Outcome.CLIENT_CERT_MISSING,
+    "TLSV13_ALERT_CERTIFICATE_REQUIRED": Outcome.CLIENT_CERT_MISSING,
+    "CERTIFICATE_VERIFY_FAILED": Outcome.CLIENT_CERT_INVALID,
+    "BAD_SIGNATURE": Outcome.CLIENT_CERT_INVALID,
+}
+
+
+def test_the_reason_table_is_exactly_this() -> None:
+    assert REASONS == MAPPED
+
+
+@pytest.mark.parametrize(("reason", "expected"), sorted(MAPPED.items()))
+def test_every_mapped_reason(reason: str, expected: Outcome) -> None:
+    assert classify(first=HELLO, error=_ssl_error(reason), timed_out=False) is expected
+
+
+def test_our_own_refusal_names_the_outcome() -> None:
+    error = _ssl_error("CALLBACK_FAILED")
+    assert classify(first=HELLO, error=error, timed_out=False) is Outcome.PROTOCOL_ERROR
+    refused = classify(first=HELLO, error=error, timed_out=False, refused=Outcome.ALPN_MISMATCH)
+    assert refused is Outcome.ALPN_MISMATCH
+    # the deadline and the wire still come first
+    assert classify(first=HELLO, error=None, timed_out=True, refused=Outcome.ALPN_MISMATCH) is (
+        Outcome.TIMEOUT
+    )
+
+
+@pytest.mark.parametrize(
+    ("code", "reason"),
+    [(10, "expired"), (9, "not_yet_valid"), (20, "unknown_ca"), (7, "bad_signature")],
+)
+def test_client_certificate_reasons(code: int, reason: str) -> None:
+    exc = ssl.SSLCertVerificationError(1, "verify failed")
+    exc.verify_code = code
+    exc.verify_message = "whatever OpenSSL says"
+    assert CLIENT_CERT_REASONS[code] == reason
+    assert client_cert_reason(exc) == reason
+
+
+def test_unlisted_verify_codes_keep_openssls_words() -> None:
+    exc = ssl.SSLCertVerificationError(1, "verify failed")
+    exc.verify_code = 999
+    exc.verify_message = "something new"
+    assert client_cert_reason(exc) == "something new"

@@ -9,6 +9,7 @@ import ssl
 import struct
 import subprocess
 from collections.abc import Awaitable, Callable
+from pathlib import Path
 
 import pytest
 import trio
@@ -25,6 +26,8 @@ from tests.helpers import (
     start_server,
     tls_connect,
 )
+from tests.pki import CA, client_context, handshake
+from tests.test_mtls import PKI
 
 
 async def _wait_one_more(admin_port: int, before: dict[str, float]) -> dict[str, float]:
@@ -39,23 +42,29 @@ async def _wait_one_more(admin_port: int, before: dict[str, float]) -> dict[str,
             await trio.sleep(0.02)
 
 
-async def _served_normally(proxy: Running, certs: Certs) -> None:
+async def _served_normally(
+    proxy: Running, certs: Certs, context: ssl.SSLContext | None = None
+) -> None:
     with trio.fail_after(STEP):
-        tls = await tls_connect(proxy.port, certs.client_context())
+        tls = await tls_connect(proxy.port, context or certs.client_context())
         await tls.send_all(b"still there?")
         assert await tls.receive_some(100) == b"still there?"
         await tls.aclose()
 
 
 async def _expect(
-    proxy: Running, certs: Certs, outcome: Outcome, client: Callable[[], Awaitable[None]]
+    proxy: Running,
+    certs: Certs,
+    outcome: Outcome,
+    client: Callable[[], Awaitable[None]],
+    normal: ssl.SSLContext | None = None,
 ) -> None:
     before = await outcomes(proxy.admin_port)
     with trio.fail_after(STEP):
         await client()
     assert await _wait_one_more(proxy.admin_port, before) == {outcome.value: 1.0}
     before = await outcomes(proxy.admin_port)
-    await _served_normally(proxy, certs)
+    await _served_normally(proxy, certs, normal)
     assert await _wait_one_more(proxy.admin_port, before) == {"success": 1.0}
 
 
@@ -222,3 +231,113 @@ async def test_unexpected_exception_counts_internal_error_and_logs_traceback(
     assert "RuntimeError: injected fault" in proxy.log.getvalue()
     proxy.server.listeners[0].runtime.context = good
     await _served_normally(proxy, certs)
+
+
+# ---------------------------------------------------------------- TLS policy
+
+
+def _tls(certs: Certs, **keys: object) -> dict[str, object]:
+    return {"certificates": [{"cert": str(certs.cert), "key": str(certs.key)}], **keys}
+
+
+async def test_cbc_only_client_counts_no_shared_cipher(proxy: Running, certs: Certs) -> None:
+    def client() -> None:
+        context = certs.client_context()
+        context.maximum_version = ssl.TLSVersion.TLSv1_2
+        context.set_ciphers("ECDHE-RSA-AES128-SHA:ECDHE-ECDSA-AES256-SHA:AES128-SHA")
+        with pytest.raises(ssl.SSLError):
+            blocking_tls_handshake(proxy.port, context)
+
+    await _expect(proxy, certs, Outcome.NO_SHARED_CIPHER, _in_thread(client))
+
+
+async def test_unknown_protocol_only_counts_alpn_mismatch(
+    nursery: trio.Nursery, certs: Certs, echo_port: int
+) -> None:
+    tls = _tls(certs, alpn=["h2", "http/1.1"])
+    proxy = await start_server(nursery, build_config(certs, echo_port, tls=tls))
+
+    async def client() -> None:
+        result = await trio.run_process(
+            [
+                *("openssl", "s_client", "-connect", f"127.0.0.1:{proxy.port}"),
+                *("-servername", "localhost", "-alpn", "imap"),
+            ],
+            stdin=subprocess.DEVNULL,
+            capture_stdout=True,
+            capture_stderr=True,
+            check=False,
+        )
+        assert b"no application protocol" in result.stderr
+
+    await _expect(proxy, certs, Outcome.ALPN_MISMATCH, client)
+
+
+async def _mtls_proxy(nursery: trio.Nursery, pki: PKI, echo_port: int) -> Running:
+    tls = {
+        "certificates": [pki.server.pair()],
+        "client_auth": "require",
+        "client_ca": str(pki.clients.ca_file),
+    }
+    certs = Certs(None, pki.server.cert, pki.server.key, pki.servers.ca_file)  # type: ignore[arg-type]
+    return await start_server(nursery, build_config(certs, echo_port, tls=tls))
+
+
+@pytest.fixture(scope="module")
+def pki(tmp_path_factory: pytest.TempPathFactory) -> PKI:
+    return PKI(tmp_path_factory.mktemp("pki"))
+
+
+async def test_no_client_certificate_counts_client_cert_missing(
+    nursery: trio.Nursery, certs: Certs, echo_port: int, pki: PKI
+) -> None:
+    proxy = await _mtls_proxy(nursery, pki, echo_port)
+
+    def client() -> None:
+        with pytest.raises((ssl.SSLError, OSError)):
+            handshake(proxy.port, client_context(pki.servers))
+
+    good = client_context(pki.servers, pki.good)
+    await _expect(proxy, certs, Outcome.CLIENT_CERT_MISSING, _in_thread(client), good)
+
+
+async def test_client_certificate_from_another_ca_counts_client_cert_invalid(
+    nursery: trio.Nursery, certs: Certs, echo_port: int, pki: PKI, tmp_path: Path
+) -> None:
+    proxy = await _mtls_proxy(nursery, pki, echo_port)
+    stranger = CA(tmp_path, "stranger").issue("stranger", "x.test", client=True)
+
+    def client() -> None:
+        with pytest.raises((ssl.SSLError, OSError)):
+            handshake(proxy.port, client_context(pki.servers, stranger))
+
+    good = client_context(pki.servers, pki.good)
+    await _expect(proxy, certs, Outcome.CLIENT_CERT_INVALID, _in_thread(client), good)
+    lines = await proxy.access_log(2)
+    assert lines[0]["client_cert_error"] == "unknown_ca"
+
+
+def test_every_outcome_has_a_live_test() -> None:
+    names = {name for name in globals() if name.startswith("test_")}
+    produced = {
+        Outcome.SUCCESS: "test_python_client_counts_success",
+        Outcome.TIMEOUT: "test_partial_client_hello_counts_timeout",
+        Outcome.CLIENT_CLOSED: "test_connect_then_close_counts_client_closed",
+        Outcome.NOT_TLS: "test_plain_http_counts_not_tls",
+        Outcome.UNSUPPORTED_VERSION: "test_tls11_only_client_counts_unsupported_version",
+        Outcome.NO_SHARED_CIPHER: "test_cbc_only_client_counts_no_shared_cipher",
+        Outcome.CLIENT_CERT_MISSING: "test_no_client_certificate_counts_client_cert_missing",
+        Outcome.CLIENT_CERT_INVALID: (
+            "test_client_certificate_from_another_ca_counts_client_cert_invalid"
+        ),
+        Outcome.CERTIFICATE_REJECTED_BY_CLIENT: (
+            "test_python_client_without_our_ca_counts_certificate_rejected"
+        ),
+        Outcome.ALPN_MISMATCH: "test_unknown_protocol_only_counts_alpn_mismatch",
+        Outcome.PROTOCOL_ERROR: "test_garbage_after_record_header_counts_protocol_error",
+        Outcome.INTERNAL_ERROR: (
+            "test_unexpected_exception_counts_internal_error_and_logs_traceback"
+        ),
+    }
+    assert set(produced) == set(Outcome)
+    assert set(produced.values()) <= names

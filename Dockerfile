@@ -1,0 +1,72 @@
+# tlsproxy as a sidecar image: a non-root daemon on a read-only root filesystem.
+#
+#   docker build -t tlsproxy .
+#   docker run --read-only --tmpfs /run/tlsproxy:uid=65532,gid=65532 \
+#     -v "$PWD/certs:/etc/tlsproxy/tls:ro" -p 8443:8443 -p 9090:9090 tlsproxy
+#
+# BASE_IMAGE is any Debian bookworm image; deploy/docker/README.md shows how
+# to build one from Debian's packages where no registry is reachable.
+ARG BASE_IMAGE=docker.io/library/debian:bookworm-slim
+
+# ---------------------------------------------------------------- build
+FROM ${BASE_IMAGE} AS build
+
+# Debian's python3 (3.11 on bookworm); versions float with Debian's security
+# updates, which is what we want for a TLS-facing daemon.
+# hadolint ignore=DL3008
+RUN apt-get update \
+ && apt-get install -y --no-install-recommends python3 python3-venv \
+ && rm -rf /var/lib/apt/lists/*
+
+COPY pyproject.toml README.md /src/
+COPY proxy/ /src/proxy/
+COPY deploy/docker/install-venv.sh /usr/local/bin/install-venv.sh
+RUN /usr/local/bin/install-venv.sh /src /opt/tlsproxy
+
+# ---------------------------------------------------------------- runtime
+FROM ${BASE_IMAGE}
+
+ARG VERSION=0.1.0
+LABEL org.opencontainers.image.title="tlsproxy" \
+      org.opencontainers.image.description="TLS-terminating sidecar proxy on Trio that tells Prometheus how every handshake ended" \
+      org.opencontainers.image.version="${VERSION}" \
+      org.opencontainers.image.licenses="Apache-2.0" \
+      org.opencontainers.image.base.name="${BASE_IMAGE}"
+
+# Only the interpreter: no pip, no compiler, no apt lists.
+# hadolint ignore=DL3008
+RUN apt-get update \
+ && apt-get install -y --no-install-recommends python3 \
+ && rm -rf /var/lib/apt/lists/* \
+ && mkdir -p /etc/tlsproxy/tls /run/tlsproxy/state /run/tlsproxy/metrics \
+ && chown -R 65532:65532 /run/tlsproxy
+
+COPY --from=build /opt/tlsproxy /opt/tlsproxy
+# The sidecar config of deploy/kubernetes: certificates from ./tls/ beside it.
+# A ConfigMap (or -v) mounted on /etc/tlsproxy replaces it.
+COPY deploy/kubernetes/base/tlsproxy.toml /etc/tlsproxy/tlsproxy.toml
+
+# Everything the daemon writes goes under /run/tlsproxy, which Kubernetes
+# mounts as an emptyDir (docker: --tmpfs) so the root filesystem can be
+# read-only. TLSPROXY_STATE_DIR holds the self-signed default certificate
+# (only used without --config). TLSPROXY_METRICS_DIR is reserved for the
+# multiprocess metrics of workers > 1; the daemon does not read it yet.
+ENV PATH=/opt/tlsproxy/bin:$PATH \
+    PYTHONDONTWRITEBYTECODE=1 \
+    PYTHONUNBUFFERED=1 \
+    TLSPROXY_STATE_DIR=/run/tlsproxy/state \
+    TLSPROXY_METRICS_DIR=/run/tlsproxy/metrics
+
+# distroless's "nonroot": a fixed numeric uid, so runAsNonRoot can verify it.
+USER 65532:65532
+WORKDIR /run/tlsproxy
+
+# TLS listener and admin (/metrics /healthz /readyz) of tlsproxy.toml.
+EXPOSE 8443 9090
+
+# The daemon itself is PID 1: it installs handlers for SIGTERM (drain),
+# SIGINT and SIGHUP, so no init shim is needed for signals, and it starts no
+# child processes that would need reaping.
+STOPSIGNAL SIGTERM
+ENTRYPOINT ["tlsproxy"]
+CMD ["run", "--config", "/etc/tlsproxy/tlsproxy.toml"]

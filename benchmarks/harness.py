@@ -1,0 +1,142 @@
+"""What both memory benchmarks need: a throwaway CA, an echo backend, the
+real daemon as a subprocess, TLS clients, and the daemon's resident memory."""
+
+from __future__ import annotations
+
+import json
+import resource
+import ssl
+import subprocess
+import sys
+import tempfile
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from functools import partial
+from pathlib import Path
+
+import trio
+import trustme
+
+# Client connections opened at once while building up a population: enough
+# to go fast, few enough not to make the handshakes time out on two cores.
+OPEN_CONCURRENCY = 64
+
+# Descriptors each process may need: the daemon holds two per connection
+# (client and backend), this process two as well (client and echo side).
+FDS_PER_CONNECTION = 2
+FD_HEADROOM = 1024
+
+
+def raise_fd_limit(connections: int) -> None:
+    """Root may raise the hard limit too; children inherit the result."""
+    need = connections * FDS_PER_CONNECTION + FD_HEADROOM
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft < need:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (need, max(hard, need)))
+
+
+def rss_kib(pid: int) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1])
+    raise RuntimeError(f"no VmRSS for pid {pid}")
+
+
+@dataclass
+class Daemon:
+    process: trio.Process
+    port: int
+    context: ssl.SSLContext
+
+    @property
+    def rss_kib(self) -> int:
+        return rss_kib(self.process.pid)
+
+
+async def _echo(stream: trio.SocketStream) -> None:
+    try:
+        async for data in stream:
+            await stream.send_all(data)
+    except trio.BrokenResourceError:
+        pass
+
+
+async def _started(process: trio.Process) -> int:
+    assert process.stderr is not None
+    pending = b""
+    async for chunk in process.stderr:
+        pending += chunk
+        *lines, pending = pending.split(b"\n")
+        for line in lines:
+            if line.startswith(b"{") and json.loads(line).get("event") == "listening":
+                return int(json.loads(line)["address"].rpartition(":")[2])
+    raise RuntimeError("the daemon exited before listening")
+
+
+async def _drain(stream: trio.abc.ReceiveStream) -> None:
+    """Keep reading the daemon's log so a full pipe never blocks it."""
+    async for _ in stream:
+        pass
+
+
+@asynccontextmanager
+async def running_daemon(idle_timeout: float = 3600.0) -> AsyncIterator[Daemon]:
+    with tempfile.TemporaryDirectory() as tmp:
+        directory = Path(tmp)
+        ca = trustme.CA()
+        leaf = ca.issue_cert("localhost")
+        leaf.private_key_and_cert_chain_pem.write_to_path(str(directory / "tls.pem"))
+        context = ssl.create_default_context()
+        ca.configure_trust(context)
+        async with trio.open_nursery() as nursery:
+            backend = await nursery.start(partial(trio.serve_tcp, _echo, 0, host="127.0.0.1"))
+            config = directory / "tlsproxy.toml"
+            config.write_text(
+                f"""\
+[admin]
+listen = "127.0.0.1:0"
+[log]
+access_log = false
+[[listeners]]
+name = "bench"
+listen = "127.0.0.1:0"
+backend = "127.0.0.1:{backend[0].socket.getsockname()[1]}"
+idle_timeout = {idle_timeout}
+max_connections = 1000000
+[listeners.tls]
+certificates = [{{ cert = "tls.pem", key = "tls.pem" }}]
+"""
+            )
+            process = await trio.lowlevel.open_process(
+                [sys.executable, "-m", "proxy", "run", "--config", str(config)],
+                stdin=subprocess.DEVNULL,
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.PIPE,
+                cwd=directory,
+            )
+            try:
+                with trio.fail_after(30):
+                    port = await _started(process)
+                assert process.stderr is not None
+                nursery.start_soon(_drain, process.stderr)
+                yield Daemon(process, port, context)
+            finally:
+                process.kill()
+                with trio.CancelScope(shield=True):
+                    await process.wait()
+                nursery.cancel_scope.cancel()
+
+
+async def open_tls(daemon: Daemon) -> trio.SSLStream[trio.SocketStream]:
+    """A client with the handshake done and one byte echoed, so the daemon's
+    backend connection exists too."""
+    stream = await trio.open_tcp_stream("127.0.0.1", daemon.port)
+    tls = trio.SSLStream(stream, daemon.context, server_hostname="localhost")
+    try:
+        await tls.send_all(b".")
+        assert await tls.receive_some(1) == b"."
+    except BaseException:
+        await trio.aclose_forcefully(stream)
+        raise
+    return tls

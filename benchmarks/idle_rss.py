@@ -1,0 +1,80 @@
+"""Resident memory per idle TLS connection in the daemon.
+
+    .venv/bin/python benchmarks/idle_rss.py 1000 10000
+
+For each count N: open N TLS connections (handshake done, one byte echoed,
+so the backend connection exists too), let them idle, and report
+(RSS with N open - RSS before) / N. The baseline is taken after a warm-up
+round of connections has been opened and closed, so one-time costs
+(imports, OpenSSL tables, the buffer pool) are not charged to connections.
+Goal (issue 6): at most 20 KiB per connection; HAProxy measures 15.6 KiB.
+"""
+
+from __future__ import annotations
+
+import sys
+
+import trio
+
+from benchmarks.harness import (
+    OPEN_CONCURRENCY,
+    Daemon,
+    open_tls,
+    raise_fd_limit,
+    running_daemon,
+)
+
+WARM_UP = 200
+
+# Seconds to let the daemon settle (freed memory returned, tasks parked)
+# before reading RSS: a reading, not a synchronisation.
+SETTLE = 1.0
+
+
+async def _open_many(daemon: Daemon, count: int) -> list[trio.SSLStream[trio.SocketStream]]:
+    streams: list[trio.SSLStream[trio.SocketStream]] = []
+    limit = trio.Semaphore(OPEN_CONCURRENCY)
+
+    async def one() -> None:
+        async with limit:
+            streams.append(await open_tls(daemon))
+
+    async with trio.open_nursery() as nursery:
+        for _ in range(count):
+            nursery.start_soon(one)
+    return streams
+
+
+async def _close_all(streams: list[trio.SSLStream[trio.SocketStream]]) -> None:
+    for stream in streams:
+        await trio.aclose_forcefully(stream)
+
+
+async def measure(count: int) -> float:
+    async with running_daemon() as daemon:
+        await _close_all(await _open_many(daemon, WARM_UP))
+        await trio.sleep(SETTLE)
+        before = daemon.rss_kib
+        start = trio.current_time()
+        streams = await _open_many(daemon, count)
+        opened = trio.current_time() - start
+        await trio.sleep(SETTLE)
+        after = daemon.rss_kib
+        await _close_all(streams)
+    per = (after - before) / count
+    print(
+        f"{count:>6} idle TLS connections: RSS {before} KiB -> {after} KiB, "
+        f"{per:.1f} KiB per connection (opened in {opened:.1f} s)",
+        flush=True,
+    )
+    return per
+
+
+async def main(counts: list[int]) -> None:
+    raise_fd_limit(max(counts))
+    for count in counts:
+        await measure(count)
+
+
+if __name__ == "__main__":
+    trio.run(main, [int(arg) for arg in sys.argv[1:]] or [1000, 10000])

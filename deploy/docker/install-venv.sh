@@ -1,0 +1,25 @@
+#!/bin/sh
+# Install tlsproxy and its pinned runtime dependencies into a fresh virtualenv.
+#
+# The image's build stage runs this script, and so does
+# tests/test_deploy_image.py (as a non-root user, from a read-only source
+# tree), so the two cannot drift apart.
+#
+# usage: install-venv.sh SOURCE_TREE PREFIX
+set -eu
+
+src=$1
+prefix=$2
+
+# setuptools writes build/ and *.egg-info into the tree it builds, so build
+# from a private copy: the source may be read-only (a test, a bind mount).
+work=$(mktemp -d)
+trap 'rm -rf "$work"' EXIT
+cp -R "$src/pyproject.toml" "$src/README.md" "$src/proxy" "$work/"
+chmod -R u+w "$work" # cp keeps a read-only source's modes
+find "$work" -name __pycache__ -prune -exec rm -rf {} +
+
+python3 -m venv "$prefix"
+# No pip cache: it would only bloat the layer. pip compiles the bytecode here,
+# at install time, because the runtime tree is read-only.
+"$prefix/bin/pip" install --no-cache-dir --disable-pip-version-check --quiet "$work"

@@ -1,0 +1,90 @@
+"""The JA4 TLS-client fingerprint of a ClientHello (FoxIO's published algorithm).
+
+    t13d1516h2_8daaf6152771_e5627efa2ab1
+    a: transport, version, SNI, cipher count, extension count, ALPN
+    b: sha256 of the sorted cipher list, 12 hex characters
+    c: sha256 of the sorted extensions (minus SNI and ALPN), "_", the
+       signature algorithms in wire order; 12 hex characters
+
+GREASE values (RFC 8701: 0x?a?a with equal bytes) are ignored everywhere.
+JA4 goes to the access log only: it is unbounded, never a metric label.
+"""
+
+from __future__ import annotations
+
+import hashlib
+
+from proxy.clienthello import EXT_ALPN, EXT_SERVER_NAME, ClientHello
+
+_VERSIONS = {
+    0x0304: "13",
+    0x0303: "12",
+    0x0302: "11",
+    0x0301: "10",
+    0x0300: "s3",
+    0x0002: "s2",
+    0xFEFF: "d1",
+    0xFEFD: "d2",
+    0xFEFC: "d3",
+}
+
+# The hash of nothing is spelled as zeros, so an empty list is visible as such.
+_EMPTY = "000000000000"
+
+
+def is_grease(value: int) -> bool:
+    return (value & 0x0F0F) == 0x0A0A and (value >> 8) == (value & 0xFF)
+
+
+def ja4(hello: ClientHello) -> str:
+    """The fingerprint, for TLS over TCP ("t")."""
+    ciphers = [c for c in hello.ciphers if not is_grease(c)]
+    extensions = [e for e in hello.extensions if not is_grease(e)]
+    part_a = (
+        "t"
+        + _version(hello)
+        + ("d" if EXT_SERVER_NAME in extensions else "i")
+        + f"{min(len(ciphers), 99):02d}"
+        + f"{min(len(extensions), 99):02d}"
+        + _alpn(hello.alpn[0] if hello.alpn else b"")
+    )
+    return f"{part_a}_{_cipher_hash(ciphers)}_{_extension_hash(hello, extensions)}"
+
+
+def _version(hello: ClientHello) -> str:
+    offered = [v for v in hello.supported_versions if not is_grease(v)]
+    version = max(offered) if offered else hello.legacy_version
+    return _VERSIONS.get(version, "00")
+
+
+def _alpn(first: bytes) -> str:
+    if not first:
+        return "00"
+    head, tail = first[:1], first[-1:]
+    if head.isalnum() and tail.isalnum() and head.isascii() and tail.isascii():
+        return (head + tail).decode("ascii")
+    hexed = first.hex()
+    return hexed[0] + hexed[-1]
+
+
+def _hash(text: str) -> str:
+    return hashlib.sha256(text.encode("ascii")).hexdigest()[:12]
+
+
+def _hex_list(values: list[int]) -> str:
+    return ",".join(f"{v:04x}" for v in values)
+
+
+def _cipher_hash(ciphers: list[int]) -> str:
+    return _hash(_hex_list(sorted(ciphers))) if ciphers else _EMPTY
+
+
+def _extension_hash(hello: ClientHello, extensions: list[int]) -> str:
+    kept = sorted(e for e in extensions if e not in (EXT_SERVER_NAME, EXT_ALPN))
+    if not kept:
+        return _EMPTY
+    text = _hex_list(kept)
+    algorithms = [a for a in hello.signature_algorithms if not is_grease(a)]
+    if algorithms:
+        text += "_" + _hex_list(algorithms)
+    return _hash(text)

@@ -1,0 +1,223 @@
+"""The real daemon as a subprocess: start it, read its JSON log, signal it.
+
+Shared by the tests that must exercise what only a process has: the CLI,
+signals, exit codes.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import ssl
+import subprocess
+import sys
+from collections.abc import AsyncIterator, Iterator
+from contextlib import asynccontextmanager, contextmanager, suppress
+from pathlib import Path
+from typing import Any
+
+import pytest
+import trio
+
+from tests.helpers import STEP, Certs, scrape, tls_connect
+
+PYTHON_M_PROXY = (sys.executable, "-m", "proxy")
+
+
+def env_for(state_dir: Path) -> dict[str, str]:
+    """The daemon never touches the real ~/.local/state, whatever a test does."""
+    return {**os.environ, "TLSPROXY_STATE_DIR": str(state_dir)}
+
+
+def toml_str(value: object) -> str:
+    """A TOML basic string (JSON string escapes are valid TOML)."""
+    return json.dumps(str(value))
+
+
+def config_text(
+    cert: object,
+    key: object,
+    *,
+    backend_port: int = 1,
+    listen: str = "127.0.0.1:0",
+    drain_timeout: float = 30.0,
+    listener_lines: str = "",
+) -> str:
+    return f"""\
+[admin]
+listen = "127.0.0.1:0"
+
+[process]
+drain_timeout = {drain_timeout}
+
+[[listeners]]
+name = "web"
+listen = "{listen}"
+backend = "127.0.0.1:{backend_port}"
+{listener_lines}
+
+[listeners.tls]
+certificates = [{{ cert = {toml_str(cert)}, key = {toml_str(key)} }}]
+"""
+
+
+def write_config(path: Path, certs: Certs, **kwargs: Any) -> Path:
+    path.write_text(config_text(certs.cert, certs.key, **kwargs), encoding="utf-8")
+    return path
+
+
+class Daemon:
+    """A running `python -m proxy run ...` and everything it has printed so far."""
+
+    def __init__(self, process: trio.Process) -> None:
+        self.process = process
+        self.lines: list[str] = []
+        self.events: list[dict[str, Any]] = []
+        self._changed = trio.Event()
+        self.eof = trio.Event()
+
+    def output(self) -> str:
+        return "\n".join(self.lines)
+
+    @contextmanager
+    def deadline(self, seconds: float, what: str) -> Iterator[None]:
+        """fail_after, but a timeout shows what the daemon said."""
+        try:
+            with trio.fail_after(seconds):
+                yield
+        except trio.TooSlowError:
+            raise AssertionError(
+                f"timed out after {seconds}s waiting for {what}; daemon output:\n{self.output()}"
+            ) from None
+
+    async def pump(self) -> None:
+        """Read stdout+stderr line by line until the process closes them."""
+        assert self.process.stdout is not None
+        pending = b""
+        try:
+            async for chunk in self.process.stdout:
+                pending += chunk
+                *complete, pending = pending.split(b"\n")
+                for raw in complete:
+                    self._add(raw.decode(errors="replace"))
+        except trio.ClosedResourceError:
+            pass
+        finally:
+            if pending:
+                self._add(pending.decode(errors="replace"))
+            self.eof.set()
+            self._notify()
+
+    def _add(self, line: str) -> None:
+        self.lines.append(line)
+        if line.startswith("{"):
+            with suppress(json.JSONDecodeError):
+                self.events.append(json.loads(line))
+        self._notify()
+
+    def _notify(self) -> None:
+        self._changed.set()
+        self._changed = trio.Event()
+
+    def find(self, event: str, **fields: Any) -> dict[str, Any] | None:
+        for record in self.events:
+            if record.get("event") == event and all(record.get(k) == v for k, v in fields.items()):
+                return record
+        return None
+
+    async def wait_for(self, event: str, **fields: Any) -> dict[str, Any]:
+        """The first log line with this event (and these fields), waiting for it."""
+        with self.deadline(STEP, f"log event {event!r} {fields or ''}"):
+            while (record := self.find(event, **fields)) is None:
+                if self.eof.is_set():
+                    raise AssertionError(
+                        f"daemon exited without logging {event!r}:\n{self.output()}"
+                    )
+                await self._changed.wait()
+        return record
+
+    async def started(self) -> tuple[int, int]:
+        """(TLS port, admin port) once the daemon is accepting."""
+        listening = await self.wait_for("listening")
+        admin = await self.wait_for("admin listening")
+        return port_of(listening["address"]), port_of(admin["address"])
+
+    def signal(self, signum: int) -> None:
+        self.process.send_signal(signum)
+
+    async def exit_code(self, within: float = STEP) -> int:
+        """Wait for the process to exit by itself and for all of its output."""
+        with self.deadline(within, "the daemon to exit"):
+            code = await self.process.wait()
+            await self.eof.wait()
+        return code
+
+
+def port_of(address: str) -> int:
+    return int(address.rpartition(":")[2])
+
+
+@asynccontextmanager
+async def run_daemon(nursery: trio.Nursery, cwd: Path, *args: str | Path) -> AsyncIterator[Daemon]:
+    """Start `python -m proxy run ARGS`; always kill and reap it afterwards."""
+    process = await trio.lowlevel.open_process(
+        [*PYTHON_M_PROXY, "run", *map(str, args)],
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        cwd=cwd,
+        env=env_for(cwd / "state"),
+    )
+    daemon = Daemon(process)
+    try:
+        nursery.start_soon(daemon.pump)
+        yield daemon
+    finally:
+        with trio.CancelScope(shield=True), trio.move_on_after(STEP):
+            if process.returncode is None:
+                process.kill()
+            await process.wait()
+            await daemon.eof.wait()
+        if process.stdout is not None:
+            with trio.CancelScope(shield=True):
+                await process.stdout.aclose()
+    # reached only when the test body passed: the daemon itself must not have failed
+    assert "Traceback" not in daemon.output(), daemon.output()
+    assert not [e for e in daemon.events if e.get("level") == "error"], daemon.output()
+
+
+async def poll_status(admin_port: int, path: str, expected: int) -> None:
+    """Poll an admin endpoint until it answers `expected`."""
+    status = None
+    try:
+        with trio.fail_after(STEP):
+            while True:
+                status, _ = await scrape(admin_port, path)
+                if status == expected:
+                    return
+                await trio.sleep(0.02)
+    except trio.TooSlowError:
+        raise AssertionError(
+            f"{path} still answers {status} after {STEP}s, not {expected}"
+        ) from None
+
+
+async def assert_refused(port: int) -> None:
+    sock = trio.socket.socket()
+    with sock, trio.fail_after(STEP), pytest.raises(ConnectionRefusedError):
+        await sock.connect(("127.0.0.1", port))
+
+
+async def echo_through(port: int, context: ssl.SSLContext) -> None:
+    with trio.fail_after(STEP):
+        tls = await tls_connect(port, context)
+        try:
+            await tls.send_all(b"hello through the daemon")
+            received = b""
+            while len(received) < len(b"hello through the daemon"):
+                chunk = await tls.receive_some(100)
+                assert chunk, "the proxy closed before echoing"
+                received += chunk
+            assert received == b"hello through the daemon"
+        finally:
+            await tls.aclose()

@@ -1,0 +1,1 @@
+"""Helpers for the tests of deploy/, Dockerfile and the image's install steps."""

