@@ -466,6 +466,8 @@ def test_example_config_is_valid(tmp_path: Path, example: Path) -> None:
         for files in listener["tls"]["certificates"]:
             assert not Path(files["cert"]).is_absolute(), "examples use relative paths"
             make_pair(tmp_path / files["cert"], tmp_path / files["key"])
+        if client_ca := listener["tls"].get("client_ca"):
+            trustme.CA().cert_pem.write_to_path(str(tmp_path / client_ca))
     config = load_config(config_file)
     assert config.warnings == ()
     assert len(config.listeners) == len(listeners)

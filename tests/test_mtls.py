@@ -15,7 +15,7 @@ from typing import Any
 import pytest
 import trio
 
-from proxy.config import parse_config
+from proxy.config import load_config, parse_config
 from tests.helpers import STEP, Running, echo_handler, outcomes, start_backend, start_server
 from tests.pki import CA, Leaf, client_context, handshake
 
@@ -134,3 +134,50 @@ async def test_openssl_s_client_with_a_good_certificate(nursery: trio.Nursery, p
     assert b"Verify return code: 0 (ok)" in result.stdout
     assert line["outcome"] == "success"
     assert line["client_subject"] == "CN=billing.test,O=tlsproxy tests"
+
+
+async def test_reload_picks_up_a_new_client_ca_bundle(
+    nursery: trio.Nursery, pki: PKI, tmp_path: Path
+) -> None:
+    """Rotating the client CA is a reload, not a restart: clients of the new
+    CA are let in, clients of the old one are refused from then on."""
+    successor = CA(tmp_path, "next client CA")
+    newcomer = successor.issue("newcomer", "newcomer.test", client=True)
+    bundle = tmp_path / "clients.pem"
+    bundle.write_bytes(pki.clients.ca_file.read_bytes())
+    backend = await start_backend(nursery, echo_handler)
+    config_file = tmp_path / "tlsproxy.toml"
+    server_pair = pki.server.pair()
+    config_file.write_text(
+        f"""
+[admin]
+listen = "127.0.0.1:0"
+[process]
+watch = false
+[[listeners]]
+name = "web"
+listen = "127.0.0.1:0"
+backend = "127.0.0.1:{backend}"
+[listeners.tls]
+certificates = [{{ cert = "{server_pair["cert"]}", key = "{server_pair["key"]}" }}]
+client_auth = "require"
+client_ca = "{bundle}"
+"""
+    )
+    proxy = await start_server(nursery, load_config(config_file))
+    assert (await _one(proxy, newcomer, pki))[0] == "client_cert_invalid"
+
+    bundle.write_bytes(successor.ca_file.read_bytes())
+    assert await proxy.server.reload(lambda: load_config(config_file), trigger="test")
+
+    assert (await _one_more(proxy, newcomer, pki, 2))[0] == "success"
+    assert (await _one_more(proxy, pki.good, pki, 3))[0] == "client_cert_invalid"
+
+
+async def _one_more(proxy: Running, client: Leaf, pki: PKI, nth: int) -> tuple[str, dict[str, Any]]:
+    context = client_context(pki.servers, client)
+    with trio.fail_after(STEP):
+        with contextlib.suppress(ssl.SSLError, OSError):
+            await trio.to_thread.run_sync(partial(handshake, proxy.port, context))
+        line = (await proxy.access_log(nth))[nth - 1]
+    return line["outcome"], line
