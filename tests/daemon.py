@@ -11,7 +11,7 @@ import os
 import ssl
 import subprocess
 import sys
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator, Mapping, Sequence
 from contextlib import asynccontextmanager, contextmanager, suppress
 from pathlib import Path
 from typing import Any
@@ -136,6 +136,14 @@ class Daemon:
                 await self._changed.wait()
         return record
 
+    async def wait_until(self, check: Callable[[], bool], what: str) -> None:
+        """Wait until `check()` holds, re-checking as each line arrives."""
+        with self.deadline(STEP, what):
+            while not check():
+                if self.eof.is_set():
+                    raise AssertionError(f"daemon exited before {what}:\n{self.output()}")
+                await self._changed.wait()
+
     async def started(self) -> tuple[int, int]:
         """(TLS port, admin port) once the daemon is accepting."""
         listening = await self.wait_for("listening")
@@ -158,15 +166,28 @@ def port_of(address: str) -> int:
 
 
 @asynccontextmanager
-async def run_daemon(nursery: trio.Nursery, cwd: Path, *args: str | Path) -> AsyncIterator[Daemon]:
-    """Start `python -m proxy run ARGS`; always kill and reap it afterwards."""
+async def spawn(
+    nursery: trio.Nursery,
+    argv: Sequence[str],
+    *,
+    env: Mapping[str, str],
+    cwd: Path | None = None,
+    preexec_fn: Callable[[], None] | None = None,
+    errors_expected: bool = False,
+) -> AsyncIterator[Daemon]:
+    """Start `argv` with stderr merged into stdout; always kill and reap it.
+
+    When the test body passed, the daemon itself must not have failed: no
+    traceback, and no error-level line unless the test provokes one.
+    """
     process = await trio.lowlevel.open_process(
-        [*PYTHON_M_PROXY, "run", *map(str, args)],
+        list(argv),
         stdin=subprocess.DEVNULL,
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         cwd=cwd,
-        env=env_for(cwd / "state"),
+        env=dict(env),
+        preexec_fn=preexec_fn,
     )
     daemon = Daemon(process)
     try:
@@ -181,9 +202,17 @@ async def run_daemon(nursery: trio.Nursery, cwd: Path, *args: str | Path) -> Asy
         if process.stdout is not None:
             with trio.CancelScope(shield=True):
                 await process.stdout.aclose()
-    # reached only when the test body passed: the daemon itself must not have failed
     assert "Traceback" not in daemon.output(), daemon.output()
-    assert not [e for e in daemon.events if e.get("level") == "error"], daemon.output()
+    if not errors_expected:
+        assert not [e for e in daemon.events if e.get("level") == "error"], daemon.output()
+
+
+@asynccontextmanager
+async def run_daemon(nursery: trio.Nursery, cwd: Path, *args: str | Path) -> AsyncIterator[Daemon]:
+    """`python -m proxy run ARGS` in `cwd`, its state directory inside it."""
+    argv = [*PYTHON_M_PROXY, "run", *map(str, args)]
+    async with spawn(nursery, argv, env=env_for(cwd / "state"), cwd=cwd) as daemon:
+        yield daemon
 
 
 async def poll_status(admin_port: int, path: str, expected: int) -> None:

@@ -203,6 +203,44 @@ async def outcomes(admin_port: int) -> dict[str, float]:
     return values
 
 
+async def outcome_delta(admin_port: int, before: dict[str, float]) -> dict[str, float]:
+    """Poll /metrics until one more handshake ended; return the per-outcome delta."""
+    with trio.fail_after(STEP):
+        while True:
+            after = await outcomes(admin_port)
+            if sum(after.values()) > sum(before.values()):
+                return {
+                    k: v - before.get(k, 0.0) for k, v in after.items() if v != before.get(k, 0.0)
+                }
+            await trio.sleep(0.02)
+
+
+async def served_normally(proxy: Running, context: ssl.SSLContext) -> None:
+    """A well-behaved client still gets its bytes echoed."""
+    with trio.fail_after(STEP):
+        tls = await tls_connect(proxy.port, context)
+        await tls.send_all(b"still there?")
+        assert await tls.receive_some(100) == b"still there?"
+        await tls.aclose()
+
+
+async def expect_outcome(
+    proxy: Running,
+    outcome: str,
+    client: Callable[[], Awaitable[None]],
+    normal: ssl.SSLContext,
+) -> None:
+    """`client` ends in exactly one `outcome` on /metrics; then a normal client
+    is served and counted as exactly one success."""
+    before = await outcomes(proxy.admin_port)
+    with trio.fail_after(STEP):
+        await client()
+    assert await outcome_delta(proxy.admin_port, before) == {outcome: 1.0}
+    before = await outcomes(proxy.admin_port)
+    await served_normally(proxy, normal)
+    assert await outcome_delta(proxy.admin_port, before) == {"success": 1.0}
+
+
 # ---------------------------------------------------------------- clients
 
 

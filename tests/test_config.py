@@ -146,21 +146,14 @@ def test_bad_array_item_is_reported_at_its_index(tmp_path: Path) -> None:
     )
 
 
-NOT_SUPPORTED_YET = [
-    ("process.workers", 4),
-]
-
-
-@pytest.mark.parametrize(("dotted", "value"), NOT_SUPPORTED_YET)
 @pytest.mark.usefixtures("pair")
-def test_unimplemented_feature_is_rejected(tmp_path: Path, dotted: str, value: Any) -> None:
-    (error,) = errors_of(document(**{dotted: value}), tmp_path)
-    assert error.startswith(f"{toml_path(dotted)}: ")
-    assert "not supported yet" in error
+def test_several_workers_are_accepted(tmp_path: Path) -> None:
+    data = document(**{"process": {"workers": 4}})
+    assert parse_config(data, tmp_path).process.workers == 4
 
 
 @pytest.mark.usefixtures("pair")
-def test_unimplemented_keys_accept_their_default(tmp_path: Path) -> None:
+def test_design_defaults_written_out_are_accepted(tmp_path: Path) -> None:
     data = document(
         **{
             "process": {"workers": 1, "watch": False},

@@ -24,7 +24,7 @@ from pathlib import Path
 import pytest
 import trio
 
-from tests.deploy.daemon import run_daemon
+from tests.daemon import spawn
 from tests.helpers import STEP, echo_handler, start_backend, tls_connect, write_certs
 
 REPO = Path(__file__).resolve().parent.parent
@@ -176,8 +176,8 @@ async def test_image_install_runs_unprivileged_and_the_daemon_drains_as_pid_1_on
         "TLSPROXY_STATE_DIR": str(run_dir / "state"),
         "PYTHONDONTWRITEBYTECODE": "1",
     }
-    async with run_daemon(nursery, argv, env) as daemon:
-        port, _ = await daemon.ports()
+    async with spawn(nursery, argv, env=env) as daemon:
+        port, _ = await daemon.started()
         pid = daemon_pid(daemon.process.pid)
         assert namespace_pids(pid)[-1] == 1, "the daemon is not PID 1 of its namespace"
         assert os.stat(f"/proc/{pid}").st_uid == IMAGE_USER

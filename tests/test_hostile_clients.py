@@ -15,11 +15,10 @@ import trio
 
 from proxy.outcome import Outcome
 from tests.helpers import (
-    STEP,
     BioClient,
     Certs,
     Running,
-    outcomes,
+    expect_outcome,
     raw_connect,
     tls_connect,
 )
@@ -29,28 +28,10 @@ HANDSHAKE = 0x16
 TLS10 = 0x0301
 
 
-async def _one_more(admin_port: int, before: dict[str, float]) -> dict[str, float]:
-    with trio.fail_after(STEP):
-        while True:
-            after = await outcomes(admin_port)
-            if sum(after.values()) > sum(before.values()):
-                return {k: v - before.get(k, 0.0) for k, v in after.items() if v != before.get(k)}
-            await trio.sleep(0.02)
-
-
 async def _expect(
     proxy: Running, certs: Certs, outcome: Outcome, client: Callable[[], Awaitable[None]]
 ) -> None:
-    """`client` ends in exactly one `outcome`; then a normal client is served."""
-    before = await outcomes(proxy.admin_port)
-    with trio.fail_after(STEP):
-        await client()
-    assert await _one_more(proxy.admin_port, before) == {outcome.value: 1.0}
-    with trio.fail_after(STEP):
-        tls = await tls_connect(proxy.port, certs.client_context())
-        await tls.send_all(b"next")
-        assert await tls.receive_some(10) == b"next"
-        await tls.aclose()
+    await expect_outcome(proxy, outcome.value, client, certs.client_context())
 
 
 async def _until_closed(stream: trio.SocketStream) -> bytes:

@@ -7,7 +7,6 @@ from __future__ import annotations
 import os
 import resource
 import ssl
-import subprocess
 from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -17,7 +16,7 @@ import trio
 
 from proxy.server import EXHAUSTED_EVENT as EXHAUSTED
 from proxy.splice import POOL_KEEP
-from tests.daemon import PYTHON_M_PROXY, Daemon, echo_through, env_for, write_config
+from tests.daemon import PYTHON_M_PROXY, Daemon, echo_through, env_for, spawn, write_config
 from tests.helpers import (
     STEP,
     Certs,
@@ -189,28 +188,11 @@ async def _limited_daemon(nursery: trio.Nursery, cwd: Path, config: Path) -> Asy
     def limit() -> None:
         resource.setrlimit(resource.RLIMIT_NOFILE, (DAEMON_NOFILE, DAEMON_NOFILE))
 
-    process = await trio.lowlevel.open_process(
-        [*PYTHON_M_PROXY, "run", "--config", str(config)],
-        stdin=subprocess.DEVNULL,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        cwd=cwd,
-        env=env_for(cwd / "state"),
-        preexec_fn=limit,
-    )
-    daemon = Daemon(process)
-    try:
-        nursery.start_soon(daemon.pump)
+    argv = [*PYTHON_M_PROXY, "run", "--config", str(config)]
+    async with spawn(
+        nursery, argv, env=env_for(cwd / "state"), cwd=cwd, preexec_fn=limit, errors_expected=True
+    ) as daemon:
         yield daemon
-    finally:
-        with trio.CancelScope(shield=True), trio.move_on_after(STEP):
-            process.kill()
-            await process.wait()
-            await daemon.eof.wait()
-        if process.stdout is not None:
-            with trio.CancelScope(shield=True):
-                await process.stdout.aclose()
-    assert "Traceback" not in daemon.output(), daemon.output()
 
 
 def _cpu_seconds(pid: int) -> float:

@@ -21,35 +21,16 @@ from tests.helpers import (
     Running,
     blocking_tls_handshake,
     build_config,
+    expect_outcome,
+    outcome_delta,
     outcomes,
     raw_connect,
+    served_normally,
     start_server,
     tls_connect,
 )
 from tests.pki import CA, client_context, handshake
 from tests.test_mtls import PKI
-
-
-async def _wait_one_more(admin_port: int, before: dict[str, float]) -> dict[str, float]:
-    """Poll /metrics until one more handshake ended; return the per-outcome delta."""
-    with trio.fail_after(STEP):
-        while True:
-            after = await outcomes(admin_port)
-            if sum(after.values()) > sum(before.values()):
-                return {
-                    k: v - before.get(k, 0.0) for k, v in after.items() if v != before.get(k, 0.0)
-                }
-            await trio.sleep(0.02)
-
-
-async def _served_normally(
-    proxy: Running, certs: Certs, context: ssl.SSLContext | None = None
-) -> None:
-    with trio.fail_after(STEP):
-        tls = await tls_connect(proxy.port, context or certs.client_context())
-        await tls.send_all(b"still there?")
-        assert await tls.receive_some(100) == b"still there?"
-        await tls.aclose()
 
 
 async def _expect(
@@ -59,13 +40,7 @@ async def _expect(
     client: Callable[[], Awaitable[None]],
     normal: ssl.SSLContext | None = None,
 ) -> None:
-    before = await outcomes(proxy.admin_port)
-    with trio.fail_after(STEP):
-        await client()
-    assert await _wait_one_more(proxy.admin_port, before) == {outcome.value: 1.0}
-    before = await outcomes(proxy.admin_port)
-    await _served_normally(proxy, certs, normal)
-    assert await _wait_one_more(proxy.admin_port, before) == {"success": 1.0}
+    await expect_outcome(proxy, outcome.value, client, normal or certs.client_context())
 
 
 def _in_thread(fn: Callable[[], None]) -> Callable[[], Awaitable[None]]:
@@ -227,10 +202,10 @@ async def test_unexpected_exception_counts_internal_error_and_logs_traceback(
     before = await outcomes(proxy.admin_port)
     with trio.fail_after(STEP), pytest.raises(trio.BrokenResourceError):
         await tls_connect(proxy.port, certs.client_context())
-    assert await _wait_one_more(proxy.admin_port, before) == {"internal_error": 1.0}
+    assert await outcome_delta(proxy.admin_port, before) == {"internal_error": 1.0}
     assert "RuntimeError: injected fault" in proxy.log.getvalue()
     proxy.server.listeners[0].runtime.context = good
-    await _served_normally(proxy, certs)
+    await served_normally(proxy, certs.client_context())
 
 
 # ---------------------------------------------------------------- TLS policy

@@ -22,6 +22,7 @@ from tests.helpers import (
     Certs,
     Running,
     build_config,
+    outcome_delta,
     outcomes,
     sample,
     scrape,
@@ -50,15 +51,6 @@ async def _handshake_fails(port: int, context: ssl.SSLContext) -> None:
         await tls.receive_some(1)
 
 
-async def _one_more(admin_port: int, before: dict[str, float]) -> dict[str, float]:
-    with trio.fail_after(STEP):
-        while True:
-            after = await outcomes(admin_port)
-            if sum(after.values()) > sum(before.values()):
-                return {k: v - before.get(k, 0.0) for k, v in after.items() if v != before.get(k)}
-            await trio.sleep(0.02)
-
-
 async def test_tls12_client_with_only_cbc_ciphers_counts_no_shared_cipher(
     proxy: Running, certs: Certs
 ) -> None:
@@ -67,7 +59,7 @@ async def test_tls12_client_with_only_cbc_ciphers_counts_no_shared_cipher(
     context.set_ciphers("ECDHE-ECDSA-AES128-SHA:ECDHE-RSA-AES128-SHA:AES128-SHA")
     before = await outcomes(proxy.admin_port)
     await _handshake_fails(proxy.port, context)
-    assert await _one_more(proxy.admin_port, before) == {"no_shared_cipher": 1.0}
+    assert await outcome_delta(proxy.admin_port, before) == {"no_shared_cipher": 1.0}
 
 
 async def test_tls12_client_on_a_tls13_listener_counts_unsupported_version(
@@ -80,7 +72,7 @@ async def test_tls12_client_on_a_tls13_listener_counts_unsupported_version(
     context.maximum_version = ssl.TLSVersion.TLSv1_2
     before = await outcomes(proxy.admin_port)
     await _handshake_fails(proxy.port, context)
-    assert await _one_more(proxy.admin_port, before) == {"unsupported_version": 1.0}
+    assert await outcome_delta(proxy.admin_port, before) == {"unsupported_version": 1.0}
     tls = await tls_connect(proxy.port, certs.client_context())
     assert tls.version() == "TLSv1.3"
     await tls.aclose()

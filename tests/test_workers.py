@@ -1,0 +1,380 @@
+"""`workers = 2`: the real daemon as a supervisor and two worker processes
+sharing the listener with SO_REUSEPORT, observed through the access log (whose
+`pid` names the worker that served each connection), the supervisor's merged
+/metrics, signals and exit codes. Every wait is under a deadline.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import signal
+import socket
+import ssl
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from pathlib import Path
+from typing import Any
+
+import pytest
+import trio
+import trustme
+from cryptography import x509
+from prometheus_client.mmap_dict import MmapedDict, mmap_key
+
+from tests.daemon import (
+    PYTHON_M_PROXY,
+    Daemon,
+    assert_refused,
+    env_for,
+    poll_status,
+    spawn,
+    toml_str,
+)
+from tests.helpers import STEP, Certs, sample, scrape, start_backend, tls_connect
+
+MESSAGE = b"hello through a worker"
+
+
+def _config(cert: Path, key: Path, backend_port: int, *, drain_timeout: float = 20.0) -> str:
+    return f"""
+[admin]
+listen = "127.0.0.1:0"
+
+[process]
+workers = 2
+watch = false
+drain_timeout = {drain_timeout}
+
+[[listeners]]
+name = "web"
+listen = "127.0.0.1:0"
+backend = "127.0.0.1:{backend_port}"
+[listeners.tls]
+certificates = [{{ cert = {toml_str(cert)}, key = {toml_str(key)} }}]
+"""
+
+
+@asynccontextmanager
+async def _workers(
+    nursery: trio.Nursery,
+    tmp_path: Path,
+    config: Path,
+    *,
+    env: dict[str, str] | None = None,
+    errors_expected: bool = False,
+) -> AsyncIterator[tuple[Daemon, int, int, list[int]]]:
+    """The daemon, once both workers accept: (daemon, TLS port, admin port, worker pids)."""
+    argv = [*PYTHON_M_PROXY, "run", "--config", str(config)]
+    env = env or env_for(tmp_path / "state")
+    async with spawn(
+        nursery, argv, env=env, cwd=tmp_path, errors_expected=errors_expected
+    ) as daemon:
+        ready = await daemon.wait_for("workers ready")
+        port, admin_port = await daemon.started()
+        yield daemon, port, admin_port, list(ready["worker_pids"])
+
+
+async def _echo(port: int, context: ssl.SSLContext) -> int:
+    """One new connection through the proxy; returns the serial of the certificate served."""
+    with trio.fail_after(STEP):
+        tls = await tls_connect(port, context)
+        try:
+            der = tls.getpeercert(binary_form=True)
+            await tls.send_all(MESSAGE)
+            received = b""
+            while len(received) < len(MESSAGE):
+                chunk = await tls.receive_some(100)
+                assert chunk, "the proxy closed before echoing"
+                received += chunk
+            assert received == MESSAGE
+        finally:
+            await tls.aclose()
+    assert der is not None
+    return int(x509.load_der_x509_certificate(der).serial_number)
+
+
+def _served(daemon: Daemon) -> list[dict[str, Any]]:
+    return [e for e in daemon.events if e.get("event") == "connection"]
+
+
+async def _all_logged(daemon: Daemon, count: int) -> list[dict[str, Any]]:
+    """The access-log lines once `count` connections have ended (and been counted)."""
+    await daemon.wait_until(lambda: len(_served(daemon)) >= count, f"{count} access-log lines")
+    lines = _served(daemon)
+    assert len(lines) == count, lines
+    return lines
+
+
+async def _totals(admin_port: int) -> tuple[float, float, float]:
+    """(connections_total, successful handshakes, worker restarts) of the whole daemon."""
+    status, text = await scrape(admin_port)
+    assert status == 200
+    return (
+        sample(text, "tlsproxy_connections_total", listener="web"),
+        sample(text, "tlsproxy_handshakes_total", listener="web", outcome="success"),
+        sample(text, "tlsproxy_worker_restarts_total"),
+    )
+
+
+def _stale_metrics(directory: Path) -> None:
+    """What a previous run's worker could have left: 1000 connections of pid 424242."""
+    directory.mkdir()
+    stale: Any = MmapedDict(str(directory / "counter_424242.db"))  # type: ignore[no-untyped-call]
+    key = mmap_key(
+        "tlsproxy_connections",
+        "tlsproxy_connections_total",
+        ["listener"],
+        ["web"],
+        "Client connections accepted.",
+    )
+    stale.write_value(key, 1000.0, 0.0)
+    stale.close()
+    (directory / "keep.txt").write_text("not a metrics file: left alone")
+
+
+async def test_two_workers_share_the_port_and_one_scrape_counts_every_connection(
+    nursery: trio.Nursery, tmp_path: Path, certs: Certs, echo_port: int
+) -> None:
+    config = tmp_path / "tlsproxy.toml"
+    config.write_text(_config(certs.cert, certs.key, echo_port))
+    metrics_dir = tmp_path / "metrics"
+    _stale_metrics(metrics_dir)
+    env = {**env_for(tmp_path / "state"), "TLSPROXY_METRICS_DIR": str(metrics_dir)}
+    context = certs.client_context()
+    total = 200
+
+    async with _workers(nursery, tmp_path, config, env=env) as (daemon, port, admin_port, pids):
+        assert len(set(pids)) == 2
+        assert await scrape(admin_port, "/readyz") == (200, "ready\n")
+
+        async def clients(count: int) -> None:
+            for _ in range(count):
+                await _echo(port, context)
+
+        async with trio.open_nursery() as load:  # 10 at a time, each a new connection
+            for _ in range(10):
+                load.start_soon(clients, total // 10)
+
+        lines = await _all_logged(daemon, total)
+        assert {line["pid"] for line in lines} == set(pids)
+        assert all(line["outcome"] == "success" for line in lines)
+        _, text = await scrape(admin_port)
+        assert (
+            sample(text, "tlsproxy_connections_total", listener="web"),
+            sample(text, "tlsproxy_handshakes_total", listener="web", outcome="success"),
+            sample(text, "tlsproxy_bytes_total", listener="web", direction="to_backend"),
+            sample(text, "tlsproxy_connections_active", listener="web"),
+            sample(text, "tlsproxy_handshakes_in_progress", listener="web"),
+            sample(text, "tlsproxy_build_info"),
+        ) == (total, total, total * len(MESSAGE), 0.0, 0.0, 1.0)
+        # one series per label set, as with one process: no `pid` label from a gauge
+        assert 'pid="' not in text
+        assert (metrics_dir / "keep.txt").exists()
+
+        daemon.signal(signal.SIGTERM)
+        assert await daemon.exit_code() == 0
+
+
+async def test_a_killed_worker_is_restarted_while_the_other_serves_and_counts_survive(
+    nursery: trio.Nursery, tmp_path: Path, certs: Certs, echo_port: int
+) -> None:
+    config = tmp_path / "tlsproxy.toml"
+    config.write_text(_config(certs.cert, certs.key, echo_port))
+    context = certs.client_context()
+    made = 0
+
+    async def connect() -> None:
+        nonlocal made
+        await _echo(port, context)  # fails the test if a connection fails
+        made += 1
+
+    async with _workers(nursery, tmp_path, config, errors_expected=True) as started:
+        daemon, port, admin_port, pids = started
+        while len({line["pid"] for line in _served(daemon)}) < 2:
+            with daemon.deadline(STEP, "both workers serving"):
+                await connect()
+                await _all_logged(daemon, made)  # none in flight when we kill
+        before = await _totals(admin_port)
+        assert before == (made, made, 0.0)
+
+        victim, survivor = pids
+        os.kill(victim, signal.SIGKILL)
+        exited = await daemon.wait_for("worker exited unexpectedly; restarting it")
+        assert (exited["worker_pid"], exited["exit"]) == (victim, "killed by SIGKILL")
+        assert await _totals(admin_port) == before  # the dead worker's counts stay
+
+        # the survivor serves everything until the restarted worker is ready
+        while daemon.find("worker ready", restarts=1) is None:
+            await connect()
+        restarted = await daemon.wait_for("worker ready", restarts=1)
+        replacement = restarted["worker_pid"]
+        assert replacement not in pids
+        await _all_logged(daemon, made)
+        served_meanwhile = {line["pid"] for line in _served(daemon)[int(before[0]) :]}
+        assert served_meanwhile <= {survivor, replacement}
+
+        with daemon.deadline(STEP, "the replacement serving"):
+            while replacement not in {line["pid"] for line in _served(daemon)}:
+                await connect()
+                await _all_logged(daemon, made)
+        assert await _totals(admin_port) == (made, made, 1.0)
+        assert await scrape(admin_port, "/readyz") == (200, "ready\n")
+
+        daemon.signal(signal.SIGTERM)
+        assert await daemon.exit_code() == 0
+
+
+def _issue(ca: trustme.CA, directory: Path, stem: str) -> tuple[Path, Path, int]:
+    leaf = ca.issue_cert("localhost", "127.0.0.1")
+    cert, key = directory / f"{stem}.crt", directory / f"{stem}.key"
+    cert.write_bytes(b"".join(blob.bytes() for blob in leaf.cert_chain_pems))
+    key.write_bytes(leaf.private_key_pem.bytes())
+    return cert, key, x509.load_pem_x509_certificate(cert.read_bytes()).serial_number
+
+
+async def test_sighup_makes_every_worker_serve_the_new_certificate(
+    nursery: trio.Nursery, tmp_path: Path, certs: Certs, echo_port: int
+) -> None:
+    old_cert, old_key, old_serial = _issue(certs.ca, tmp_path, "old")
+    config = tmp_path / "tlsproxy.toml"
+    config.write_text(_config(old_cert, old_key, echo_port))
+    context = certs.client_context()
+
+    async with _workers(nursery, tmp_path, config) as (daemon, port, _, pids):
+        assert await _echo(port, context) == old_serial
+        cert, key, serial = _issue(certs.ca, tmp_path, "new")
+        staged = config.with_name("staged.toml")
+        staged.write_text(_config(cert, key, echo_port))
+        staged.replace(config)
+
+        daemon.signal(signal.SIGHUP)
+        for pid in pids:
+            await daemon.wait_for("config reloaded", trigger="SIGHUP", pid=pid)
+        made = len(_served(daemon))
+        with daemon.deadline(STEP, "both workers serving after the reload"):
+            while {line["pid"] for line in _served(daemon)[1:]} != set(pids):
+                assert await _echo(port, context) == serial
+                made += 1
+                await _all_logged(daemon, made)
+        assert daemon.find("reload rejected; the previous config keeps serving") is None
+
+        daemon.signal(signal.SIGTERM)
+        assert await daemon.exit_code() == 0
+
+
+PAYLOAD_SIZE = 4 * 1024 * 1024
+CHUNK = 64 * 1024
+
+
+class _Gated:
+    """A backend that streams a payload and stops halfway until told to go on."""
+
+    def __init__(self) -> None:
+        self.payload = os.urandom(PAYLOAD_SIZE)
+        self.go_on = trio.Event()
+
+    async def handler(self, stream: trio.SocketStream) -> None:
+        try:
+            for offset in range(0, PAYLOAD_SIZE, CHUNK):
+                if offset == PAYLOAD_SIZE // 2:
+                    await self.go_on.wait()
+                await stream.send_all(self.payload[offset : offset + CHUNK])
+        except trio.BrokenResourceError:
+            pass  # the proxy cut it: the second-signal test
+
+
+async def test_sigterm_drains_every_worker_and_the_in_flight_transfer_completes(
+    nursery: trio.Nursery, tmp_path: Path, certs: Certs
+) -> None:
+    backend = _Gated()
+    config = tmp_path / "tlsproxy.toml"
+    config.write_text(_config(certs.cert, certs.key, await start_backend(nursery, backend.handler)))
+
+    async with _workers(nursery, tmp_path, config) as (daemon, port, admin_port, pids):
+        tls = await tls_connect(port, certs.client_context())
+        received = bytearray()
+        some_arrived, all_arrived = trio.Event(), trio.Event()
+
+        async def read_to_the_end() -> None:
+            while chunk := await tls.receive_some(65536):
+                received.extend(chunk)
+                some_arrived.set()
+            all_arrived.set()
+
+        try:
+            async with trio.open_nursery() as client:
+                client.start_soon(read_to_the_end)
+                with daemon.deadline(STEP, "the first bytes"):
+                    await some_arrived.wait()
+
+                daemon.signal(signal.SIGTERM)
+                await poll_status(admin_port, "/readyz", 503)
+                assert (await scrape(admin_port, "/healthz"))[0] == 200
+                draining = [await daemon.wait_for("draining", pid=pid) for pid in pids]
+                assert sorted(d["connections"] for d in draining) == [0, 1]
+                await assert_refused(port)
+                assert not all_arrived.is_set()
+                assert daemon.process.returncode is None
+
+                backend.go_on.set()
+                with daemon.deadline(STEP, "the rest of the transfer"):
+                    await all_arrived.wait()
+        finally:
+            await tls.aclose()
+
+        assert hashlib.sha256(received).digest() == hashlib.sha256(backend.payload).digest()
+        assert await daemon.exit_code() == 0
+        (line,) = _served(daemon)
+        assert (line["close_reason"], line["bytes_to_client"]) == ("backend_closed", PAYLOAD_SIZE)
+        assert line["pid"] in pids
+        assert daemon.find("stopped", pid=daemon.process.pid) is not None
+
+
+async def test_second_sigterm_exits_every_worker_at_once(
+    nursery: trio.Nursery, tmp_path: Path, certs: Certs
+) -> None:
+    backend = _Gated()  # never told to go on: the connection stays in flight
+    config = tmp_path / "tlsproxy.toml"
+    backend_port = await start_backend(nursery, backend.handler)
+    config.write_text(_config(certs.cert, certs.key, backend_port, drain_timeout=120))
+
+    async with _workers(nursery, tmp_path, config) as (daemon, port, _, pids):
+        tls = await tls_connect(port, certs.client_context())
+        try:
+            with trio.fail_after(STEP):
+                assert await tls.receive_some(65536)
+            daemon.signal(signal.SIGTERM)
+            for pid in pids:
+                await daemon.wait_for("draining", pid=pid)
+            daemon.signal(signal.SIGTERM)
+            assert await daemon.exit_code() == 0
+        finally:
+            await trio.aclose_forcefully(tls)
+    assert daemon.find("second stop signal: exiting now without waiting for connections")
+
+
+@pytest.mark.parametrize("reuse_port", [False, True], ids=["plain", "so_reuseport"])
+async def test_a_port_in_use_stops_the_supervisor_with_exit_2(
+    nursery: trio.Nursery, tmp_path: Path, certs: Certs, reuse_port: bool
+) -> None:
+    """Even a listener that shares its port with SO_REUSEPORT (another tlsproxy
+    with workers, say) is found, rather than silently sharing its clients."""
+    with socket.socket() as busy:
+        if reuse_port:
+            busy.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        address = f"127.0.0.1:{busy.getsockname()[1]}"
+        config = tmp_path / "tlsproxy.toml"
+        text = _config(certs.cert, certs.key, 1)
+        config.write_text(
+            text.replace('listen = "127.0.0.1:0"\nbackend', f'listen = "{address}"\nbackend')
+        )
+        argv = [*PYTHON_M_PROXY, "run", "--config", str(config)]
+        env = env_for(tmp_path / "state")
+        async with spawn(nursery, argv, env=env, cwd=tmp_path, errors_expected=True) as daemon:
+            assert await daemon.exit_code() == 2
+    (error,) = [e for e in daemon.events if e.get("level") == "error"]
+    assert address in error["event"] and "already in use" in error["event"], error
+    assert daemon.find("worker started") is None
