@@ -49,8 +49,8 @@ COPY deploy/kubernetes/base/tlsproxy.toml /etc/tlsproxy/tlsproxy.toml
 # Everything the daemon writes goes under /run/tlsproxy, which Kubernetes
 # mounts as an emptyDir (docker: --tmpfs) so the root filesystem can be
 # read-only. TLSPROXY_STATE_DIR holds the self-signed default certificate
-# (only used without --config). TLSPROXY_METRICS_DIR is reserved for the
-# multiprocess metrics of workers > 1; the daemon does not read it yet.
+# (only used without --config). TLSPROXY_METRICS_DIR holds the workers'
+# multiprocess metrics files when workers > 1 (emptied at start).
 ENV PATH=/opt/tlsproxy/bin:$PATH \
     PYTHONDONTWRITEBYTECODE=1 \
     PYTHONUNBUFFERED=1 \
@@ -65,8 +65,9 @@ WORKDIR /run/tlsproxy
 EXPOSE 8443 9090
 
 # The daemon itself is PID 1: it installs handlers for SIGTERM (drain),
-# SIGINT and SIGHUP, so no init shim is needed for signals, and it starts no
-# child processes that would need reaping.
+# SIGINT and SIGHUP, so no init shim is needed for signals. With workers > 1
+# it starts the workers, forwards the signals to them and reaps them itself;
+# workers start nothing, so no orphan is ever left for PID 1 to reap.
 STOPSIGNAL SIGTERM
 ENTRYPOINT ["tlsproxy"]
 CMD ["run", "--config", "/etc/tlsproxy/tlsproxy.toml"]

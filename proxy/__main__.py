@@ -1,12 +1,16 @@
 """The `tlsproxy` command line: run, check-config, --version.
 
 Kept thin on purpose: parse arguments, build the config, hand over to
-`Server`, translate signals into lifecycle calls.
+`Server`, translate signals into lifecycle calls. With `workers > 1`, `run`
+hands over to the supervisor instead, which starts each worker as
+`python -m proxy worker` (a hidden command: `run` plus the link to the
+supervisor); see proxy/workers.py.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import signal
 import ssl
 import sys
@@ -24,6 +28,7 @@ from proxy.log import Logger, make_logger
 from proxy.metrics import Metrics
 from proxy.server import Server, StartupError, State
 from proxy.watch import watch_files
+from proxy.workers import Supervisor, SupervisorLink, pin_ports, prepare_worker
 
 EXIT_CONFIG = 1
 EXIT_STARTUP = 2
@@ -33,7 +38,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     if args.command == "check-config":
         return _check_config(Path(args.file))
-    if args.command == "run":
+    if args.command in ("run", "worker"):
         return _run(args)
     _parser().print_help()
     return EXIT_STARTUP
@@ -44,8 +49,19 @@ def _parser() -> argparse.ArgumentParser:
         prog="tlsproxy", description="TLS-terminating sidecar proxy on Trio."
     )
     parser.add_argument("--version", action="version", version=f"tlsproxy {__version__}")
-    sub = parser.add_subparsers(dest="command")
+    sub = parser.add_subparsers(dest="command", metavar="{run,check-config}")
     run = sub.add_parser("run", help="run the proxy (the embedded default without --config)")
+    _add_run_arguments(run)
+    check = sub.add_parser("check-config", help="validate a config file and exit 0 or 1")
+    check.add_argument("file")
+    worker = sub.add_parser("worker")  # started by `run` with workers > 1; not for people
+    _add_run_arguments(worker)
+    worker.add_argument("--control-fd", type=int, required=True)
+    worker.add_argument("--pin", action="append", default=[], help="NAME=PORT")
+    return parser
+
+
+def _add_run_arguments(run: argparse.ArgumentParser) -> None:
     run.add_argument("--config", help="TOML config file")
     run.add_argument("--listen", help="TLS address of the first listener, e.g. 0.0.0.0:8443")
     run.add_argument(
@@ -54,9 +70,9 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--admin", help="admin address for /metrics /healthz /readyz")
     run.add_argument("--cert", help="PEM certificate (chain) of the first listener")
     run.add_argument("--key", help="PEM private key of the first listener")
-    check = sub.add_parser("check-config", help="validate a config file and exit 0 or 1")
-    check.add_argument("file")
-    return parser
+
+
+RUN_FLAGS = ("config", "listen", "backend", "admin", "cert", "key")
 
 
 def _check_config(path: Path) -> int:
@@ -83,11 +99,19 @@ def _run(args: argparse.Namespace) -> int:
     except ConfigError as exc:
         _print_errors(exc, "not started")
         return EXIT_CONFIG
-    log = make_logger(config.log.level, config.log.format)
-    for warning in config.warnings:
-        log.warning("config warning", detail=warning)
+    log = make_logger(config.log.level, config.log.format).bind(pid=os.getpid())
+    worker = args.command == "worker"
+    if not worker:
+        for warning in config.warnings:
+            log.warning("config warning", detail=warning)
+    if config.process.workers > 1 and not worker:
+        return _supervise(config, log, args)
+    if worker:
+        prepare_worker()
     try:
-        server = Server(config, Metrics(CollectorRegistry()), log)
+        server = Server(
+            config, Metrics(CollectorRegistry()), log, reuse_port=worker, admin=not worker
+        )
         server.bind()
     except StartupError as exc:
         log.error(str(exc))
@@ -95,7 +119,7 @@ def _run(args: argparse.Namespace) -> int:
     except (OSError, ssl.SSLError) as exc:
         log.error("cannot load the certificate or key; run check-config", error=str(exc))
         return EXIT_STARTUP
-    if config.source is None:
+    if config.source is None and not worker:
         cert = config.listeners[0].tls.certificates[0].cert
         port = server.listen_ports()[config.listeners[0].name]
         log.info(
@@ -104,7 +128,30 @@ def _run(args: argparse.Namespace) -> int:
             backend=str(config.listeners[0].backend),
             try_it=f"curl --cacert {cert} https://localhost:{port}/",
         )
-    trio.run(_serve, server, log, partial(_load_for_run, args))
+    link = SupervisorLink(args.control_fd) if worker else None
+    trio.run(_serve, server, log, partial(_load_for_run, args), link)
+    return 0
+
+
+def _supervise(config: Config, log: Logger, args: argparse.Namespace) -> int:
+    command = [sys.executable, "-m", "proxy", "worker"]
+    for flag in RUN_FLAGS:
+        if (value := getattr(args, flag)) is not None:
+            command += [f"--{flag}", value]
+    supervisor = Supervisor(config, log, command)
+    try:
+        supervisor.bind()
+        trio.run(supervisor.run)
+    except StartupError as exc:
+        log.error(str(exc))
+        return EXIT_STARTUP
+    except (OSError, ssl.SSLError) as exc:
+        if supervisor.metrics_dir is not None:
+            raise  # bound: not a certificate problem
+        log.error("cannot load the certificate or key; run check-config", error=str(exc))
+        return EXIT_STARTUP
+    finally:
+        supervisor.close()
     return 0
 
 
@@ -118,7 +165,7 @@ def _load_for_run(args: argparse.Namespace) -> Config:
     else:
         cert, key = ensure_self_signed(default_state_dir())
         config = default_config(cert, key)
-    return with_overrides(
+    config = with_overrides(
         config,
         listen=args.listen,
         backend=args.backend,
@@ -126,21 +173,47 @@ def _load_for_run(args: argparse.Namespace) -> Config:
         cert=args.cert if args.config else None,
         key=args.key if args.config else None,
     )
+    return pin_ports(config, args.pin) if args.command == "worker" else config
 
 
-async def _serve(server: Server, log: Logger, load: Callable[[], Config]) -> None:
+async def _serve(
+    server: Server, log: Logger, load: Callable[[], Config], link: SupervisorLink | None
+) -> None:
     async with trio.open_nursery() as nursery:
-        nursery.start_soon(_handle_signals, server, log, load, nursery)
+        await nursery.start(_handle_signals, server, log, load, nursery)
         if server.config.process.watch:
             nursery.start_soon(watch_files, server, load)
-        await server.run()
+        if link is None:
+            await server.run()
+        else:
+            await _serve_worker(server, log, link)
         nursery.cancel_scope.cancel()
 
 
+async def _serve_worker(server: Server, log: Logger, link: SupervisorLink) -> None:
+    """Serve without admin; tell the supervisor once accepting (and the
+    signal handler is in place), and drain if it goes away."""
+    async with trio.open_nursery() as nursery:
+
+        async def serve(*, task_status: trio.TaskStatus[dict[str, tuple[str, int]]]) -> None:
+            await server.run_listeners(task_status=task_status)
+            nursery.cancel_scope.cancel()  # drained: stop watching the supervisor
+
+        await nursery.start(serve)
+        await link.report_ready()
+        await link.drain_when_gone(server, log)
+
+
 async def _handle_signals(
-    server: Server, log: Logger, load: Callable[[], Config], nursery: trio.Nursery
+    server: Server,
+    log: Logger,
+    load: Callable[[], Config],
+    nursery: trio.Nursery,
+    *,
+    task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as signals:
+        task_status.started()
         async for signum in signals:
             if signum == signal.SIGHUP:
                 log.info("SIGHUP received; reloading")

@@ -4,9 +4,7 @@ Theory of operation: one pydantic pass checks structure, types, values and the
 certificate files together, so that `check-config` and a SIGHUP reload report
 every problem at once, each with its TOML path
 (`listeners[0].tls.certificates[0].key: file not found: ...`). Nothing is
-silently ignored: unknown keys are errors, and keys whose feature is not
-implemented yet accept only their default value and otherwise fail with
-"not supported yet". Validation needs two facts from outside the data (the
+silently ignored: unknown keys are errors. Validation needs two facts from outside the data (the
 config file's directory, for relative paths, and the current time, for expiry);
 they travel in pydantic's validation context.
 """
@@ -192,8 +190,7 @@ def _optional_file(value: object, info: ValidationInfo) -> Path | None:
 
 def _require(ok: Callable[[Any], bool], message: str) -> AfterValidator:
     """Runs only once the value itself is valid, so it never adds noise to a type
-    error. Also keeps each key of the design in the schema while its feature is
-    missing: setting it fails loudly, and a later release only deletes the check."""
+    error."""
 
     def check(value: Any) -> Any:
         if not ok(value):
@@ -334,13 +331,9 @@ class AdminConfig(_Model):
 
 
 class ProcessConfig(_Model):
-    workers: Annotated[
-        PositiveInt,
-        _require(
-            lambda workers: workers == 1,
-            "more than one worker is not supported yet; set workers = 1",
-        ),
-    ] = 1
+    # Processes sharing the listeners with SO_REUSEPORT (proxy/workers.py);
+    # read at start only.
+    workers: PositiveInt = 1
     drain_timeout: Seconds = 30.0
     watch: StrictBool = True
 

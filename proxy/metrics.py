@@ -7,6 +7,14 @@ tests build a fresh `CollectorRegistry` and nothing is global.
 Labelled children are bound once per listener (`ListenerMetrics`), so the hot
 path never does a label lookup: a handshake costs a handful of attribute
 increments, not dictionary work.
+
+With `workers > 1` (proxy/workers.py) each worker's values live in
+prometheus-client's multiprocess files and the supervisor merges them into
+one scrape. Counters and histograms are summed over every worker that ever
+ran, the dead included, so a restart never makes them go backwards. A gauge
+must say how to merge (`multiprocess_mode`); the default, "all", would add a
+`pid` label and break the published label sets. Each choice is next to its
+gauge. Outside multiprocess mode `multiprocess_mode` has no effect.
 """
 
 from __future__ import annotations
@@ -65,6 +73,7 @@ class Metrics:
             ["listener"],
             namespace=NAMESPACE,
             registry=registry,
+            multiprocess_mode="livesum",  # the whole daemon's count; a dead worker's are gone
         )
         self.tls_negotiated = Counter(
             "tls_negotiated",
@@ -79,6 +88,7 @@ class Metrics:
             ["listener"],
             namespace=NAMESPACE,
             registry=registry,
+            multiprocess_mode="livesum",  # as handshakes_in_progress
         )
         self.connections = Counter(
             "connections",
@@ -122,6 +132,10 @@ class Metrics:
             ["listener", "subject"],
             namespace=NAMESPACE,
             registry=registry,
+            # Workers reload on their own (SIGHUP, file watch): the earliest
+            # expiry any running worker still serves is the one to act on,
+            # as with two certificates of one subject.
+            multiprocess_mode="livemin",
         )
         self.config_reloads = Counter(
             "config_reloads",
@@ -138,6 +152,7 @@ class Metrics:
             ["version", "python", "openssl"],
             namespace=NAMESPACE,
             registry=registry,
+            multiprocess_mode="livemax",  # 1 per build that runs now, not per process
         )
         python = ".".join(str(part) for part in sys.version_info[:3])
         self.build_info.labels(__version__, python, ssl.OPENSSL_VERSION).set(1)
@@ -204,3 +219,18 @@ class ListenerMetrics:
 
     def connect_failed(self, reason: str) -> None:
         self.family.backend_connect_failures.labels(self.name, reason).inc()
+
+
+class SupervisorMetrics:
+    """The supervisor's own metrics with `workers > 1`, served beside the
+    workers' merged ones. The supervisor does not run in multiprocess mode:
+    these are ordinary in-memory metrics on the registry it serves."""
+
+    def __init__(self, registry: CollectorRegistry) -> None:
+        self.registry = registry
+        self.worker_restarts = Counter(
+            "worker_restarts",
+            "Worker processes restarted after exiting on their own (crash, kill).",
+            namespace=NAMESPACE,
+            registry=registry,
+        )

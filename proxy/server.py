@@ -8,6 +8,10 @@ Drain, in order: mark draining (readyz 503), stop the accept loops and close
 the listening sockets (new connects are refused by the kernel), give live
 connections `drain_timeout` to finish on their own, then cancel the rest;
 each cut connection gets a close_notify and logs `close_reason=drain`.
+
+With `workers > 1` each worker process runs one Server without the admin
+endpoint (`run_listeners`), its listeners bound with SO_REUSEPORT; the
+supervisor in proxy/workers.py serves the admin endpoint for all of them.
 """
 
 from __future__ import annotations
@@ -88,10 +92,21 @@ class _Listener:
 class Server:
     """The daemon: admin endpoint, one accept loop per listener, reload and drain."""
 
-    def __init__(self, config: Config, metrics: Metrics, log: Logger) -> None:
+    def __init__(
+        self,
+        config: Config,
+        metrics: Metrics,
+        log: Logger,
+        *,
+        reuse_port: bool = False,
+        admin: bool = True,
+    ) -> None:
         self.config = config
         self.metrics = metrics
         self.log = log
+        self._reuse_port = reuse_port  # a worker: the port is shared with the other workers
+        self._with_admin = admin  # False in a worker: the supervisor serves the admin endpoint
+        self._is_bound = False
         self.state = State.STARTING
         self.connections = ConnectionSet()
         self._drain_requested = trio.Event()
@@ -123,15 +138,17 @@ class Server:
         Done synchronously, before any task starts, so that a port in use is
         one clear message rather than a failure inside a nursery.
         """
-        if self._admin_socket is not None:
+        if self._is_bound:
             return
-        self._bound = _bind_new(self._runtimes, {})
-        try:
-            self._admin_socket = _bind(self.config.admin.listen, "admin")
-        except StartupError:
-            for listener in self._bound.values():
-                listener.sock.close()
-            raise
+        self._bound = _bind_new(self._runtimes, {}, self._reuse_port)
+        if self._with_admin:
+            try:
+                self._admin_socket = bind_socket(self.config.admin.listen, "admin")
+            except StartupError:
+                for listener in self._bound.values():
+                    listener.sock.close()
+                raise
+        self._is_bound = True
 
     def listen_ports(self) -> dict[str, int]:
         """Each listener's bound port (after `bind`), e.g. when 0 was asked for."""
@@ -147,7 +164,11 @@ class Server:
         try:
             async with trio.open_nursery() as services:
                 admin_address = await services.start(admin.serve, self._admin_socket)
-                await self._serve(admin_address, task_status)
+
+                def started(listeners: dict[str, tuple[str, int]]) -> None:
+                    task_status.started(BoundAddresses(listeners=listeners, admin=admin_address))
+
+                await self._serve(admin_address, started)
                 services.cancel_scope.cancel()
         finally:
             for listener in self._bound.values():
@@ -156,8 +177,26 @@ class Server:
         self.state = State.STOPPED
         self.log.info("stopped")
 
+    async def run_listeners(
+        self,
+        *,
+        task_status: trio.TaskStatus[dict[str, tuple[str, int]]] = trio.TASK_STATUS_IGNORED,
+    ) -> None:
+        """`run` without the admin endpoint, for a worker process: serve until
+        drained; report each listener's bound address once accepting."""
+        self.bind()
+        try:
+            await self._serve(None, task_status.started)
+        finally:
+            for listener in self._bound.values():
+                listener.sock.close()
+        self.state = State.STOPPED
+        self.log.info("stopped")
+
     async def _serve(
-        self, admin_address: tuple[str, int], task_status: trio.TaskStatus[BoundAddresses]
+        self,
+        admin_address: tuple[str, int] | None,
+        started: Callable[[dict[str, tuple[str, int]]], None],
     ) -> None:
         async with trio.open_nursery() as handlers:
             self._handlers = handlers
@@ -165,11 +204,11 @@ class Server:
                 self._accepting = accepting
                 for listener in self._bound.values():
                     self._start_accepting(listener)
-                self.log.info("admin listening", address=_format(admin_address))
+                if admin_address is not None:
+                    self.log.info("admin listening", address=_format(admin_address))
                 if self.state is State.STARTING:
                     self.state = State.SERVING
-                bound = {b.name: _sockname(b.sock) for b in self._bound.values()}
-                task_status.started(BoundAddresses(listeners=bound, admin=admin_address))
+                started({b.name: _sockname(b.sock) for b in self._bound.values()})
                 await self._drain_requested.wait()
                 self._accepting = None
                 accepting.cancel_scope.cancel()
@@ -220,7 +259,8 @@ class Server:
 
     def _swap(self, config: Config, runtimes: list[ListenerRuntime]) -> None:
         assert self._accepting is not None
-        added = _bind_new(runtimes, self._bound)  # the only step that can fail: do it first
+        # the only step that can fail: do it first
+        added = _bind_new(runtimes, self._bound, self._reuse_port)
         wanted = {runtime.config.listen: runtime for runtime in runtimes}
         kept: dict[Address, _Listener] = {}
         for address, listener in self._bound.items():
@@ -307,7 +347,7 @@ class Server:
 
 
 def _bind_new(
-    runtimes: list[ListenerRuntime], bound: dict[Address, _Listener]
+    runtimes: list[ListenerRuntime], bound: dict[Address, _Listener], reuse_port: bool
 ) -> dict[Address, _Listener]:
     """Bind the listeners whose address is not bound yet; all or none."""
     added: dict[Address, _Listener] = {}
@@ -315,7 +355,9 @@ def _bind_new(
         for runtime in runtimes:
             address = runtime.config.listen
             if address not in bound:
-                sock = _bind(address, f"listener {runtime.config.name!r}")
+                sock = bind_socket(
+                    address, f"listener {runtime.config.name!r}", reuse_port=reuse_port
+                )
                 added[address] = _Listener(ListenerState(runtime), sock)
     except BaseException:
         for listener in added.values():
@@ -324,7 +366,10 @@ def _bind_new(
     return added
 
 
-def _bind(address: Address, what: str) -> socket.socket:
+def bind_socket(
+    address: Address, what: str, *, reuse_port: bool = False, listen: bool = True
+) -> socket.socket:
+    """A bound (and unless told otherwise listening) non-blocking socket, or StartupError."""
     try:
         family, _, _, _, sockaddr = socket.getaddrinfo(
             address.host or None,
@@ -337,8 +382,14 @@ def _bind(address: Address, what: str) -> socket.socket:
     sock = socket.socket(family, socket.SOCK_STREAM)
     try:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        if reuse_port:
+            # WARNING: any process of the same user may then bind this port
+            # too and take a share of its connections; the supervisor checks
+            # with a plain bind first that nobody else listens there.
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
         sock.bind(sockaddr)
-        sock.listen(LISTEN_BACKLOG)
+        if listen:
+            sock.listen(LISTEN_BACKLOG)
         sock.setblocking(False)
     except OSError as exc:
         sock.close()

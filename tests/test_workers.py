@@ -378,3 +378,22 @@ async def test_a_port_in_use_stops_the_supervisor_with_exit_2(
     (error,) = [e for e in daemon.events if e.get("level") == "error"]
     assert address in error["event"] and "already in use" in error["event"], error
     assert daemon.find("worker started") is None
+
+
+async def test_workers_drain_and_exit_when_the_supervisor_dies(
+    nursery: trio.Nursery, tmp_path: Path, certs: Certs, echo_port: int
+) -> None:
+    config = tmp_path / "tlsproxy.toml"
+    config.write_text(_config(certs.cert, certs.key, echo_port))
+    # a killed supervisor cannot remove a temporary directory: use the test's
+    env = {**env_for(tmp_path / "state"), "TLSPROXY_METRICS_DIR": str(tmp_path / "metrics")}
+
+    async with _workers(nursery, tmp_path, config, env=env) as (daemon, port, _, pids):
+        await _echo(port, certs.client_context())
+        daemon.process.kill()  # SIGKILL: no chance to stop the workers itself
+        for pid in pids:
+            await daemon.wait_for("the supervisor is gone; draining", pid=pid)
+            await daemon.wait_for("stopped", pid=pid)
+        with daemon.deadline(STEP, "every worker to exit (closing its end of the log pipe)"):
+            await daemon.eof.wait()
+    await assert_refused(port)

@@ -1,0 +1,423 @@
+"""Several worker processes sharing the listeners: supervision and merged metrics.
+
+Theory of operation. With `[process] workers = N` (N > 1) the process that
+`tlsproxy run` starts becomes a supervisor and serves no TLS itself:
+
+1. It checks every listener address with a plain bind, which fails where
+   anyone listens, even another process using SO_REUSEPORT that would
+   otherwise silently share the port. That bind also turns port 0 into a
+   real port, which every worker then uses. It then holds a bound,
+   non-listening SO_REUSEPORT socket on the port until it exits: it keeps the
+   port reserved and receives no connections (only listening sockets join
+   the kernel's SO_REUSEPORT group).
+2. It binds the admin port and serves /metrics, /healthz and /readyz itself.
+3. It starts N workers, `python -m proxy worker ...` (a fresh interpreter, so
+   there is no fork inside a running Trio loop). Each worker loads the config
+   as `run` does, binds every listener with SO_REUSEPORT (the kernel spreads
+   new connections over the workers' accept queues by a hash of the
+   addresses and ports) and runs the ordinary `Server` without its admin
+   endpoint.
+4. It supervises them. Each worker gets one end of a socketpair: the worker
+   writes "ready" once it accepts, and reads EOF if the supervisor dies, which
+   makes it drain and exit rather than linger as an orphan. A worker that
+   exits on its own is logged, counted (`tlsproxy_worker_restarts_total`) and
+   restarted after a back-off that doubles while it keeps failing.
+
+Signals go to the supervisor only: workers run in their own session, so a
+terminal's Ctrl-C does not reach them twice. SIGHUP is forwarded to every
+worker and each reloads the config itself, exactly as one process does (and
+as its file watch does anyway): a bad config is rejected by each worker,
+which keeps the old one. SIGTERM/SIGINT mark the supervisor draining
+(/readyz 503) and are forwarded; each worker drains and exits, and the
+supervisor exits 0 once all have. A second signal is forwarded too, which
+makes each worker exit at once.
+
+Metrics: workers write prometheus-client's multiprocess files into one
+directory ($TLSPROXY_METRICS_DIR, else a temporary directory removed at
+exit), emptied at start; the supervisor's /metrics merges them. The client
+library picks multiprocess mode from PROMETHEUS_MULTIPROC_DIR when it is
+first imported, so only the workers, which get the variable in their
+environment from their first instruction, run in it.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import tempfile
+import warnings
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import trio
+from prometheus_client import CollectorRegistry
+from prometheus_client.multiprocess import MultiProcessCollector, mark_process_dead
+
+from proxy.admin import Admin
+from proxy.config import Address, Config
+from proxy.log import Logger
+from proxy.metrics import SupervisorMetrics
+from proxy.server import Server, StartupError, State, bind_socket
+from proxy.tls import build_context
+
+METRICS_DIR_ENV = "TLSPROXY_METRICS_DIR"
+MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
+
+# Seconds before a worker that exited on its own is started again. Doubled
+# for each further exit, up to the cap, so a crash loop costs one start every
+# 30 s rather than a core; back to the first delay once a worker has stayed up
+# for STABLE_AFTER (systemd's RestartSec and Kubernetes' CrashLoopBackOff
+# work the same way, with a cap of 5 minutes).
+RESTART_BACKOFF_FIRST = 0.5
+RESTART_BACKOFF_MAX = 30.0
+STABLE_AFTER = 60.0
+
+# Seconds a new worker may take to start the interpreter, load and check the
+# config and bind (under a second normally; certificate checks dominate).
+WORKER_START_TIMEOUT = 30.0
+
+# Seconds workers get to exit after a second stop signal before SIGKILL.
+EXIT_GRACE = 5.0
+
+READY = b"ready\n"
+
+
+# ---------------------------------------------------------------------------
+# The worker's side
+
+
+class SupervisorLink:
+    """A worker's end of its socketpair with the supervisor."""
+
+    def __init__(self, fd: int) -> None:
+        self._sock = trio.socket.from_stdlib_socket(socket.socket(fileno=fd))
+
+    async def report_ready(self) -> None:
+        await self._sock.send(READY)
+
+    async def drain_when_gone(self, server: Server, log: Logger) -> None:
+        """The supervisor never writes: EOF means it died. Drain then, so no
+        worker outlives it (nobody would restart or stop it)."""
+        with self._sock:
+            while await self._sock.recv(64):
+                pass
+        log.warning("the supervisor is gone; draining")
+        server.request_drain()
+
+
+def prepare_worker() -> None:
+    """Process-wide settings of a worker, before its Server is built."""
+    # runtime.export_certificates clears the expiry gauge before setting it;
+    # multiprocess files cannot forget a series, so a subject removed by a
+    # reload keeps its last value until the worker exits (README, Workers).
+    warnings.filterwarnings(
+        "ignore", "Clearing labels has not been implemented", UserWarning, "prometheus_client"
+    )
+
+
+def pin_ports(config: Config, pins: Iterable[str]) -> Config:
+    """Give each `NAME=PORT` pin's listener that port where the config says 0.
+
+    The supervisor resolved port 0 once for all workers; every load in a
+    worker, at start and on reload, must agree with it, or a reload would see
+    a changed address and move the listener to a fresh port of its own.
+    """
+    ports = {name: int(port) for name, _, port in (pin.partition("=") for pin in pins)}
+    if not ports:
+        return config
+    listeners = tuple(
+        listener.model_copy(update={"listen": Address(listener.listen.host, ports[listener.name])})
+        if listener.listen.port == 0 and listener.name in ports
+        else listener
+        for listener in config.listeners
+    )
+    return config.model_copy(update={"listeners": listeners})
+
+
+# ---------------------------------------------------------------------------
+# The supervisor
+
+
+@dataclass(eq=False)
+class _Worker:
+    slot: int
+    process: trio.Process
+    restarts: int  # of this slot, before this process
+    ready: bool = False
+    reload_pending: bool = False  # a SIGHUP arrived before it could take one
+
+
+class Supervisor:
+    """Starts, watches, signals and restarts the workers; serves the admin endpoint."""
+
+    def __init__(self, config: Config, log: Logger, command: Sequence[str]) -> None:
+        self.config = config
+        self.log = log
+        self.command = list(command)  # `python -m proxy worker` and the run flags
+        self.count = config.process.workers
+        self.state = State.STARTING
+        self.workers: dict[int, _Worker] = {}
+        self.registry = CollectorRegistry()
+        self.metrics = SupervisorMetrics(self.registry)
+        self.metrics_dir: Path | None = None
+        self._temporary_dir = False
+        self._reservations: list[socket.socket] = []
+        self._admin_socket: socket.socket | None = None
+        self._pins: list[str] = []
+        self._stop = trio.Event()
+        self._failure: str | None = None
+
+    # -- start-up, synchronous: every failure is one StartupError (exit 2)
+
+    def bind(self) -> None:
+        """Check the certificates, reserve every port, bind admin, prepare the
+        metrics directory; raise StartupError (or OSError / ssl.SSLError for
+        certificate files) with nothing left behind."""
+        try:
+            for listener in self.config.listeners:
+                build_context(listener.tls)
+            self._reserve_ports()
+            self._admin_socket = bind_socket(self.config.admin.listen, "admin")
+            self.metrics_dir = self._prepare_metrics_dir()
+        except BaseException:
+            self.close()
+            raise
+        MultiProcessCollector(self.registry, path=str(self.metrics_dir))  # type: ignore[no-untyped-call]
+
+    def _reserve_ports(self) -> None:
+        seen: dict[Address, str] = {}
+        for listener in self.config.listeners:
+            address, what = listener.listen, f"listener {listener.name!r}"
+            if address.port and address in seen:
+                raise StartupError(f"cannot listen on {address} ({what}): {seen[address]} does")
+            seen[address] = what
+            # A plain bind first: it fails wherever anyone listens.
+            with bind_socket(address, what, listen=False) as probe:
+                port = int(probe.getsockname()[1])
+            self._reservations.append(
+                bind_socket(Address(address.host, port), what, reuse_port=True, listen=False)
+            )
+            if address.port == 0:
+                self._pins.append(f"{listener.name}={port}")
+
+    def _prepare_metrics_dir(self) -> Path:
+        configured = os.environ.get(METRICS_DIR_ENV)
+        if not configured:
+            self._temporary_dir = True
+            return Path(tempfile.mkdtemp(prefix="tlsproxy-metrics-"))
+        path = Path(configured)
+        try:
+            path.mkdir(parents=True, exist_ok=True)
+            for stale in path.glob("*.db"):  # a previous run's workers: not ours to merge
+                stale.unlink()
+        except OSError as exc:
+            raise StartupError(
+                f"cannot use {METRICS_DIR_ENV}={configured} for the workers' metrics: "
+                f"{exc.strerror}; point it at a writable directory"
+            ) from exc
+        return path
+
+    def close(self) -> None:
+        for sock in self._reservations:
+            sock.close()
+        if self._admin_socket is not None:
+            self._admin_socket.close()
+        if self._temporary_dir and self.metrics_dir is not None:
+            shutil.rmtree(self.metrics_dir, ignore_errors=True)
+
+    # -- running
+
+    def is_ready(self) -> bool:
+        """Serving and at least one worker accepting: during a worker's restart
+        the others serve, and the kernel sends new connections only to them."""
+        return self.state is State.SERVING and any(w.ready for w in self.workers.values())
+
+    async def run(self) -> None:
+        """Run the workers until they have all exited after a stop signal.
+
+        Raises StartupError when a worker exits before all of them were ready.
+        """
+        assert self._admin_socket is not None and self.metrics_dir is not None
+        admin = Admin(self.registry, self.is_ready, self.log)
+        async with trio.open_nursery() as nursery:
+            await nursery.start(self._handle_signals, nursery)
+            address = await nursery.start(admin.serve, self._admin_socket)
+            self.log.info("admin listening", address=_format(address))
+            async with trio.open_nursery() as slots:
+                for slot in range(self.count):
+                    slots.start_soon(self._keep_running, slot)
+            nursery.cancel_scope.cancel()
+        if self._failure is not None:
+            raise StartupError(self._failure)
+        self.state = State.STOPPED
+        self.log.info("stopped")
+
+    def request_drain(self) -> None:
+        if self.state in (State.STARTING, State.SERVING):
+            self.state = State.DRAINING
+            self._stop.set()
+            self._signal_all(signal.SIGTERM)
+
+    async def _handle_signals(
+        self, nursery: trio.Nursery, *, task_status: trio.TaskStatus[None]
+    ) -> None:
+        with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as signals:
+            task_status.started()
+            async for signum in signals:
+                if signum == signal.SIGHUP:
+                    self.log.info("SIGHUP received; every worker reloads the config")
+                    self._forward_reload()
+                elif self.state is State.DRAINING:
+                    self.log.warning(
+                        "second stop signal: exiting now without waiting for connections"
+                    )
+                    self._signal_all(signal.SIGTERM)  # a draining worker exits at once
+                    nursery.start_soon(self._kill_after, EXIT_GRACE)
+                else:
+                    self.log.info(
+                        "stop signal received; draining", signal=signal.Signals(signum).name
+                    )
+                    self.request_drain()
+
+    def _forward_reload(self) -> None:
+        for worker in self.workers.values():
+            if worker.ready:
+                worker.process.send_signal(signal.SIGHUP)
+            else:
+                # WARNING: SIGHUP kills a Python process that has not yet
+                # installed its handler; send it once the worker is ready.
+                worker.reload_pending = True
+
+    def _signal_all(self, signum: int) -> None:
+        for worker in self.workers.values():
+            worker.process.send_signal(signum)
+
+    async def _kill_after(self, seconds: float) -> None:
+        await trio.sleep(seconds)
+        for worker in self.workers.values():
+            self.log.warning("worker did not exit; killing it", worker_pid=worker.process.pid)
+            worker.process.kill()
+
+    async def _keep_running(self, slot: int) -> None:
+        """One worker slot: run a worker, and another when it exits on its own."""
+        delay = RESTART_BACKOFF_FIRST
+        restarts = 0
+        while True:
+            started = trio.current_time()
+            pid, code = await self._run_worker(slot, restarts)
+            if self.state is State.DRAINING:
+                return
+            if self.state is State.STARTING:
+                self._fail(f"worker {slot} exited during start-up ({_describe(code)})")
+                return
+            if trio.current_time() - started >= STABLE_AFTER:
+                delay = RESTART_BACKOFF_FIRST
+            self.log.error(
+                "worker exited unexpectedly; restarting it",
+                slot=slot,
+                worker_pid=pid,
+                exit=_describe(code),
+                restart_in=delay,
+            )
+            with trio.move_on_after(delay):
+                await self._stop.wait()
+            if self._stop.is_set():
+                return
+            delay = min(delay * 2, RESTART_BACKOFF_MAX)
+            restarts += 1
+            self.metrics.worker_restarts.inc()
+
+    def _fail(self, message: str) -> None:
+        if self._failure is None:
+            self._failure = message
+        self.state = State.DRAINING
+        self._stop.set()
+        self._signal_all(signal.SIGTERM)
+
+    async def _run_worker(self, slot: int, restarts: int) -> tuple[int, int]:
+        """Start one worker and wait for it to exit: (pid, exit code)."""
+        assert self.metrics_dir is not None
+        ours, theirs = socket.socketpair()
+        try:
+            process = await trio.lowlevel.open_process(
+                [*self.command, "--control-fd", str(theirs.fileno()), *_pin_flags(self._pins)],
+                stdin=subprocess.DEVNULL,
+                pass_fds=(theirs.fileno(),),
+                env={**os.environ, MULTIPROC_ENV: str(self.metrics_dir)},
+                start_new_session=True,  # signals come from us only
+            )
+        except BaseException:
+            ours.close()
+            raise
+        finally:
+            theirs.close()
+        worker = _Worker(slot, process, restarts)
+        self.workers[slot] = worker
+        self.log.info("worker started", slot=slot, worker_pid=process.pid)
+        if self._stop.is_set():  # the stop signal came while it was being started
+            process.send_signal(signal.SIGTERM)
+        try:
+            with trio.socket.from_stdlib_socket(ours) as control:
+                async with trio.open_nursery() as watch:
+                    watch.start_soon(self._await_ready, worker, control)
+                    await process.wait()
+                    watch.cancel_scope.cancel()
+        finally:
+            del self.workers[slot]
+            if process.returncode is None:  # we are being cancelled
+                process.kill()
+                with trio.CancelScope(shield=True):
+                    await process.wait()
+            mark_process_dead(process.pid, str(self.metrics_dir))  # type: ignore[no-untyped-call]
+        assert process.returncode is not None
+        return process.pid, process.returncode
+
+    async def _await_ready(self, worker: _Worker, control: trio.socket.SocketType) -> None:
+        with trio.move_on_after(WORKER_START_TIMEOUT):
+            if await control.recv(len(READY)) == READY:
+                self._ready(worker)
+            return  # EOF: it exited before being ready; _run_worker sees that
+        self.log.error(
+            f"worker not ready after {WORKER_START_TIMEOUT:g} s; killing it",
+            slot=worker.slot,
+            worker_pid=worker.process.pid,
+        )
+        worker.process.kill()
+
+    def _ready(self, worker: _Worker) -> None:
+        worker.ready = True
+        self.log.info(
+            "worker ready",
+            slot=worker.slot,
+            worker_pid=worker.process.pid,
+            restarts=worker.restarts,
+        )
+        if worker.reload_pending:
+            worker.process.send_signal(signal.SIGHUP)
+        ready = [w for w in self.workers.values() if w.ready]
+        if self.state is State.STARTING and len(ready) == self.count:
+            self.state = State.SERVING
+            self.log.info(
+                "workers ready",
+                workers=self.count,
+                worker_pids=sorted(w.process.pid for w in ready),
+            )
+
+
+def _pin_flags(pins: list[str]) -> list[str]:
+    return [flag for pin in pins for flag in ("--pin", pin)]
+
+
+def _describe(code: int) -> str:
+    if code < 0:
+        return f"killed by {signal.Signals(-code).name}"
+    return f"exit code {code}"
+
+
+def _format(address: tuple[str, int]) -> str:
+    host, port = address
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
