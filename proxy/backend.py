@@ -22,7 +22,6 @@ from __future__ import annotations
 import errno
 import os
 import socket
-import ssl
 from typing import Any
 
 import trio
@@ -30,6 +29,7 @@ import trio
 from proxy import proxy_protocol
 from proxy.config import Address
 from proxy.tls import server_name
+from proxy.tlsio import TLSConn
 
 # A Unix-socket connect fails at once with these when the socket file exists
 # but nobody accepts (ECONNREFUSED), does not exist yet (ENOENT: the app has
@@ -72,21 +72,20 @@ async def connect(
     raise BackendConnectError("timeout", f"no answer from {address} within {timeout:g} s")
 
 
-def proxy_header(
-    version: proxy_protocol.Version, tls: ssl.SSLSocket, peer: tuple[str, int]
-) -> bytes:
+def proxy_header(version: proxy_protocol.Version, tls: TLSConn, peer: tuple[str, int]) -> bytes:
     """The PROXY header for a client at `peer` that completed the handshake on `tls`.
 
     `peer` is the address from accept: `getpeername()` fails once the client
     has reset, while the local address of the accepted socket stays known.
     """
-    local = tls.getsockname()
-    cipher = tls.cipher()
+    local = tls.sock.getsockname()
+    obj = tls.obj
+    cipher = obj.cipher()
     facts = proxy_protocol.TLSFacts(
-        version=tls.version(),
+        version=obj.version(),
         cipher=cipher[0] if cipher else None,
-        alpn=tls.selected_alpn_protocol(),
-        sni=server_name(tls),
+        alpn=obj.selected_alpn_protocol(),
+        sni=server_name(obj),
     )
     return proxy_protocol.encode(version, (peer[0], peer[1]), (local[0], local[1]), facts)
 

@@ -15,6 +15,7 @@ from typing import Any
 import trio
 
 from proxy import backend
+from proxy.buffers import BufferPool
 from proxy.config import Address, ListenerConfig
 from proxy.handshake import HandshakeResult, run_handshake
 from proxy.ja4 import ja4
@@ -22,8 +23,9 @@ from proxy.log import Logger
 from proxy.metrics import ListenerMetrics
 from proxy.outcome import Outcome, client_cert_reason
 from proxy.sni import NameTable
-from proxy.splice import BufferPool, CloseReason, Splice, send_close_notify
+from proxy.splice import CloseReason, Splice
 from proxy.tls import server_name
+from proxy.tlsio import TLSConn
 
 
 @dataclass
@@ -122,7 +124,7 @@ class _Connection:
         }
         self.client = sock
         self.peer = peer  # kept for the PROXY header: getpeername() fails after a reset
-        self.tls: ssl.SSLSocket | None = None  # set once the handshake succeeded
+        self.tls: TLSConn | None = None  # set once the handshake succeeded
         self.backend: socket.socket | None = None
         runtime.metrics.accepted.inc()
         runtime.metrics.active.inc()
@@ -133,13 +135,12 @@ class _Connection:
         lm.in_progress.inc()
         try:
             result = await run_handshake(
-                self.client, runtime.context, runtime.config.handshake_timeout
+                self.client, runtime.context, runtime.config.handshake_timeout, self.buffers
             )
         finally:
             lm.in_progress.dec()
-        self.client = result.conn
         _record_handshake(result, runtime, self.fields)
-        if result.outcome is not Outcome.SUCCESS:
+        if result.outcome is not Outcome.SUCCESS or result.tls is None:
             return
         self.tls = result.tls
         self.backend = await _connect_backend(runtime, self.fields, self.tls, self.peer)
@@ -157,7 +158,8 @@ class _Connection:
         if drained:
             fields["close_reason"] = CloseReason.DRAIN.value
         if self.tls is not None and fields.get("close_reason") != CloseReason.CLIENT_RESET.value:
-            send_close_notify(self.tls)
+            self.tls.queue_close_notify()
+            self.tls.flush_nowait()
         self.client.close()
         if self.backend is not None:
             self.backend.close()
@@ -187,8 +189,8 @@ def _record_handshake(
     fields["sni_match"] = notes.sni_match
     if notes.hello is not None and runtime.access_log:
         fields["ja4"] = ja4(notes.hello)
-    if ok:
-        tls = result.tls
+    if ok and result.tls is not None:
+        tls = result.tls.obj
         version = tls.version() or "unknown"
         cipher = (tls.cipher() or ("unknown",))[0]
         alpn = tls.selected_alpn_protocol() or "none"
@@ -224,7 +226,7 @@ _RDN_KEYS = {
 }
 
 
-def _record_client_cert(tls: ssl.SSLSocket, fields: dict[str, Any]) -> None:
+def _record_client_cert(tls: ssl.SSLObject, fields: dict[str, Any]) -> None:
     """The verified client certificate's subject and SAN DNS names and URIs."""
     cert = tls.getpeercert()
     if not cert:
@@ -240,9 +242,9 @@ def _record_client_cert(tls: ssl.SSLSocket, fields: dict[str, Any]) -> None:
 
 
 async def _connect_backend(
-    runtime: ListenerRuntime, fields: dict[str, Any], tls: ssl.SSLSocket, peer: Any
+    runtime: ListenerRuntime, fields: dict[str, Any], tls: TLSConn, peer: Any
 ) -> socket.socket | None:
-    address = runtime.backend_for(server_name(tls))
+    address = runtime.backend_for(server_name(tls.obj))
     fields["backend"] = str(address)
     lm = runtime.metrics
     version = runtime.config.proxy_protocol

@@ -12,41 +12,36 @@ all the handshake state in between. Python surfaces the same contract:
 `SSLSocket.do_handshake()` raises `ssl.SSLWantReadError` /
 `ssl.SSLWantWriteError`.
 
-This module is that loop, in the open:
+This module is that loop, in the open, over the memory-BIO connection of
+`proxy.tlsio` (which says why the bytes go through our hands):
 
-    peek the first bytes          (before OpenSSL reads anything)
-    wrap the socket               (server side, no handshake on connect)
+    read the ClientHello          (before OpenSSL exists: first bytes, JA4)
+    wrap it in a TLSConn          (server side, the hello already fed)
     loop:
-        do_handshake()            -> done
-        SSLWantReadError          -> count, wait_readable(sock), again
-        SSLWantWriteError         -> count, wait_writable(sock), again
+        do_handshake()            -> done: flush the last flight
+        SSLWantReadError          -> flush our flight (count each wait for
+                                     writability: want-write), then read
+                                     the socket (count the wait for
+                                     readability: want-read), again
     all of it under handshake_timeout
 
 Each wait is a Trio checkpoint, so the deadline (a cancel scope owned here,
 the only code that knows the policy) interrupts any of them. A full TLS 1.3
-handshake typically costs one want-read: the ClientHello is already in the
-socket when we start, OpenSSL writes the whole server flight at once, then
-must wait for the client's Finished.
+handshake typically costs one want-read: the ClientHello is already in hand
+when OpenSSL starts, it writes the whole server flight at once, then must
+wait for the client's Finished. When a handshake fails, OpenSSL has put an
+alert in the outgoing buffer; it is sent before the socket closes, so the
+client learns why.
 
-Peeking first matters for diagnosis: a plain `GET / HTTP/1.1` on the TLS
-port would otherwise surface as OpenSSL's "wrong version number"; looking at
-the record type byte before OpenSSL does lets us say `not_tls`.
-
-The peek also reads the whole ClientHello (for the JA4 fingerprint in the
-access log and the ALPN policy in `proxy.tls`) without consuming it: OpenSSL
-then reads the very same bytes. The hello may arrive in several TCP segments,
-and a peek does not drain the socket, so "wait until readable, peek again"
-would spin: the socket stays readable while the first segment sits unread.
-Instead, once `proxy.clienthello.reassemble` says how many bytes it needs,
-the loop sets `SO_RCVLOWAT` to that count, so the kernel reports the socket
-readable only when that many bytes are queued (or on EOF/error), waits once,
-peeks again, and puts `SO_RCVLOWAT` back to 1. Each wait needs strictly more
-bytes than the last, the total is bounded by `MAX_PEEK_BYTES`, and the whole
-thing runs under the handshake deadline. Waiting here costs nothing: OpenSSL
-cannot answer before it has the whole ClientHello either. If the bytes stop
-growing (EOF), the hello is malformed or too big, or the socket option is
-refused, the loop gives up on the fingerprint and lets OpenSSL judge the
-bytes: a fingerprint is best effort and never fails a handshake.
+Reading the ClientHello first matters for diagnosis: a plain
+`GET / HTTP/1.1` on the TLS port would otherwise surface as OpenSSL's "wrong
+version number"; looking at the record type byte first lets us say
+`not_tls`. The whole hello (reassembled across TCP segments and TLS
+records by `proxy.clienthello`, bounded by `MAX_PEEK_BYTES` and the
+deadline) gives the JA4 fingerprint for the access log and the ALPN policy
+in `proxy.tls`; the bytes are then handed to OpenSSL unchanged. A hello we
+cannot parse is OpenSSL's to judge: a fingerprint is best effort and never
+fails a handshake.
 
 Every way the loop can end, including the deadline, is classified into
 exactly one `Outcome` by the pure functions in `proxy.outcome`.
@@ -61,54 +56,53 @@ from dataclasses import dataclass
 import trio
 
 from proxy import clienthello
-from proxy.clienthello import ClientHello
-from proxy.outcome import Outcome, classify
+from proxy.buffers import BufferPool
+from proxy.outcome import TLS_HANDSHAKE_RECORD, Outcome, classify
 from proxy.tls import HandshakeNotes, attach_notes
+from proxy.tlsio import TLSConn
 
 # One TLS record header: content type, two version bytes, two length bytes.
 # The content type alone decides not_tls; the rest is there for the log.
-PEEK_BYTES = 5
+RECORD_HEADER = 5
 
 
 @dataclass(slots=True)
 class HandshakeResult:
-    """What the loop learned; the caller owns `conn` and must close it."""
+    """What the loop learned; the caller owns `sock` (and `tls`) and must close it."""
 
     outcome: Outcome
-    conn: socket.socket  # the SSLSocket once wrapped, else the raw socket
+    sock: socket.socket
+    tls: TLSConn | None  # set once OpenSSL was given the connection
     wants_read: int
     wants_write: int
     seconds: float
     error: BaseException | None
     notes: HandshakeNotes
 
-    @property
-    def tls(self) -> ssl.SSLSocket:
-        """The established TLS socket; only valid when the outcome is success."""
-        assert isinstance(self.conn, ssl.SSLSocket)
-        return self.conn
-
 
 async def run_handshake(
     sock: socket.socket,
     context: ssl.SSLContext,
     timeout: float,  # noqa: ASYNC109 - the deadline firing is itself an outcome
+    pool: BufferPool,
 ) -> HandshakeResult:
-    """Peek, wrap, and drive the handshake of one accepted socket to an outcome.
+    """Read the hello, then drive the handshake of one accepted socket to an outcome.
 
     The loop owns its deadline because a timeout is not an error to propagate
     but one of the outcomes to classify and count.
     """
     start = trio.current_time()
-    loop = _Loop(sock)
+    loop = _Loop(sock, pool)
     error: BaseException | None = None
     with trio.move_on_after(timeout) as deadline:
         try:
             await loop.run(context)
         except Exception as exc:
             error = exc
+            if loop.tls is not None:
+                loop.tls.flush_nowait()  # OpenSSL's alert: the client learns why
         except BaseException:
-            loop.conn.close()  # cancelled from outside: the wrapped socket is ours alone
+            sock.close()  # cancelled from outside: nobody else will close it
             raise
     outcome = classify(
         first=loop.first,
@@ -118,7 +112,8 @@ async def run_handshake(
     )
     return HandshakeResult(
         outcome=outcome,
-        conn=loop.conn,
+        sock=sock,
+        tls=loop.tls,
         wants_read=loop.wants_read,
         wants_write=loop.wants_write,
         seconds=trio.current_time() - start,
@@ -130,68 +125,54 @@ async def run_handshake(
 class _Loop:
     """The state of one handshake, kept so a deadline can still report it."""
 
-    __slots__ = ("conn", "first", "notes", "wants_read", "wants_write")
+    __slots__ = ("first", "notes", "pool", "sock", "tls", "wants_read", "wants_write")
 
-    def __init__(self, sock: socket.socket) -> None:
-        self.conn: socket.socket = sock
+    def __init__(self, sock: socket.socket, pool: BufferPool) -> None:
+        self.sock = sock
+        self.pool = pool
+        self.tls: TLSConn | None = None
         self.first: bytes | None = None
         self.notes = HandshakeNotes()
         self.wants_read = 0
         self.wants_write = 0
 
     async def run(self, context: ssl.SSLContext) -> None:
-        self.notes.hello = await self._peek_hello()
-        if not self.first or self.first[0] != 0x16:
+        hello = await self._read_hello()
+        self.first = hello[:RECORD_HEADER]
+        if not hello or hello[0] != TLS_HANDSHAKE_RECORD:
             return  # the classifier decides from the bytes alone
-        tls = context.wrap_socket(self.conn, server_side=True, do_handshake_on_connect=False)
-        attach_notes(tls, self.notes)
-        self.conn = tls
+        tls = self.tls = TLSConn(self.sock, context, self.pool, hello)
+        attach_notes(tls.obj, self.notes)
         while True:
             try:
-                tls.do_handshake()
+                tls.obj.do_handshake()
             except ssl.SSLWantReadError:
-                self.wants_read += 1
-                await trio.lowlevel.wait_readable(tls)
-            except ssl.SSLWantWriteError:
-                self.wants_write += 1
-                await trio.lowlevel.wait_writable(tls)
+                self.wants_write += await tls.flush()
+                if await tls.fill():
+                    self.wants_read += 1
             else:
-                return
+                break
+        self.wants_write += await tls.flush()
 
-    async def _peek_hello(self) -> ClientHello | None:
-        """Peek until the ClientHello is whole (see the module docstring)."""
-        data = await self._peek()
-        self.first = data[:PEEK_BYTES]
+    async def _read_hello(self) -> bytes:
+        """The client's first bytes: a whole ClientHello if it sends one,
+        else whatever arrived before it stopped making sense (or EOF)."""
+        data = b""
         while True:
+            chunk = await self._recv()
+            if not chunk:
+                return data
+            data += chunk
             verdict = clienthello.reassemble(data)
             if isinstance(verdict, bytes):
-                return clienthello.parse(verdict)
+                self.notes.hello = clienthello.parse(verdict)
+                return data
             if verdict == clienthello.GIVE_UP:
-                return None
-            more = await self._peek_at_least(verdict)
-            if len(more) <= len(data):
-                return None  # EOF, or the kernel would not wait for us: let OpenSSL judge
-            data = more
+                return data
 
-    async def _peek(self) -> bytes:
+    async def _recv(self) -> bytes:
         while True:
             try:
-                return self.conn.recv(clienthello.MAX_PEEK_BYTES, socket.MSG_PEEK)
+                return self.sock.recv(clienthello.MAX_PEEK_BYTES)
             except BlockingIOError:
-                await trio.lowlevel.wait_readable(self.conn)
-
-    async def _peek_at_least(self, count: int) -> bytes:
-        """Wait until `count` bytes are queued (or EOF), then peek them all."""
-        sock = self.conn
-        try:
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVLOWAT, count)
-        except OSError:
-            return b""
-        try:
-            await trio.lowlevel.wait_readable(sock)
-        finally:
-            # WARNING: must be restored before OpenSSL reads or the handshake
-            # loop waits: with a low-water mark left at `count`, a later
-            # wait_readable would sleep until `count` bytes of *new* data came.
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVLOWAT, 1)
-        return await self._peek()
+                await trio.lowlevel.wait_readable(self.sock)

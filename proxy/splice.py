@@ -10,13 +10,10 @@ connection is bounded by one chunk per direction. The chunk buffers are
 lent by a `BufferPool` only while bytes are in flight: an idle connection,
 parked waiting for readability, holds none.
 
-After the handshake OpenSSL keeps the same contract as during it
-(`SSL_read(3)`, `SSL_write(3)`): a read may raise `SSLWantReadError` (no
-complete record yet) and also `SSLWantWriteError` (it must send a
-post-handshake message first); a write may raise either too. The caller
-waits for that readiness and retries with the same buffer. A TLS write is
-all-or-nothing here (Python does not enable partial writes), so a retried
-`send` reports the whole chunk.
+After the handshake the client side keeps OpenSSL's contract
+(`SSL_read(3)`, `SSL_write(3)`) through `proxy.tlsio.TLSConn`: a read that
+needs more ciphertext raises `SSLWantReadError`, answered by feeding the
+memory BIO from the socket; a write goes into the BIO and is flushed.
 
 Half-close is carried across in both directions:
 
@@ -26,12 +23,11 @@ Half-close is carried across in both directions:
 and the connection ends when both directions have ended, when either side
 resets, or when no byte moved for `idle_timeout`.
 
-Sending close_notify while the client may still be sending is the subtle
-part: Python's `SSLSocket.unwrap()` calls `SSL_shutdown(3)` twice, and the
-second call reads from the socket, discarding (with an error) any
-application record already waiting there. So close_notify is only sent when
-nothing from the client is pending; otherwise the client-reading task sends
-it the moment it has drained what was there (see `_Connection`).
+Our close_notify is queued only while nothing the client sent is waiting to
+be decrypted (`TLSConn.drained`): `unwrap()` would otherwise consume and
+reject that data. If the client-reading task is mid-way through the client's
+bytes, it queues the close_notify the moment it has drained them, before
+reading the socket again.
 """
 
 from __future__ import annotations
@@ -39,26 +35,13 @@ from __future__ import annotations
 import errno
 import socket
 import ssl
-from collections.abc import Awaitable, Callable
 from enum import StrEnum
 
 import trio
 
+from proxy.buffers import RECV_CHUNK, BufferPool
 from proxy.metrics import ListenerMetrics
-
-# Bytes read per system call. 64 KiB is four full TLS records: fewer wakeups
-# per megabyte than one record at a time, and still small per connection
-# (two buffers per established connection).
-RECV_CHUNK = 64 * 1024
-
-# Free buffers kept for reuse (64 x 64 KiB = 4 MiB at most); beyond that a
-# returned buffer is left to the garbage collector.
-POOL_KEEP = 64
-
-# Seconds to wait between retries when the other direction already holds the
-# socket's readiness slot (see `_wait_shared`). Only reachable through
-# post-handshake messages that make a read want a write, which are rare.
-SHARED_WAIT_POLL = 0.001
+from proxy.tlsio import TLSConn
 
 
 class CloseReason(StrEnum):
@@ -71,22 +54,6 @@ class CloseReason(StrEnum):
     CLIENT_PROTOCOL_ERROR = "client_protocol_error"
     IDLE_TIMEOUT = "idle_timeout"
     DRAIN = "drain"
-
-
-class BufferPool:
-    """Receive buffers lent for one read-then-write cycle, then reused."""
-
-    __slots__ = ("_free",)
-
-    def __init__(self) -> None:
-        self._free: list[memoryview] = []
-
-    def take(self) -> memoryview:
-        return self._free.pop() if self._free else memoryview(bytearray(RECV_CHUNK))
-
-    def give(self, view: memoryview) -> None:
-        if len(self._free) < POOL_KEEP:
-            self._free.append(view)
 
 
 class _ClientGone(Exception):
@@ -120,7 +87,7 @@ class Splice:
 
     def __init__(
         self,
-        client: ssl.SSLSocket,
+        client: TLSConn,
         backend: socket.socket,
         idle_timeout: float,
         metrics: ListenerMetrics,
@@ -199,8 +166,7 @@ class Splice:
                 pool.give(view)
                 self.bytes_to_client += n
                 counter.inc(n)
-            self.close_notify_wanted = True
-            self._try_close_notify()
+            await self._close_notify()
             self._half_closed(CloseReason.BACKEND_CLOSED, scope)
         except _ClientGone as exc:
             self._end(exc.reason, scope)
@@ -210,92 +176,63 @@ class Splice:
     async def _client_recv(self) -> tuple[memoryview, int] | None:
         """The next plaintext chunk as (pooled buffer, length), or None at EOF."""
         client = self.client
+        obj = client.obj
         pool = self.pool
         while True:
             view = pool.take()
             try:
-                n = client.recv_into(view)
+                n: int = obj.read(RECV_CHUNK, view)  # type: ignore[assignment]  # with a buffer: a count
             except ssl.SSLWantReadError:
                 pool.give(view)
-                if self.close_notify_wanted:
-                    self._try_close_notify()
-                await trio.lowlevel.wait_readable(client)
-            except ssl.SSLWantWriteError:
-                pool.give(view)
-                await _wait_shared(trio.lowlevel.wait_writable, client)
-            except ssl.SSLZeroReturnError:
-                return None  # close_notify after ours: a clean end
+                await self._refill()
+                continue
+            except (ssl.SSLZeroReturnError, ssl.SSLEOFError):
+                n = 0  # close_notify, or a bare FIN (a ragged but common end)
             except ssl.SSLError as exc:
-                raise _ClientGone(CloseReason.CLIENT_PROTOCOL_ERROR) from exc
-            except OSError as exc:
-                raise _ClientGone(CloseReason.CLIENT_RESET) from exc
-            else:
-                if n:
-                    return view, n
                 pool.give(view)
-                return None
+                client.flush_nowait()  # the alert that says why
+                raise _ClientGone(CloseReason.CLIENT_PROTOCOL_ERROR) from exc
+            if n:
+                return view, n
+            pool.give(view)
+            return None
+
+    async def _refill(self) -> None:
+        """Everything fed so far is decrypted: send what OpenSSL produced
+        meanwhile (and our close_notify, if due), then read the socket."""
+        client = self.client
+        try:
+            if self.close_notify_wanted:
+                self.close_notify_wanted = False
+                client.queue_close_notify()
+            if client.outgoing.pending:
+                await client.flush()
+            await client.fill()
+        except OSError as exc:
+            raise _ClientGone(CloseReason.CLIENT_RESET) from exc
 
     async def _client_send_all(self, view: memoryview) -> None:
         client = self.client
-        while True:
-            try:
-                client.send(view)
-            except ssl.SSLWantWriteError:
-                await trio.lowlevel.wait_writable(client)
-            except ssl.SSLWantReadError:
-                await _wait_shared(trio.lowlevel.wait_readable, client)
-            except ssl.SSLError as exc:
-                raise _ClientGone(CloseReason.CLIENT_PROTOCOL_ERROR) from exc
-            except OSError as exc:
-                raise _ClientGone(CloseReason.CLIENT_RESET) from exc
-            else:
-                return
+        try:
+            client.obj.write(view)
+            await client.flush()
+        except ssl.SSLError as exc:
+            raise _ClientGone(CloseReason.CLIENT_PROTOCOL_ERROR) from exc
+        except OSError as exc:
+            raise _ClientGone(CloseReason.CLIENT_RESET) from exc
 
-    def _try_close_notify(self) -> None:
-        """Send close_notify if no client record can be caught by `unwrap()`.
-
-        WARNING: the check and the send are two system calls apart with no
-        checkpoint between them; only bytes arriving in those microseconds
-        could still be lost, and then the client gets an error, not silence.
-        """
+    async def _close_notify(self) -> None:
+        """Our half is done: close_notify now if the client's bytes are all
+        read, else the reading task sends it once they are (see `_refill`)."""
         client = self.client
-        if client.pending() or _has_unread_bytes(client):
-            return  # the reading task will call again once it has drained them
-        self.close_notify_wanted = False
-        send_close_notify(client)
-
-
-def send_close_notify(client: ssl.SSLSocket) -> None:
-    """Queue our close_notify without waiting for the client's reply.
-
-    The first `SSL_shutdown` sends it; the second, inside `unwrap`, looks for
-    the peer's and raises want-read when it is not there yet, which is fine:
-    we never need the peer's close_notify to finish our half.
-    """
-    try:
-        client.unwrap()
-    except (ssl.SSLWantReadError, ssl.SSLWantWriteError):
-        pass  # sent (or queued in the kernel); the peer's reply is not needed
-    except (ssl.SSLError, OSError, ValueError):
-        pass  # the client is gone or the TLS layer already shut; nothing left to tell it
-
-
-def _has_unread_bytes(sock: socket.socket) -> bool:
-    try:
-        return bool(socket.socket.recv(sock, 1, socket.MSG_PEEK | socket.MSG_DONTWAIT))
-    except BlockingIOError:
-        return False
-    except OSError:
-        return False  # a reset: nothing readable to lose
-
-
-async def _wait_shared(
-    wait: Callable[[socket.socket], Awaitable[None]], sock: socket.socket
-) -> None:
-    try:
-        await wait(sock)
-    except trio.BusyResourceError:
-        await trio.sleep(SHARED_WAIT_POLL)
+        if not client.drained():
+            self.close_notify_wanted = True
+            return
+        client.queue_close_notify()
+        try:
+            await client.flush()
+        except OSError as exc:
+            raise _ClientGone(CloseReason.CLIENT_RESET) from exc
 
 
 async def _sock_recv(sock: socket.socket, pool: BufferPool) -> tuple[memoryview, int] | None:

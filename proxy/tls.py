@@ -97,7 +97,7 @@ class HandshakeNotes:
     refused: Outcome | None = None  # our policy failed the handshake, and why
 
 
-def attach_notes(conn: ssl.SSLSocket, notes: HandshakeNotes) -> None:
+def attach_notes(conn: ssl.SSLObject, notes: HandshakeNotes) -> None:
     setattr(conn, _NOTES, notes)
 
 
@@ -189,6 +189,6 @@ class _SNISelector:
         return None
 
 
-def server_name(conn: ssl.SSLSocket) -> str | None:
+def server_name(conn: ssl.SSLObject) -> str | None:
     """The SNI the client sent, if any."""
     return notes_of(conn).sni

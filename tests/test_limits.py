@@ -14,8 +14,8 @@ from pathlib import Path
 import pytest
 import trio
 
+from proxy.buffers import POOL_KEEP
 from proxy.server import EXHAUSTED_EVENT as EXHAUSTED
-from proxy.splice import POOL_KEEP
 from tests.daemon import PYTHON_M_PROXY, Daemon, echo_through, env_for, spawn, write_config
 from tests.helpers import (
     STEP,

@@ -188,7 +188,7 @@ async def test_garbage_after_record_header_counts_protocol_error(
 class _BrokenContext(ssl.SSLContext):
     """A server context with a bug: stands in for any unexpected failure."""
 
-    def wrap_socket(self, *args: object, **kwargs: object) -> ssl.SSLSocket:
+    def wrap_bio(self, *args: object, **kwargs: object) -> ssl.SSLObject:
         raise RuntimeError("injected fault")
 
 
