@@ -57,6 +57,13 @@ pytest: system-deps $(VENV)/.installed-dev $(SSLYZE)
 
 test: lint typecheck pytest
 
+# The side-by-side benchmark against stunnel, HAProxy and hitch (about ten
+# minutes, both certificate types); writes BENCHMARKS.md.
+BENCH_DEBS := openssl nginx-light wrk util-linux stunnel4 haproxy hitch
+bench: $(VENV)/.installed-dev
+	$(MAKE) system-deps TEST_DEBS="$(BENCH_DEBS)"
+	$(BIN)/python -m benchmarks.report
+
 # Ten minutes of connection churn against the real daemon (not part of
 # `make test`); fails if RSS grows 5 % or more between minute 2 and 10.
 soak: $(VENV)/.installed-dev

@@ -20,6 +20,8 @@ answer.
 from __future__ import annotations
 
 import errno
+import functools
+import ipaddress
 import os
 import socket
 from typing import Any
@@ -57,10 +59,7 @@ async def connect(
     """A non-blocking connection to the backend, `preamble` already written,
     within `timeout` seconds."""
     with trio.move_on_after(timeout):
-        if address.unix_path is not None:
-            targets = [(socket.AF_UNIX, address.unix_path)]
-        else:
-            targets = await _resolve(address)
+        targets = _literal_targets(address) or await _resolve(address)
         error: BackendConnectError | None = None
         for family, sockaddr in targets:
             try:
@@ -88,6 +87,21 @@ def proxy_header(version: proxy_protocol.Version, tls: TLSConn, peer: tuple[str,
         sni=server_name(obj),
     )
     return proxy_protocol.encode(version, (peer[0], peer[1]), (local[0], local[1]), facts)
+
+
+@functools.lru_cache(maxsize=1024)
+def _literal_targets(address: Address) -> tuple[tuple[socket.AddressFamily, Sockaddr], ...]:
+    """Where an address needs no resolver (a path or an IP literal), worked
+    out once per backend instead of once per connection; else ()."""
+    if address.unix_path is not None:
+        return ((socket.AF_UNIX, address.unix_path),)
+    try:
+        ip = ipaddress.ip_address(address.host)
+    except ValueError:
+        return ()
+    if ip.version == 6:
+        return ((socket.AF_INET6, (address.host, address.port, 0, 0)),)
+    return ((socket.AF_INET, (address.host, address.port)),)
 
 
 async def _resolve(address: Address) -> list[tuple[socket.AddressFamily, Sockaddr]]:

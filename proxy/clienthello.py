@@ -17,6 +17,7 @@ checked against what is left, and any inconsistency is a `None`.
 
 from __future__ import annotations
 
+import struct
 from dataclasses import dataclass
 from typing import Final
 
@@ -120,9 +121,7 @@ class _Reader:
     def uint16s(self) -> tuple[int, ...]:
         if len(self.data) % 2:
             raise ValueError("odd length")
-        return tuple(
-            int.from_bytes(self.data[i : i + 2], "big") for i in range(0, len(self.data), 2)
-        )
+        return struct.unpack(f">{len(self.data) // 2}H", self.data)
 
 
 def parse(message: bytes) -> ClientHello | None:

@@ -23,7 +23,7 @@ from proxy.log import Logger
 from proxy.metrics import ListenerMetrics
 from proxy.outcome import Outcome, client_cert_reason
 from proxy.sni import NameTable
-from proxy.splice import CloseReason, Splice
+from proxy.splice import CloseReason, IdleWatch, Splice
 from proxy.tls import server_name
 from proxy.tlsio import TLSConn
 
@@ -63,6 +63,7 @@ class ConnectionSet:
 
     def __init__(self) -> None:
         self.buffers = BufferPool()
+        self.idle = IdleWatch()
         self.live: set[trio.CancelScope] = set()
         self.cutting = False
         self._idle = trio.Event()
@@ -92,7 +93,7 @@ async def handle_connection(
     sock: socket.socket, peer: Any, listener: ListenerState, connections: ConnectionSet
 ) -> None:
     """Serve one accepted socket; never raises, always closes, always logs."""
-    conn = _Connection(sock, peer, listener.runtime, connections.buffers)
+    conn = _Connection(sock, peer, listener.runtime, connections)
     scope = trio.CancelScope()
     connections.add(scope)
     try:
@@ -113,10 +114,11 @@ class _Connection:
     """The sockets and access-log fields of one connection."""
 
     def __init__(
-        self, sock: socket.socket, peer: Any, runtime: ListenerRuntime, buffers: BufferPool
+        self, sock: socket.socket, peer: Any, runtime: ListenerRuntime, shared: ConnectionSet
     ) -> None:
         self.runtime = runtime
-        self.buffers = buffers
+        self.buffers = shared.buffers
+        self.idle = shared.idle
         self.start = trio.current_time()
         self.fields: dict[str, Any] = {
             "listener": runtime.metrics.name,
@@ -148,7 +150,7 @@ class _Connection:
             return
         splice = Splice(self.tls, self.backend, runtime.config.idle_timeout, lm, self.buffers)
         try:
-            self.fields["close_reason"] = (await splice.run()).value
+            self.fields["close_reason"] = (await splice.run(self.idle)).value
         finally:
             self.fields["bytes_to_backend"] = splice.bytes_to_backend
             self.fields["bytes_to_client"] = splice.bytes_to_client
@@ -189,6 +191,7 @@ def _record_handshake(
     fields["sni_match"] = notes.sni_match
     if notes.hello is not None and runtime.access_log:
         fields["ja4"] = ja4(notes.hello)
+    notes.hello = None  # the notes live as long as the connection; the hello need not
     if ok and result.tls is not None:
         tls = result.tls.obj
         version = tls.version() or "unknown"

@@ -13,6 +13,7 @@ JA4 goes to the access log only: it is unbounded, never a metric label.
 from __future__ import annotations
 
 import hashlib
+import struct
 
 from proxy.clienthello import EXT_ALPN, EXT_SERVER_NAME, ClientHello
 
@@ -72,7 +73,8 @@ def _hash(text: str) -> str:
 
 
 def _hex_list(values: list[int]) -> str:
-    return ",".join(f"{v:04x}" for v in values)
+    """Four hex digits per value, comma-separated (packed, then hexed in C)."""
+    return struct.pack(f">{len(values)}H", *values).hex(",", 2)
 
 
 def _cipher_hash(ciphers: list[int]) -> str:

@@ -200,6 +200,8 @@ class Server:
     ) -> None:
         async with trio.open_nursery() as handlers:
             self._handlers = handlers
+            idle_watch = trio.CancelScope()
+            handlers.start_soon(self._watch_idle, idle_watch)
             async with trio.open_nursery() as accepting:
                 self._accepting = accepting
                 for listener in self._bound.values():
@@ -213,6 +215,11 @@ class Server:
                 self._accepting = None
                 accepting.cancel_scope.cancel()
             await self._drain()
+            idle_watch.cancel()
+
+    async def _watch_idle(self, scope: trio.CancelScope) -> None:
+        with scope:
+            await self.connections.idle.run()
 
     def _start_accepting(self, listener: _Listener) -> None:
         self.log.info(

@@ -3,7 +3,9 @@
 Theory of operation
 -------------------
 
-Two tasks in one nursery, one per direction. Each reads one chunk and
+Two tasks in one nursery, one per direction (the idle timeouts of all
+connections are enforced by one `IdleWatch` task per process, not a task
+each: a task is the biggest part of an idle connection's memory). Each reads one chunk and
 writes all of it before reading again, so a slow receiver stops the reader
 (back-pressure through the kernel's socket buffers) and memory per
 connection is bounded by one chunk per direction. The chunk buffers are
@@ -43,6 +45,11 @@ from proxy.buffers import RECV_CHUNK, BufferPool
 from proxy.metrics import ListenerMetrics
 from proxy.tlsio import TLSConn
 
+# Bounds on the idle scan's period, in seconds: at most a second late for the
+# usual minutes-long timeouts, and never a busy loop for tiny ones.
+SCAN_MAX = 1.0
+SCAN_MIN = 0.05
+
 
 class CloseReason(StrEnum):
     """Why an established connection ended; a field of the access log."""
@@ -54,6 +61,35 @@ class CloseReason(StrEnum):
     CLIENT_PROTOCOL_ERROR = "client_protocol_error"
     IDLE_TIMEOUT = "idle_timeout"
     DRAIN = "drain"
+
+
+class IdleWatch:
+    """Every established connection's idle timeout, checked by one task.
+
+    The check is a scan of `last_activity` stamps, a few microseconds per
+    thousand connections, run a few times per shortest timeout: a connection
+    idles out at most a quarter of its timeout (and at most `SCAN_MAX`) late.
+    """
+
+    __slots__ = ("_interval", "_splices")
+
+    def __init__(self) -> None:
+        self._splices: set[Splice] = set()
+        self._interval = SCAN_MAX
+
+    def watch(self, splice: Splice) -> None:
+        self._splices.add(splice)
+        self._interval = min(self._interval, max(SCAN_MIN, splice.idle_timeout / 4))
+
+    def forget(self, splice: Splice) -> None:
+        self._splices.discard(splice)
+
+    async def run(self) -> None:
+        while True:
+            await trio.sleep(self._interval)
+            now = trio.current_time()
+            for splice in list(self._splices):
+                splice.expire_if_idle(now)
 
 
 class _ClientGone(Exception):
@@ -73,6 +109,7 @@ class Splice:
 
     __slots__ = (
         "backend",
+        "backend_drained",
         "bytes_to_backend",
         "bytes_to_client",
         "client",
@@ -81,8 +118,8 @@ class Splice:
         "idle_timeout",
         "last_activity",
         "metrics",
-        "open_directions",
         "pool",
+        "scope",
     )
 
     def __init__(
@@ -102,17 +139,26 @@ class Splice:
         self.bytes_to_client = 0
         self.close_reason: CloseReason | None = None
         self.close_notify_wanted = False
-        self.open_directions = 2
+        self.scope: trio.CancelScope | None = None
+        self.backend_drained = False
         self.last_activity = trio.current_time()
 
-    async def run(self) -> CloseReason:
+    async def run(self, idle: IdleWatch) -> CloseReason:
         """Copy until both directions end, one fails, or the connection idles out."""
         async with trio.open_nursery() as nursery:
-            nursery.start_soon(self._watch_idle, nursery.cancel_scope)
-            nursery.start_soon(self._to_backend, nursery.cancel_scope)
-            nursery.start_soon(self._to_client, nursery.cancel_scope)
+            self.scope = nursery.cancel_scope
+            idle.watch(self)
+            try:
+                nursery.start_soon(self._to_backend, nursery.cancel_scope)
+                await self._to_client(nursery.cancel_scope)
+            finally:
+                idle.forget(self)
         assert self.close_reason is not None
         return self.close_reason
+
+    def expire_if_idle(self, now: float) -> None:
+        if self.scope is not None and now - self.last_activity >= self.idle_timeout:
+            self._end(CloseReason.IDLE_TIMEOUT, self.scope)
 
     def _end(self, reason: CloseReason, scope: trio.CancelScope) -> None:
         if self.close_reason is None or self.close_reason in (
@@ -122,20 +168,9 @@ class Splice:
             self.close_reason = reason
         scope.cancel()
 
-    def _half_closed(self, reason: CloseReason, scope: trio.CancelScope) -> None:
+    def _half_closed(self, reason: CloseReason) -> None:
         if self.close_reason is None:
             self.close_reason = reason
-        self.open_directions -= 1
-        if not self.open_directions:
-            scope.cancel()  # both halves ended cleanly: stop the idle watch
-
-    async def _watch_idle(self, scope: trio.CancelScope) -> None:
-        while True:
-            deadline = self.last_activity + self.idle_timeout
-            if trio.current_time() >= deadline:
-                self._end(CloseReason.IDLE_TIMEOUT, scope)
-                return
-            await trio.sleep_until(deadline)
 
     async def _to_backend(self, scope: trio.CancelScope) -> None:
         counter = self.metrics.bytes_to_backend
@@ -149,7 +184,7 @@ class Splice:
                 self.bytes_to_backend += n
                 counter.inc(n)
             _shutdown_write(self.backend)
-            self._half_closed(CloseReason.CLIENT_CLOSED, scope)
+            self._half_closed(CloseReason.CLIENT_CLOSED)
         except _ClientGone as exc:
             self._end(exc.reason, scope)
         except _BackendGone:
@@ -159,7 +194,7 @@ class Splice:
         counter = self.metrics.bytes_to_client
         pool = self.pool
         try:
-            while chunk := await _sock_recv(self.backend, pool):
+            while chunk := await self._backend_recv():
                 self.last_activity = trio.current_time()
                 view, n = chunk
                 await self._client_send_all(view[:n])
@@ -167,11 +202,39 @@ class Splice:
                 self.bytes_to_client += n
                 counter.inc(n)
             await self._close_notify()
-            self._half_closed(CloseReason.BACKEND_CLOSED, scope)
+            self._half_closed(CloseReason.BACKEND_CLOSED)
         except _ClientGone as exc:
             self._end(exc.reason, scope)
         except _BackendGone:
             self._end(CloseReason.BACKEND_RESET, scope)
+
+    async def _backend_recv(self) -> tuple[memoryview, int] | None:
+        """The next backend chunk as (pooled buffer, length), or None at EOF.
+
+        After a chunk shorter than the buffer the socket was empty, so it
+        waits for readability before reading (a read now would be a system
+        call spent on EAGAIN); after a full one it reads at once.
+        """
+        sock = self.backend
+        pool = self.pool
+        while True:
+            if self.backend_drained:
+                await trio.lowlevel.wait_readable(sock)
+            view = pool.take()
+            try:
+                n = sock.recv_into(view)
+            except BlockingIOError:
+                pool.give(view)
+                self.backend_drained = True
+                continue
+            except OSError as exc:
+                pool.give(view)
+                raise _BackendGone from exc
+            if n:
+                self.backend_drained = n < len(view)
+                return view, n
+            pool.give(view)
+            return None
 
     async def _client_recv(self) -> tuple[memoryview, int] | None:
         """The next plaintext chunk as (pooled buffer, length), or None at EOF."""
@@ -233,24 +296,6 @@ class Splice:
             await client.flush()
         except OSError as exc:
             raise _ClientGone(CloseReason.CLIENT_RESET) from exc
-
-
-async def _sock_recv(sock: socket.socket, pool: BufferPool) -> tuple[memoryview, int] | None:
-    """The next chunk from a plain socket as (pooled buffer, length), or None at EOF."""
-    while True:
-        view = pool.take()
-        try:
-            n = sock.recv_into(view)
-        except BlockingIOError:
-            pool.give(view)
-            await trio.lowlevel.wait_readable(sock)
-        except OSError as exc:
-            raise _BackendGone from exc
-        else:
-            if n:
-                return view, n
-            pool.give(view)
-            return None
 
 
 async def _sock_send_all(sock: socket.socket, view: memoryview) -> None:

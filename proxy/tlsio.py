@@ -49,7 +49,16 @@ from proxy.buffers import BufferPool
 class TLSConn:
     """One client's TLS state over its socket."""
 
-    __slots__ = ("_flush_done", "_flushing", "incoming", "obj", "outgoing", "pool", "sock")
+    __slots__ = (
+        "_flush_done",
+        "_flushing",
+        "drained_socket",
+        "incoming",
+        "obj",
+        "outgoing",
+        "pool",
+        "sock",
+    )
 
     def __init__(
         self, sock: socket.socket, context: ssl.SSLContext, pool: BufferPool, hello: bytes
@@ -62,6 +71,7 @@ class TLSConn:
         self.obj = context.wrap_bio(self.incoming, self.outgoing, server_side=True)
         self._flushing = False
         self._flush_done: trio.Event | None = None
+        self.drained_socket = True  # the hello was read until the socket had no more
 
     def fileno(self) -> int:
         return self.sock.fileno()
@@ -75,17 +85,22 @@ class TLSConn:
         waited = False
         pool = self.pool
         while True:
+            if self.drained_socket:
+                # The last read was short: the socket was empty then, and a
+                # read now would most likely be a system call spent on EAGAIN.
+                waited = True
+                await trio.lowlevel.wait_readable(self.sock)
             view = pool.take()
             try:
                 n = self.sock.recv_into(view)
             except BlockingIOError:
                 pool.give(view)
-                waited = True
-                await trio.lowlevel.wait_readable(self.sock)
+                self.drained_socket = True
                 continue
             except BaseException:
                 pool.give(view)
                 raise
+            self.drained_socket = n < len(view)
             if n:
                 self.incoming.write(view[:n])
             else:
