@@ -51,6 +51,10 @@ SCAN_MAX = 1.0
 SCAN_MIN = 0.05
 
 
+# The largest TLS plaintext record (RFC 8446, 5.1).
+TLS_RECORD = 16 * 1024
+
+
 class CloseReason(StrEnum):
     """Why an established connection ended; a field of the access log."""
 
@@ -276,9 +280,14 @@ class Splice:
 
     async def _client_send_all(self, view: memoryview) -> None:
         client = self.client
+        write = client.obj.write
         try:
-            client.obj.write(view)
-            await client.flush()
+            # One record's worth at a time: the outgoing memory BIO keeps the
+            # largest size it ever held, so this bounds it near 16 KiB (at a
+            # measured ~10 % of bulk throughput against whole 64 KiB writes).
+            for start in range(0, len(view), TLS_RECORD):
+                write(view[start : start + TLS_RECORD])
+                await client.flush()
         except ssl.SSLError as exc:
             raise _ClientGone(CloseReason.CLIENT_PROTOCOL_ERROR) from exc
         except OSError as exc:

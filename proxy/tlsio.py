@@ -45,6 +45,13 @@ import trio
 
 from proxy.buffers import BufferPool
 
+# Ciphertext read per system call: one full record (16 KiB of plaintext, its
+# 5-byte header and up to 256 bytes of AEAD expansion), or several small
+# ones. The incoming memory BIO keeps the largest size it ever held, so the
+# read size bounds it; 64 KiB reads measured ~10 % more bulk throughput but
+# would leave 64 KiB behind in every connection that once received a burst.
+FILL_BYTES = 16 * 1024 + 5 + 256
+
 
 class TLSConn:
     """One client's TLS state over its socket."""
@@ -92,7 +99,7 @@ class TLSConn:
                 await trio.lowlevel.wait_readable(self.sock)
             view = pool.take()
             try:
-                n = self.sock.recv_into(view)
+                n = self.sock.recv_into(view, FILL_BYTES)
             except BlockingIOError:
                 pool.give(view)
                 self.drained_socket = True
@@ -100,7 +107,7 @@ class TLSConn:
             except BaseException:
                 pool.give(view)
                 raise
-            self.drained_socket = n < len(view)
+            self.drained_socket = n < FILL_BYTES
             if n:
                 self.incoming.write(view[:n])
             else:
