@@ -32,14 +32,22 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--cert", action="append", choices=("ecdsa", "rsa"))
     parser.add_argument("--quick", action="store_true", help="the harness's 1-minute smoke run")
+    parser.add_argument(
+        "--rewrite", metavar="DATE", help="rebuild BENCHMARKS.md from the results of DATE only"
+    )
     args = parser.parse_args()
+    certs = args.cert or ["ecdsa", "rsa"]
+    if args.rewrite:
+        sections = [_section(cert, RESULTS / f"{args.rewrite}-{cert}") for cert in certs]
+        (ROOT / "BENCHMARKS.md").write_text(_document(sections))
+        return 0
     if not HARNESS.exists():
         print(f"the shared harness is missing: {HARNESS}", file=sys.stderr)
         return 2
     env = {**os.environ, "TLSPROXY_CMD": str(Path(sys.executable).parent / "tlsproxy")}
     stamp = datetime.now(UTC).strftime("%Y-%m-%d")
     sections = []
-    for cert in args.cert or ["ecdsa", "rsa"]:
+    for cert in certs:
         out = RESULTS / f"{stamp}-{cert}"
         shutil.rmtree(out, ignore_errors=True)
         command = [str(HARNESS), "--targets", TARGETS, "--cert", cert, "--out", str(out)]
@@ -47,11 +55,23 @@ def main() -> int:
             command.append("--quick")
         print("running:", " ".join(command), file=sys.stderr)
         subprocess.run(command, env=env, check=True, stdout=subprocess.DEVNULL)
-        shown = " ".join(["../shared/bench/run", *command[1:-2]])
-        table = (out / "results.md").read_text()
-        sections.append(f"## {cert.upper()} certificate\n\nCommand: `{shown}`\n\n{table}")
+        _relative_paths(out)
+        sections.append(_section(cert, out))
     (ROOT / "BENCHMARKS.md").write_text(_document(sections))
     return 0
+
+
+def _relative_paths(out: Path) -> None:
+    """The results name this checkout's location; keep them relative to it."""
+    for name in ("results.md", "results.jsonl"):
+        path = out / name
+        path.write_text(path.read_text().replace(f"{ROOT}/", ""))
+
+
+def _section(cert: str, out: Path) -> str:
+    shown = f"../shared/bench/run --targets {TARGETS} --cert {cert}"
+    table = (out / "results.md").read_text()
+    return f"## {cert.upper()} certificate\n\nCommand: `{shown}`\n\n{table}"
 
 
 def _document(sections: list[str]) -> str:
@@ -84,11 +104,14 @@ def _versions() -> list[str]:
 
 
 def _first_line(command: list[str]) -> str:
+    """The line of a `--version` output that names the program."""
     try:
         done = subprocess.run(command, capture_output=True, text=True, check=False)
     except FileNotFoundError:
         return f"{command[0]}: not installed"
-    return ((done.stdout or done.stderr).strip().splitlines() or [command[0]])[0]
+    lines = (done.stdout + done.stderr).strip().splitlines()
+    named = [line for line in lines if command[0].lower() in line.lower()]
+    return (named or lines or [command[0]])[0]
 
 
 if __name__ == "__main__":
