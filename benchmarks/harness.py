@@ -28,12 +28,20 @@ FDS_PER_CONNECTION = 2
 FD_HEADROOM = 1024
 
 
-def raise_fd_limit(connections: int) -> None:
-    """Root may raise the hard limit too; children inherit the result."""
+def raise_fd_limit(connections: int) -> int:
+    """Raise the descriptor limit for `connections` (children inherit it) and
+    return how many connections fit: a container without CAP_SYS_RESOURCE
+    cannot raise the hard limit, even as root."""
     need = connections * FDS_PER_CONNECTION + FD_HEADROOM
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    if soft < need:
+    if soft >= need:
+        return connections
+    try:
         resource.setrlimit(resource.RLIMIT_NOFILE, (need, max(hard, need)))
+    except (ValueError, OSError):
+        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+        return (hard - FD_HEADROOM) // FDS_PER_CONNECTION
+    return connections
 
 
 def rss_kib(pid: int) -> int:
