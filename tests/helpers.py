@@ -15,6 +15,7 @@ from typing import Any
 
 import trio
 import trustme
+from cryptography import x509
 from prometheus_client import CollectorRegistry
 from prometheus_client.parser import text_string_to_metric_families
 
@@ -51,6 +52,15 @@ def write_certs(directory: Path, *names: str) -> Certs:
     key.write_bytes(leaf.private_key_pem.bytes())
     ca.cert_pem.write_to_path(str(ca_file))
     return Certs(ca, cert, key, ca_file)
+
+
+def issue_leaf(ca: trustme.CA, directory: Path, stem: str) -> tuple[Path, Path, int]:
+    """A new leaf from the same CA (so clients keep trusting it): paths and serial."""
+    leaf = ca.issue_cert("localhost", "127.0.0.1")
+    cert, key = directory / f"{stem}.crt", directory / f"{stem}.key"
+    cert.write_bytes(b"".join(blob.bytes() for blob in leaf.cert_chain_pems))
+    key.write_bytes(leaf.private_key_pem.bytes())
+    return cert, key, x509.load_pem_x509_certificate(cert.read_bytes()).serial_number
 
 
 def listener_table(certs: Certs, backend_port: int, **overrides: Any) -> dict[str, Any]:

@@ -20,21 +20,13 @@ from tests.helpers import (
     STEP,
     Certs,
     Running,
+    issue_leaf,
     sample,
     scrape,
     start_server,
     tls_connect,
     until,
 )
-
-
-def _issue(ca: trustme.CA, directory: Path, stem: str) -> tuple[Path, Path, int]:
-    """A new leaf from the same CA (so clients keep trusting it): paths and serial."""
-    leaf = ca.issue_cert("localhost", "127.0.0.1")
-    cert, key = directory / f"{stem}.crt", directory / f"{stem}.key"
-    cert.write_bytes(b"".join(blob.bytes() for blob in leaf.cert_chain_pems))
-    key.write_bytes(leaf.private_key_pem.bytes())
-    return cert, key, x509.load_pem_x509_certificate(cert.read_bytes()).serial_number
 
 
 def _config(
@@ -123,7 +115,7 @@ async def test_reload_serves_the_new_certificate_while_an_old_connection_keeps_w
     with trio.fail_after(STEP):
         established = await tls_connect(proxy.port, context)
         await _echo(established, b"before")
-    cert, key, new_serial = _issue(certs.ca, tmp_path, "rotated")
+    cert, key, new_serial = issue_leaf(certs.ca, tmp_path, "rotated")
     _replace(config_file, _config(cert, key, echo_port))
 
     assert await proxy.server.reload(_loader(config_file), trigger="test")
@@ -260,7 +252,7 @@ async def test_file_watch_reloads_on_a_kubernetes_secret_symlink_swap(
 ) -> None:
     mount = tmp_path / "secret"
     mount.mkdir()
-    first_cert, first_key, first_serial = _issue(certs.ca, tmp_path, "first")
+    first_cert, first_key, first_serial = issue_leaf(certs.ca, tmp_path, "first")
     _kubelet_secret(mount, first_cert, first_key, 1)
     config_file = tmp_path / "tlsproxy.toml"
     config_file.write_text(_config(mount / "tls.crt", mount / "tls.key", echo_port, watch=True))
@@ -269,7 +261,7 @@ async def test_file_watch_reloads_on_a_kubernetes_secret_symlink_swap(
     context = certs.client_context()
     assert await _serial(proxy.port, context) == first_serial
 
-    cert, key, serial = _issue(certs.ca, tmp_path, "second")
+    cert, key, serial = issue_leaf(certs.ca, tmp_path, "second")
     _kubelet_secret(mount, cert, key, 2)
 
     await until(lambda: _serial_is(proxy.port, context, serial))
@@ -280,14 +272,14 @@ async def test_file_watch_reloads_on_a_kubernetes_secret_symlink_swap(
 async def test_file_watch_recovers_from_a_half_written_certificate(
     nursery: trio.Nursery, certs: Certs, tmp_path: Path, echo_port: int
 ) -> None:
-    cert, key, first_serial = _issue(certs.ca, tmp_path, "live")
+    cert, key, first_serial = issue_leaf(certs.ca, tmp_path, "live")
     config_file = tmp_path / "tlsproxy.toml"
     config_file.write_text(_config(cert, key, echo_port, watch=True))
     proxy = await start_server(nursery, load_config(config_file))
     await nursery.start(watch_files, proxy.server, _loader(config_file))
     context = certs.client_context()
 
-    new_cert, new_key, new_serial = _issue(certs.ca, tmp_path, "next")
+    new_cert, new_key, new_serial = issue_leaf(certs.ca, tmp_path, "next")
     pem = new_cert.read_bytes()
     cert.write_bytes(pem[: len(pem) // 2])  # a writer caught half way, long enough to settle
     await until(lambda: _failed_reloads_reach(proxy, 1))
@@ -310,7 +302,7 @@ async def test_sighup_reloads_the_daemon_and_keeps_connections(
         with trio.fail_after(STEP):
             established = await tls_connect(port, context)
             await _echo(established, b"before")
-        cert, key, serial = _issue(certs.ca, tmp_path, "hup")
+        cert, key, serial = issue_leaf(certs.ca, tmp_path, "hup")
         _replace(config_file, _config(cert, key, echo_port))
         daemon.signal(signal.SIGHUP)
         await daemon.wait_for("config reloaded", trigger="SIGHUP")
@@ -331,7 +323,7 @@ HUP_EVERY = 0.5
 async def test_reload_under_load_fails_no_client_connection(
     nursery: trio.Nursery, certs: Certs, tmp_path: Path, echo_port: int
 ) -> None:
-    pairs = [_issue(certs.ca, tmp_path, f"alt{i}")[:2] for i in range(2)]
+    pairs = [issue_leaf(certs.ca, tmp_path, f"alt{i}")[:2] for i in range(2)]
     configs = [_config(cert, key, echo_port) for cert, key in pairs]
     config_file = tmp_path / "tlsproxy.toml"
     config_file.write_text(configs[0])

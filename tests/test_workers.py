@@ -18,7 +18,6 @@ from typing import Any
 
 import pytest
 import trio
-import trustme
 from cryptography import x509
 from prometheus_client.mmap_dict import MmapedDict, mmap_key
 
@@ -31,7 +30,7 @@ from tests.daemon import (
     spawn,
     toml_str,
 )
-from tests.helpers import STEP, Certs, sample, scrape, start_backend, tls_connect
+from tests.helpers import STEP, Certs, issue_leaf, sample, scrape, start_backend, tls_connect
 
 MESSAGE = b"hello through a worker"
 
@@ -225,25 +224,17 @@ async def test_a_killed_worker_is_restarted_while_the_other_serves_and_counts_su
         assert await daemon.exit_code() == 0
 
 
-def _issue(ca: trustme.CA, directory: Path, stem: str) -> tuple[Path, Path, int]:
-    leaf = ca.issue_cert("localhost", "127.0.0.1")
-    cert, key = directory / f"{stem}.crt", directory / f"{stem}.key"
-    cert.write_bytes(b"".join(blob.bytes() for blob in leaf.cert_chain_pems))
-    key.write_bytes(leaf.private_key_pem.bytes())
-    return cert, key, x509.load_pem_x509_certificate(cert.read_bytes()).serial_number
-
-
 async def test_sighup_makes_every_worker_serve_the_new_certificate(
     nursery: trio.Nursery, tmp_path: Path, certs: Certs, echo_port: int
 ) -> None:
-    old_cert, old_key, old_serial = _issue(certs.ca, tmp_path, "old")
+    old_cert, old_key, old_serial = issue_leaf(certs.ca, tmp_path, "old")
     config = tmp_path / "tlsproxy.toml"
     config.write_text(_config(old_cert, old_key, echo_port))
     context = certs.client_context()
 
     async with _workers(nursery, tmp_path, config) as (daemon, port, _, pids):
         assert await _echo(port, context) == old_serial
-        cert, key, serial = _issue(certs.ca, tmp_path, "new")
+        cert, key, serial = issue_leaf(certs.ca, tmp_path, "new")
         staged = config.with_name("staged.toml")
         staged.write_text(_config(cert, key, echo_port))
         staged.replace(config)
