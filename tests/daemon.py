@@ -19,7 +19,7 @@ from typing import Any
 import pytest
 import trio
 
-from tests.helpers import STEP, Certs, scrape, tls_connect
+from tests.helpers import STEP, Certs, echo_on, scrape, tls_connect
 
 PYTHON_M_PROXY = (sys.executable, "-m", "proxy")
 
@@ -241,12 +241,6 @@ async def echo_through(port: int, context: ssl.SSLContext) -> None:
     with trio.fail_after(STEP):
         tls = await tls_connect(port, context)
         try:
-            await tls.send_all(b"hello through the daemon")
-            received = b""
-            while len(received) < len(b"hello through the daemon"):
-                chunk = await tls.receive_some(100)
-                assert chunk, "the proxy closed before echoing"
-                received += chunk
-            assert received == b"hello through the daemon"
+            await echo_on(tls, b"hello through the daemon")
         finally:
             await tls.aclose()

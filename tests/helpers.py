@@ -266,6 +266,17 @@ async def tls_connect(port: int, context: ssl.SSLContext) -> trio.SSLStream[trio
     return tls
 
 
+async def echo_on(tls: trio.SSLStream[trio.SocketStream], message: bytes) -> None:
+    """Send `message` on an established connection and read it back whole."""
+    await tls.send_all(message)
+    received = b""
+    while len(received) < len(message):
+        chunk = await tls.receive_some(65536)
+        assert chunk, "the proxy closed before echoing"
+        received += chunk
+    assert received == message
+
+
 async def raw_connect(port: int) -> trio.SocketStream:
     return await trio.open_tcp_stream("127.0.0.1", port)
 

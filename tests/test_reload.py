@@ -20,6 +20,7 @@ from tests.helpers import (
     STEP,
     Certs,
     Running,
+    echo_on,
     issue_leaf,
     sample,
     scrape,
@@ -73,16 +74,6 @@ async def _failed_reloads_reach(proxy: Running, count: float) -> bool:
     return (await _reloads(proxy))[1] >= count
 
 
-async def _echo(tls: trio.SSLStream[trio.SocketStream], message: bytes) -> None:
-    await tls.send_all(message)
-    received = b""
-    while len(received) < len(message):
-        chunk = await tls.receive_some(65536)
-        assert chunk, "closed by the proxy"
-        received += chunk
-    assert received == message
-
-
 async def _reloads(proxy: Running) -> tuple[float, float]:
     _, text = await scrape(proxy.admin_port)
     return (
@@ -114,7 +105,7 @@ async def test_reload_serves_the_new_certificate_while_an_old_connection_keeps_w
     old_serial = await _serial(proxy.port, context)
     with trio.fail_after(STEP):
         established = await tls_connect(proxy.port, context)
-        await _echo(established, b"before")
+        await echo_on(established, b"before")
     cert, key, new_serial = issue_leaf(certs.ca, tmp_path, "rotated")
     _replace(config_file, _config(cert, key, echo_port))
 
@@ -123,7 +114,7 @@ async def test_reload_serves_the_new_certificate_while_an_old_connection_keeps_w
     assert await _serial(proxy.port, context) == new_serial != old_serial
     with trio.fail_after(STEP):
         for _ in range(25):  # 5 s: the old connection, on the old context, is untouched
-            await _echo(established, b"still here")
+            await echo_on(established, b"still here")
             await trio.sleep(0.2)
         await established.aclose()
     assert await _reloads(proxy) == (1.0, 0.0)
@@ -214,13 +205,13 @@ certificates = [{{ cert = {toml_str(certs.cert)}, key = {toml_str(certs.key)} }}
     context = certs.client_context()
     with trio.fail_after(STEP):
         on_second = await tls_connect(free, context)
-        await _echo(on_second, b"new listener")
+        await echo_on(on_second, b"new listener")
 
     _replace(config_file, _config(certs.cert, certs.key, echo_port))
     assert await proxy.server.reload(_loader(config_file), trigger="test")
     assert [s.runtime.config.name for s in proxy.server.listeners] == ["web"]
     with trio.fail_after(STEP):
-        await _echo(on_second, b"removed listener, live connection")  # drains, not cut
+        await echo_on(on_second, b"removed listener, live connection")  # drains, not cut
         await on_second.aclose()
         with pytest.raises(OSError):
             await trio.open_tcp_stream("127.0.0.1", free)  # no longer accepting
@@ -301,14 +292,14 @@ async def test_sighup_reloads_the_daemon_and_keeps_connections(
         port, _ = await daemon.started()
         with trio.fail_after(STEP):
             established = await tls_connect(port, context)
-            await _echo(established, b"before")
+            await echo_on(established, b"before")
         cert, key, serial = issue_leaf(certs.ca, tmp_path, "hup")
         _replace(config_file, _config(cert, key, echo_port))
         daemon.signal(signal.SIGHUP)
         await daemon.wait_for("config reloaded", trigger="SIGHUP")
         assert await _serial(port, context) == serial
         with trio.fail_after(STEP):
-            await _echo(established, b"after")
+            await echo_on(established, b"after")
             await established.aclose()
         daemon.signal(signal.SIGTERM)
         assert await daemon.exit_code() == 0
@@ -344,7 +335,7 @@ async def test_reload_under_load_fails_no_client_connection(
                     tls = await tls_connect(port, context)
                     latencies[phase].append(trio.current_time() - start)
                     try:
-                        await _echo(tls, b"x" * 64)
+                        await echo_on(tls, b"x" * 64)
                     finally:
                         await trio.aclose_forcefully(tls)
             except (OSError, trio.BrokenResourceError, trio.TooSlowError, AssertionError) as exc:

@@ -30,7 +30,16 @@ from tests.daemon import (
     spawn,
     toml_str,
 )
-from tests.helpers import STEP, Certs, issue_leaf, sample, scrape, start_backend, tls_connect
+from tests.helpers import (
+    STEP,
+    Certs,
+    echo_on,
+    issue_leaf,
+    sample,
+    scrape,
+    start_backend,
+    tls_connect,
+)
 
 MESSAGE = b"hello through a worker"
 
@@ -80,13 +89,7 @@ async def _echo(port: int, context: ssl.SSLContext) -> int:
         tls = await tls_connect(port, context)
         try:
             der = tls.getpeercert(binary_form=True)
-            await tls.send_all(MESSAGE)
-            received = b""
-            while len(received) < len(MESSAGE):
-                chunk = await tls.receive_some(100)
-                assert chunk, "the proxy closed before echoing"
-                received += chunk
-            assert received == MESSAGE
+            await echo_on(tls, MESSAGE)
         finally:
             await tls.aclose()
     assert der is not None
