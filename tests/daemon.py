@@ -8,10 +8,11 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import ssl
 import subprocess
 import sys
-from collections.abc import AsyncIterator, Callable, Iterator, Mapping, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Mapping, Sequence
 from contextlib import asynccontextmanager, contextmanager, suppress
 from pathlib import Path
 from typing import Any
@@ -244,3 +245,72 @@ async def echo_through(port: int, context: ssl.SSLContext) -> None:
             await echo_on(tls, b"hello through the daemon")
         finally:
             await tls.aclose()
+
+
+# A drained transfer: big enough to be many TLS records and socket buffers,
+# sent in chunks so it is still in flight when the stop signal arrives.
+CHUNK = 64 * 1024
+
+
+class GatedStream:
+    """A backend that streams `payload` in chunks and stops halfway until told to go on."""
+
+    def __init__(self, payload: bytes) -> None:
+        self.payload = payload
+        self.go_on = trio.Event()
+
+    async def handler(self, stream: trio.SocketStream) -> None:
+        try:
+            for offset in range(0, len(self.payload), CHUNK):
+                if offset == len(self.payload) // 2:
+                    await self.go_on.wait()
+                await stream.send_all(self.payload[offset : offset + CHUNK])
+                await trio.sleep(0.001)
+        except trio.BrokenResourceError:
+            pass  # the proxy cut it (a second stop signal)
+        # returning closes the stream (trio.serve_tcp): the backend's FIN
+
+
+async def transfer_across_sigterm(
+    daemon: Daemon,
+    ports: tuple[int, int],
+    context: ssl.SSLContext,
+    backend: GatedStream,
+    while_draining: Callable[[], Awaitable[None]],
+) -> bytes:
+    """Receive the backend's payload through the daemon with a SIGTERM in the
+    middle. While the backend holds the second half back: /readyz is 503,
+    /healthz 200, new connects are refused, the daemon still runs, and
+    `while_draining` checks the rest. Returns everything received."""
+    port, admin_port = ports
+    tls = await tls_connect(port, context)
+    received = bytearray()
+    some_arrived, all_arrived = trio.Event(), trio.Event()
+
+    async def read_to_the_end() -> None:
+        while chunk := await tls.receive_some(65536):
+            received.extend(chunk)
+            some_arrived.set()
+        all_arrived.set()
+
+    try:
+        async with trio.open_nursery() as client:
+            client.start_soon(read_to_the_end)
+            with daemon.deadline(STEP, "the first bytes"):
+                await some_arrived.wait()
+
+            daemon.signal(signal.SIGTERM)
+            await poll_status(admin_port, "/readyz", 503)
+            assert (await scrape(admin_port, "/healthz"))[0] == 200
+            await while_draining()
+            await assert_refused(port)
+            assert not all_arrived.is_set()
+            assert len(received) < len(backend.payload)
+            assert daemon.process.returncode is None
+
+            backend.go_on.set()
+            with daemon.deadline(STEP, "the rest of the transfer"):
+                await all_arrived.wait()
+    finally:
+        await tls.aclose()
+    return bytes(received)

@@ -24,12 +24,12 @@ from cryptography import x509
 import proxy
 from tests.daemon import (
     PYTHON_M_PROXY,
-    assert_refused,
+    GatedStream,
     config_text,
     echo_through,
     env_for,
-    poll_status,
     run_daemon,
+    transfer_across_sigterm,
     write_config,
 )
 from tests.helpers import (
@@ -48,7 +48,6 @@ CONSOLE_SCRIPT = Path(sys.executable).parent / "tlsproxy"
 # The drain test's response: big enough to be many TLS records and socket
 # buffers, sent in chunks so it is still in flight when SIGTERM arrives.
 PAYLOAD_SIZE = 10 * 1024 * 1024
-CHUNK = 64 * 1024
 
 
 # ---------------------------------------------------------------- helpers
@@ -321,22 +320,6 @@ async def test_run_with_cert_and_key_flags_and_no_config_proxies_tls(
 # ---------------------------------------------------------------- run: drain
 
 
-class GatedStream:
-    """A backend that streams `payload` in chunks and stops halfway until told to go on."""
-
-    def __init__(self, payload: bytes) -> None:
-        self.payload = payload
-        self.go_on = trio.Event()
-
-    async def handler(self, stream: trio.SocketStream) -> None:
-        for offset in range(0, len(self.payload), CHUNK):
-            if offset == len(self.payload) // 2:
-                await self.go_on.wait()
-            await stream.send_all(self.payload[offset : offset + CHUNK])
-            await trio.sleep(0.001)
-        # returning closes the stream (trio.serve_tcp): the backend's FIN
-
-
 async def test_sigterm_drains_in_flight_transfer_while_refusing_new_clients(
     tmp_path: Path, certs: Certs, nursery: trio.Nursery
 ) -> None:
@@ -347,39 +330,16 @@ async def test_sigterm_drains_in_flight_transfer_while_refusing_new_clients(
     )
 
     async with run_daemon(nursery, tmp_path, "--config", config) as daemon:
-        port, admin_port = await daemon.started()
-        assert await scrape(admin_port, "/readyz") == (200, "ready\n")
-        tls = await tls_connect(port, certs.client_context())
-        received = bytearray()
-        some_arrived, all_arrived = trio.Event(), trio.Event()
+        ports = await daemon.started()
+        assert await scrape(ports[1], "/readyz") == (200, "ready\n")
 
-        async def read_to_the_end() -> None:
-            while chunk := await tls.receive_some(65536):
-                received.extend(chunk)
-                some_arrived.set()
-            all_arrived.set()
+        async def one_connection_draining() -> None:
+            draining = await daemon.wait_for("draining")
+            assert draining["connections"] == 1
 
-        try:
-            async with trio.open_nursery() as client:
-                client.start_soon(read_to_the_end)
-                with daemon.deadline(STEP, "the first bytes"):
-                    await some_arrived.wait()
-
-                daemon.signal(signal.SIGTERM)
-                await poll_status(admin_port, "/readyz", 503)
-                assert (await scrape(admin_port, "/healthz"))[0] == 200
-                draining = await daemon.wait_for("draining")
-                assert draining["connections"] == 1
-                await assert_refused(port)
-                assert not all_arrived.is_set()
-                assert len(received) < PAYLOAD_SIZE
-                assert daemon.process.returncode is None
-
-                backend.go_on.set()
-                with daemon.deadline(STEP, "the rest of the transfer"):
-                    await all_arrived.wait()
-        finally:
-            await tls.aclose()
+        received = await transfer_across_sigterm(
+            daemon, ports, certs.client_context(), backend, one_connection_draining
+        )
 
         assert len(received) == PAYLOAD_SIZE
         assert hashlib.sha256(received).digest() == hashlib.sha256(backend.payload).digest()

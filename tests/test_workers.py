@@ -24,11 +24,12 @@ from prometheus_client.mmap_dict import MmapedDict, mmap_key
 from tests.daemon import (
     PYTHON_M_PROXY,
     Daemon,
+    GatedStream,
     assert_refused,
     env_for,
-    poll_status,
     spawn,
     toml_str,
+    transfer_across_sigterm,
 )
 from tests.helpers import (
     STEP,
@@ -258,64 +259,24 @@ async def test_sighup_makes_every_worker_serve_the_new_certificate(
 
 
 PAYLOAD_SIZE = 4 * 1024 * 1024
-CHUNK = 64 * 1024
-
-
-class _Gated:
-    """A backend that streams a payload and stops halfway until told to go on."""
-
-    def __init__(self) -> None:
-        self.payload = os.urandom(PAYLOAD_SIZE)
-        self.go_on = trio.Event()
-
-    async def handler(self, stream: trio.SocketStream) -> None:
-        try:
-            for offset in range(0, PAYLOAD_SIZE, CHUNK):
-                if offset == PAYLOAD_SIZE // 2:
-                    await self.go_on.wait()
-                await stream.send_all(self.payload[offset : offset + CHUNK])
-        except trio.BrokenResourceError:
-            pass  # the proxy cut it: the second-signal test
 
 
 async def test_sigterm_drains_every_worker_and_the_in_flight_transfer_completes(
     nursery: trio.Nursery, tmp_path: Path, certs: Certs
 ) -> None:
-    backend = _Gated()
+    backend = GatedStream(os.urandom(PAYLOAD_SIZE))
     config = tmp_path / "tlsproxy.toml"
     config.write_text(_config(certs.cert, certs.key, await start_backend(nursery, backend.handler)))
 
     async with _workers(nursery, tmp_path, config) as (daemon, port, admin_port, pids):
-        tls = await tls_connect(port, certs.client_context())
-        received = bytearray()
-        some_arrived, all_arrived = trio.Event(), trio.Event()
 
-        async def read_to_the_end() -> None:
-            while chunk := await tls.receive_some(65536):
-                received.extend(chunk)
-                some_arrived.set()
-            all_arrived.set()
+        async def every_worker_draining() -> None:
+            draining = [await daemon.wait_for("draining", pid=pid) for pid in pids]
+            assert sorted(d["connections"] for d in draining) == [0, 1]
 
-        try:
-            async with trio.open_nursery() as client:
-                client.start_soon(read_to_the_end)
-                with daemon.deadline(STEP, "the first bytes"):
-                    await some_arrived.wait()
-
-                daemon.signal(signal.SIGTERM)
-                await poll_status(admin_port, "/readyz", 503)
-                assert (await scrape(admin_port, "/healthz"))[0] == 200
-                draining = [await daemon.wait_for("draining", pid=pid) for pid in pids]
-                assert sorted(d["connections"] for d in draining) == [0, 1]
-                await assert_refused(port)
-                assert not all_arrived.is_set()
-                assert daemon.process.returncode is None
-
-                backend.go_on.set()
-                with daemon.deadline(STEP, "the rest of the transfer"):
-                    await all_arrived.wait()
-        finally:
-            await tls.aclose()
+        received = await transfer_across_sigterm(
+            daemon, (port, admin_port), certs.client_context(), backend, every_worker_draining
+        )
 
         assert hashlib.sha256(received).digest() == hashlib.sha256(backend.payload).digest()
         assert await daemon.exit_code() == 0
@@ -328,7 +289,7 @@ async def test_sigterm_drains_every_worker_and_the_in_flight_transfer_completes(
 async def test_second_sigterm_exits_every_worker_at_once(
     nursery: trio.Nursery, tmp_path: Path, certs: Certs
 ) -> None:
-    backend = _Gated()  # never told to go on: the connection stays in flight
+    backend = GatedStream(os.urandom(PAYLOAD_SIZE))  # never let go on: stays in flight
     config = tmp_path / "tlsproxy.toml"
     backend_port = await start_backend(nursery, backend.handler)
     config.write_text(_config(certs.cert, certs.key, backend_port, drain_timeout=120))
