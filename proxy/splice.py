@@ -153,30 +153,32 @@ class Splice:
             self.scope = nursery.cancel_scope
             idle.watch(self)
             try:
-                nursery.start_soon(self._to_backend, nursery.cancel_scope)
-                await self._to_client(nursery.cancel_scope)
+                nursery.start_soon(self._to_backend)
+                await self._to_client()
             finally:
                 idle.forget(self)
         assert self.close_reason is not None
         return self.close_reason
 
     def expire_if_idle(self, now: float) -> None:
-        if self.scope is not None and now - self.last_activity >= self.idle_timeout:
-            self._end(CloseReason.IDLE_TIMEOUT, self.scope)
+        if now - self.last_activity >= self.idle_timeout:
+            self._end(CloseReason.IDLE_TIMEOUT)
 
-    def _end(self, reason: CloseReason, scope: trio.CancelScope) -> None:
+    def _end(self, reason: CloseReason) -> None:
+        """Stop both directions; a failure overrides a clean half-close as the reason."""
         if self.close_reason is None or self.close_reason in (
             CloseReason.CLIENT_CLOSED,
             CloseReason.BACKEND_CLOSED,
         ):
             self.close_reason = reason
-        scope.cancel()
+        assert self.scope is not None
+        self.scope.cancel()
 
     def _half_closed(self, reason: CloseReason) -> None:
         if self.close_reason is None:
             self.close_reason = reason
 
-    async def _to_backend(self, scope: trio.CancelScope) -> None:
+    async def _to_backend(self) -> None:
         counter = self.metrics.bytes_to_backend
         pool = self.pool
         try:
@@ -190,11 +192,11 @@ class Splice:
             _shutdown_write(self.backend)
             self._half_closed(CloseReason.CLIENT_CLOSED)
         except _ClientGone as exc:
-            self._end(exc.reason, scope)
+            self._end(exc.reason)
         except _BackendGone:
-            self._end(CloseReason.BACKEND_RESET, scope)
+            self._end(CloseReason.BACKEND_RESET)
 
-    async def _to_client(self, scope: trio.CancelScope) -> None:
+    async def _to_client(self) -> None:
         counter = self.metrics.bytes_to_client
         pool = self.pool
         try:
@@ -208,9 +210,9 @@ class Splice:
             await self._close_notify()
             self._half_closed(CloseReason.BACKEND_CLOSED)
         except _ClientGone as exc:
-            self._end(exc.reason, scope)
+            self._end(exc.reason)
         except _BackendGone:
-            self._end(CloseReason.BACKEND_RESET, scope)
+            self._end(CloseReason.BACKEND_RESET)
 
     async def _backend_recv(self) -> tuple[memoryview, int] | None:
         """The next backend chunk as (pooled buffer, length), or None at EOF.
