@@ -322,8 +322,13 @@ class BioClient:
                 await self._flush()
                 return result
 
-    async def send_all(self, data: bytes) -> None:
-        self.obj.write(data)
+    async def send_all(self, data: bytes, record: int = 16 * 1024) -> None:
+        """Send `data` in TLS records of at most `record` plaintext bytes."""
+        view = memoryview(data)
+        for start in range(0, len(view), record):
+            self.obj.write(view[start : start + record])
+            if self.outgoing.pending >= 64 * 1024:
+                await self._flush()
         await self._flush()
 
     async def recv(self) -> bytes:

@@ -172,6 +172,46 @@ async def test_backend_fin_reaches_client_as_close_notify_while_client_keeps_sen
     assert received == [300_000]
 
 
+async def test_backend_fin_while_client_data_is_still_undecrypted_loses_nothing(
+    nursery: trio.Nursery, certs: Certs
+) -> None:
+    """The backend half-closes while the proxy holds whole client records it
+    has not decrypted yet (it is stuck writing to a backend that does not
+    read): close_notify must wait until they are passed on, or OpenSSL's
+    shutdown would read and reject them."""
+    upload = os.urandom(16 * MIB)  # more than loopback's socket buffers hold
+    received = hashlib.sha256()
+    count = 0
+    done = trio.Event()
+
+    async def fin_while_not_reading(stream: trio.SocketStream) -> None:
+        nonlocal count
+        await trio.sleep(0.5)  # the upload piles up in the proxy meanwhile
+        await stream.send_all(b"bye")
+        await stream.send_eof()
+        await trio.sleep(0.5)
+        async for data in stream:
+            received.update(data)
+            count += len(data)
+        done.set()
+        await stream.aclose()
+
+    port = await start_backend(nursery, fin_while_not_reading)
+    proxy = await start_server(nursery, build_config(certs, port))
+    with trio.fail_after(STEP):
+        client = await BioClient.connect(proxy.port, certs.client_context())
+        await client.send_all(upload, record=1024)  # many whole records per proxy read
+        assert await client.recv_all() == b"bye"  # ends on close_notify, not a bare FIN
+        await client.close_notify()
+        await done.wait()
+        await client.stream.aclose()
+    assert count == len(upload)
+    assert received.digest() == hashlib.sha256(upload).digest()
+    (event,) = await proxy.access_log()
+    assert event["close_reason"] == "backend_closed"
+    assert event["bytes_to_backend"] == len(upload)
+
+
 async def test_100_concurrent_clients_each_get_their_own_bytes_back(
     proxy: Running, certs: Certs
 ) -> None:
