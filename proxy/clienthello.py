@@ -1,4 +1,4 @@
-"""The client's ClientHello, read from bytes peeked off the socket (sans-IO).
+"""The client's ClientHello, read from the first bytes off the socket (sans-IO).
 
 Two pure steps, so both are table-tested without sockets:
 
@@ -7,7 +7,7 @@ Two pure steps, so both are table-tested without sockets:
    of the stream are needed before trying again, or `GIVE_UP`. A ClientHello
    may be split across TCP segments (it arrives in pieces) and across TLS
    records (a client may fragment it, e.g. a 1.8 KB post-quantum hello in
-   512-byte records); both are handled, within `MAX_PEEK_BYTES`.
+   512-byte records); both are handled, within `MAX_HELLO_STREAM`.
 2. `parse(message)` extracts what the fingerprint and the ALPN policy need.
 
 Nothing here ever decides a handshake's outcome: bytes that do not parse are
@@ -30,10 +30,10 @@ CLIENT_HELLO = 0x01
 # only stop fingerprinting them (16 KB = one maximum-size TLS record).
 MAX_HELLO_BYTES = 16 * 1024
 
-# Bytes of stream we are willing to peek for it: the hello plus the headers of
+# Bytes of stream we are willing to read for it: the hello plus the headers of
 # a client fragmenting it into small records. A 1-byte-per-record hello would
 # need 6x; such a client gets no fingerprint.
-MAX_PEEK_BYTES = MAX_HELLO_BYTES + 2 * 1024
+MAX_HELLO_STREAM = MAX_HELLO_BYTES + 2 * 1024
 
 RECORD_HEADER = 5
 HANDSHAKE_HEADER = 4
@@ -73,7 +73,7 @@ def reassemble(data: bytes) -> bytes | int:
         if data[pos] != HANDSHAKE_RECORD or length == 0:
             return GIVE_UP
         end = pos + RECORD_HEADER + length
-        if end > MAX_PEEK_BYTES:
+        if end > MAX_HELLO_STREAM:
             return GIVE_UP
         if end > len(data):
             return end
@@ -89,7 +89,7 @@ def reassemble(data: bytes) -> bytes | int:
 
 
 def _need(length: int) -> int:
-    return length if length <= MAX_PEEK_BYTES else GIVE_UP
+    return length if length <= MAX_HELLO_STREAM else GIVE_UP
 
 
 class _Reader:

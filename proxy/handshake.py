@@ -37,7 +37,7 @@ Reading the ClientHello first matters for diagnosis: a plain
 `GET / HTTP/1.1` on the TLS port would otherwise surface as OpenSSL's "wrong
 version number"; looking at the record type byte first lets us say
 `not_tls`. The whole hello (reassembled across TCP segments and TLS
-records by `proxy.clienthello`, bounded by `MAX_PEEK_BYTES` and the
+records by `proxy.clienthello`, bounded by `MAX_HELLO_STREAM` and the
 deadline) gives the JA4 fingerprint for the access log and the ALPN policy
 in `proxy.tls`; the bytes are then handed to OpenSSL unchanged. A hello we
 cannot parse is OpenSSL's to judge: a fingerprint is best effort and never
@@ -173,6 +173,6 @@ class _Loop:
     async def _recv(self) -> bytes:
         while True:
             try:
-                return self.sock.recv(clienthello.MAX_PEEK_BYTES)
+                return self.sock.recv(clienthello.MAX_HELLO_STREAM)
             except BlockingIOError:
                 await trio.lowlevel.wait_readable(self.sock)

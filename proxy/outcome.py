@@ -124,10 +124,10 @@ CLIENT_CERT_REASONS: dict[int, str] = {
 
 
 def classify_first_bytes(first: bytes) -> Outcome | None:
-    """Judge the bytes peeked before OpenSSL reads anything.
+    """Judge the first bytes, read before OpenSSL sees anything.
 
     Returns an outcome when the bytes alone decide it, else None (let OpenSSL
-    try). Peeking first is what lets us say `not_tls` for a plain HTTP request
+    try). Looking first is what lets us say `not_tls` for a plain HTTP request
     instead of OpenSSL's generic "wrong version number".
     """
     if not first:
@@ -182,7 +182,7 @@ def classify(
 ) -> Outcome:
     """The whole decision: deadline first, then the wire, then the exception.
 
-    `first` is None when nothing could be peeked (the deadline fired or the
+    `first` is None when nothing could be read (the deadline fired or the
     socket failed before the first byte). `refused` is set when our own policy
     failed the handshake from a callback (the ALPN check in `proxy.tls`):
     OpenSSL then reports a generic CALLBACK_FAILED, and only we know why.

@@ -31,7 +31,7 @@ listener offers protocols and the client offers only others, the handshake
 fails with a `no_application_protocol` alert (outcome `alpn_mismatch`).
 Python's own ALPN callback would instead carry on without ALPN, so a gRPC
 client would learn of the mismatch only from a confused backend. The offered
-list comes from the ClientHello the handshake loop peeked before OpenSSL read
+list comes from the ClientHello the handshake loop read before OpenSSL saw
 it (`HandshakeNotes.hello`); when that could not be parsed, the policy is not
 applied and the handshake proceeds as Python would.
 

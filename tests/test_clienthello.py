@@ -1,5 +1,5 @@
-"""Reassembling the peeked ClientHello (records, segments, bounds), and the
-handshake loop peeking it without spinning while the rest is on its way."""
+"""Reassembling the ClientHello (records, segments, bounds), and the
+handshake loop reading it without spinning while the rest is on its way."""
 
 from __future__ import annotations
 
@@ -46,7 +46,7 @@ def test_give_up_on_what_is_not_a_hello_we_read(stream: bytes) -> None:
     assert clienthello.reassemble(stream) == clienthello.GIVE_UP
 
 
-def test_tiny_records_beyond_the_peek_budget_give_up() -> None:
+def test_tiny_records_beyond_the_read_budget_give_up() -> None:
     message = client_hello([0x1301], [sni("a" * 60 + ".test")] * 60)
     assert clienthello.reassemble(records(message, size=1)) == clienthello.GIVE_UP
 
@@ -94,7 +94,7 @@ async def test_hello_in_slow_pieces_is_fingerprinted_without_spinning(
         for piece in (wire[:third], wire[third : 2 * third], wire[2 * third :]):
             await stream.send_all(piece)
             await trio.sleep(0.3)
-        assert time.process_time() - cpu < 0.3  # a spinning peek would use ~0.6 s
+        assert time.process_time() - cpu < 0.3  # a spinning read loop would use ~0.6 s
         await client._retry(client.obj.do_handshake)
         await client.send_all(b"ping")
         assert await client.recv() == b"ping"
