@@ -9,8 +9,8 @@ when it needs bytes the peer has not sent yet, `SSL_ERROR_WANT_WRITE` when the
 kernel's send buffer is full. The caller is expected to wait until the socket
 is readable (or writable) and call it again with nothing changed; OpenSSL keeps
 all the handshake state in between. Python surfaces the same contract:
-`SSLSocket.do_handshake()` raises `ssl.SSLWantReadError` /
-`ssl.SSLWantWriteError`.
+`do_handshake()` raises `ssl.SSLWantReadError` / `ssl.SSLWantWriteError`,
+on an `SSLSocket` and on an `SSLObject` over memory BIOs alike.
 
 This module is that loop, in the open, over the memory-BIO connection of
 `proxy.tlsio` (which says why the bytes go through our hands):

@@ -101,7 +101,7 @@ def attach_notes(conn: ssl.SSLObject, notes: HandshakeNotes) -> None:
     setattr(conn, _NOTES, notes)
 
 
-def notes_of(conn: ssl.SSLSocket | ssl.SSLObject) -> HandshakeNotes:
+def notes_of(conn: ssl.SSLObject) -> HandshakeNotes:
     notes = getattr(conn, _NOTES, None)
     if notes is None:
         notes = HandshakeNotes()
@@ -174,7 +174,7 @@ class _SNISelector:
         self.alpn = alpn
 
     def __call__(
-        self, conn: ssl.SSLSocket | ssl.SSLObject, server_name: str | None, _ctx: ssl.SSLContext
+        self, conn: ssl.SSLObject, server_name: str | None, _ctx: ssl.SSLContext
     ) -> int | None:
         notes = notes_of(conn)
         notes.sni = server_name
