@@ -37,6 +37,8 @@ MAX_HELLO_STREAM = MAX_HELLO_BYTES + 2 * 1024
 
 RECORD_HEADER = 5
 HANDSHAKE_HEADER = 4
+EXTENSION_HEADER = 4  # type and length, two bytes each
+_EXTENSION_HEADER = struct.Struct(">HH")
 
 GIVE_UP: Final = 0  # `reassemble` result: this stream will never yield a hello we read
 
@@ -143,11 +145,18 @@ def _parse(r: _Reader) -> ClientHello | None:
     extensions: list[int] = []
     fields: dict[int, bytes] = {}
     if not r.done():  # a TLS 1.0-era hello may have no extensions at all
-        block = r.vector(2)
-        while not block.done():
-            kind = block.uint(2)
+        block = r.vector(2).data
+        pos, end = 0, len(block)
+        while pos < end:  # the hot loop of a handshake's Python work: flat reads
+            if pos + EXTENSION_HEADER > end:
+                raise ValueError("truncated")
+            kind, length = _EXTENSION_HEADER.unpack_from(block, pos)
+            pos += EXTENSION_HEADER + length
+            if pos > end:
+                raise ValueError("truncated")
             extensions.append(kind)
-            fields.setdefault(kind, block.vector(2).data)
+            if kind not in fields:
+                fields[kind] = block[pos - length : pos]
     return ClientHello(
         legacy_version=legacy_version,
         ciphers=ciphers,

@@ -92,74 +92,110 @@ class ConnectionSet:
 async def handle_connection(
     sock: socket.socket, peer: Any, listener: ListenerState, connections: ConnectionSet
 ) -> None:
-    """Serve one accepted socket; never raises, always closes, always logs."""
+    """Serve one accepted socket; never raises, always closes, always logs.
+
+    The connection's one nursery is also its cancel scope: a drain cuts it,
+    and the splice's second direction runs in it (one scope and one nursery
+    per connection, not one each for the connection and the splice: an idle
+    connection's memory is mostly such objects).
+    """
     conn = _Connection(sock, peer, listener.runtime, connections)
-    scope = trio.CancelScope()
-    connections.add(scope)
+    scope: trio.CancelScope | None = None
     try:
-        with scope:
-            await conn.serve()
+        async with trio.open_nursery() as nursery:
+            scope = nursery.cancel_scope
+            connections.add(scope)
+            await conn.serve(nursery)
     except Exception:
         conn.runtime.log.exception(
-            "connection failed unexpectedly; please report this", **conn.fields
+            "connection failed unexpectedly; please report this", **conn.fields()
         )
-        conn.fields["close_reason"] = "internal_error"
+        conn.close_reason = "internal_error"
     finally:
-        connections.discard(scope)
+        if scope is not None:
+            connections.discard(scope)
         listener.active -= 1  # taken by the accept loop, before this task started
-        conn.close(drained=scope.cancelled_caught and connections.cutting)
+        conn.close(drained=scope is not None and scope.cancelled_caught and connections.cutting)
 
 
 class _Connection:
-    """The sockets and access-log fields of one connection."""
+    """The sockets of one connection and what its access-log line will say.
+
+    The log fields are kept as attributes and turned into a dict only when
+    the line is written: a dict of twenty entries per idle connection would
+    cost more than the attributes.
+    """
+
+    __slots__ = (
+        "backend",
+        "backend_address",
+        "client",
+        "client_cert",
+        "close_reason",
+        "idle",
+        "ja4",
+        "negotiated",
+        "peer",
+        "result",
+        "runtime",
+        "shared",
+        "splice",
+        "start",
+        "tls",
+    )
 
     def __init__(
         self, sock: socket.socket, peer: Any, runtime: ListenerRuntime, shared: ConnectionSet
     ) -> None:
         self.runtime = runtime
-        self.buffers = shared.buffers
-        self.idle = shared.idle
+        self.shared = shared
         self.start = trio.current_time()
-        self.fields: dict[str, Any] = {
-            "listener": runtime.metrics.name,
-            "client": _format_peer(peer),
-        }
         self.client = sock
         self.peer = peer  # kept for the PROXY header: getpeername() fails after a reset
+        self.result: HandshakeResult | None = None
+        self.ja4: str | None = None
+        self.negotiated: tuple[str, str, str, bool] | None = None
+        self.client_cert: dict[str, Any] | None = None
         self.tls: TLSConn | None = None  # set once the handshake succeeded
+        self.backend_address: Address | None = None
         self.backend: socket.socket | None = None
+        self.splice: Splice | None = None
+        self.close_reason: str | None = None
         runtime.metrics.accepted.inc()
         runtime.metrics.active.inc()
 
-    async def serve(self) -> None:
+    async def serve(self, nursery: trio.Nursery) -> None:
         runtime = self.runtime
         lm = runtime.metrics
         lm.in_progress.inc()
         try:
             result = await run_handshake(
-                self.client, runtime.context, runtime.config.handshake_timeout, self.buffers
+                self.client, runtime.context, runtime.config.handshake_timeout, self.shared.buffers
             )
         finally:
             lm.in_progress.dec()
-        _record_handshake(result, runtime, self.fields)
+        self.result = result
+        self._record_handshake(result)
         if result.outcome is not Outcome.SUCCESS or result.tls is None:
             return
         self.tls = result.tls
-        self.backend = await _connect_backend(runtime, self.fields, self.tls, self.peer)
+        self.backend = await self._connect_backend(self.tls)
         if self.backend is None:
             return
-        splice = Splice(self.tls, self.backend, runtime.config.idle_timeout, lm, self.buffers)
-        try:
-            self.fields["close_reason"] = (await splice.run(self.idle)).value
-        finally:
-            self.fields["bytes_to_backend"] = splice.bytes_to_backend
-            self.fields["bytes_to_client"] = splice.bytes_to_client
+        self.splice = Splice(
+            self.tls, self.backend, runtime.config.idle_timeout, lm, self.shared.buffers
+        )
+        await self.splice.run(nursery, self.shared.idle)
 
     def close(self, *, drained: bool) -> None:
-        fields = self.fields
+        splice = self.splice
+        if splice is not None:
+            self.shared.idle.forget(splice)
+            if self.close_reason is None and splice.close_reason is not None:
+                self.close_reason = splice.close_reason.value
         if drained:
-            fields["close_reason"] = CloseReason.DRAIN.value
-        if self.tls is not None and fields.get("close_reason") != CloseReason.CLIENT_RESET.value:
+            self.close_reason = CloseReason.DRAIN.value
+        if self.tls is not None and self.close_reason != CloseReason.CLIENT_RESET.value:
             self.tls.queue_close_notify()
             self.tls.flush_nowait()
         self.client.close()
@@ -167,51 +203,103 @@ class _Connection:
             self.backend.close()
         self.runtime.metrics.active.dec()
         if self.runtime.access_log:
-            fields["duration_ms"] = round((trio.current_time() - self.start) * 1000, 3)
-            self.runtime.log.info("connection", **fields)
+            self.runtime.log.info("connection", **self.fields())
+
+    def fields(self) -> dict[str, Any]:
+        """The access-log line's fields, as far as the connection got."""
+        fields: dict[str, Any] = {
+            "listener": self.runtime.metrics.name,
+            "client": _format_peer(self.peer),
+        }
+        result = self.result
+        if result is not None:
+            fields.update(_handshake_fields(result))
+            if self.ja4 is not None:
+                fields["ja4"] = self.ja4
+            if self.negotiated is not None:
+                version, cipher, alpn, resumed = self.negotiated
+                fields.update(tls_version=version, cipher=cipher, alpn=alpn, resumed=resumed)
+            if self.client_cert is not None:
+                fields.update(self.client_cert)
+        if self.backend_address is not None:
+            fields["backend"] = str(self.backend_address)
+        if self.close_reason is not None:
+            fields["close_reason"] = self.close_reason
+        if self.splice is not None:
+            fields["bytes_to_backend"] = self.splice.bytes_to_backend
+            fields["bytes_to_client"] = self.splice.bytes_to_client
+        fields["duration_ms"] = round((trio.current_time() - self.start) * 1000, 3)
+        return fields
+
+    def _record_handshake(self, result: HandshakeResult) -> None:
+        runtime = self.runtime
+        lm = runtime.metrics
+        lm.outcomes[result.outcome].inc()
+        if result.wants_read:
+            lm.wants_read.inc(result.wants_read)
+        if result.wants_write:
+            lm.wants_write.inc(result.wants_write)
+        ok = result.outcome is Outcome.SUCCESS
+        (lm.handshake_ok if ok else lm.handshake_failed).observe(result.seconds)
+        notes = result.notes
+        if notes.hello is not None and runtime.access_log:
+            self.ja4 = ja4(notes.hello)
+        notes.hello = None  # the notes live as long as the connection; the hello need not
+        if ok and result.tls is not None:
+            tls = result.tls.obj
+            version = tls.version() or "unknown"
+            cipher = (tls.cipher() or ("unknown",))[0]
+            alpn = tls.selected_alpn_protocol() or "none"
+            resumed = bool(tls.session_reused)
+            lm.negotiated(version, cipher, alpn, resumed)
+            self.negotiated = (version, cipher, alpn, resumed)
+            if runtime.config.tls.client_auth != "none" and runtime.access_log:
+                self.client_cert = _client_cert_fields(tls)
+        elif result.outcome is Outcome.INTERNAL_ERROR:
+            runtime.log.error(
+                "handshake failed unexpectedly; please report this",
+                exc_info=result.error,
+                **self.fields(),
+            )
+
+    async def _connect_backend(self, tls: TLSConn) -> socket.socket | None:
+        runtime = self.runtime
+        address = self.backend_address = runtime.backend_for(server_name(tls.obj))
+        lm = runtime.metrics
+        version = runtime.config.proxy_protocol
+        preamble = b"" if version == "off" else backend.proxy_header(version, tls, self.peer)
+        start = trio.current_time()
+        try:
+            sock = await backend.connect(address, runtime.config.connect_timeout, preamble)
+        except backend.BackendConnectError as exc:
+            lm.connect_failed(exc.reason)
+            self.close_reason = f"backend_{exc.reason}"
+            runtime.log.warning(
+                "backend connect failed; is the application listening?",
+                backend=str(address),
+                reason=exc.reason,
+                detail=exc.detail,
+            )
+            return None
+        lm.connect_duration.observe(trio.current_time() - start)
+        return sock
 
 
-def _record_handshake(
-    result: HandshakeResult, runtime: ListenerRuntime, fields: dict[str, Any]
-) -> None:
-    lm = runtime.metrics
-    lm.outcomes[result.outcome].inc()
-    if result.wants_read:
-        lm.wants_read.inc(result.wants_read)
-    if result.wants_write:
-        lm.wants_write.inc(result.wants_write)
-    ok = result.outcome is Outcome.SUCCESS
-    (lm.handshake_ok if ok else lm.handshake_failed).observe(result.seconds)
-    fields["outcome"] = result.outcome.value
-    fields["handshake_ms"] = round(result.seconds * 1000, 3)
-    fields["wants_read"] = result.wants_read
-    fields["wants_write"] = result.wants_write
+def _handshake_fields(result: HandshakeResult) -> dict[str, Any]:
     notes = result.notes
-    fields["sni"] = notes.sni
-    fields["sni_match"] = notes.sni_match
-    if notes.hello is not None and runtime.access_log:
-        fields["ja4"] = ja4(notes.hello)
-    notes.hello = None  # the notes live as long as the connection; the hello need not
-    if ok and result.tls is not None:
-        tls = result.tls.obj
-        version = tls.version() or "unknown"
-        cipher = (tls.cipher() or ("unknown",))[0]
-        alpn = tls.selected_alpn_protocol() or "none"
-        resumed = bool(tls.session_reused)
-        lm.negotiated(version, cipher, alpn, resumed)
-        fields.update(tls_version=version, cipher=cipher, alpn=alpn, resumed=resumed)
-        if runtime.config.tls.client_auth != "none":
-            _record_client_cert(tls, fields)
-    elif result.outcome is Outcome.INTERNAL_ERROR:
-        runtime.log.error(
-            "handshake failed unexpectedly; please report this",
-            exc_info=result.error,
-            **fields,
-        )
-    elif result.error is not None:
+    fields: dict[str, Any] = {
+        "outcome": result.outcome.value,
+        "handshake_ms": round(result.seconds * 1000, 3),
+        "wants_read": result.wants_read,
+        "wants_write": result.wants_write,
+        "sni": notes.sni,
+        "sni_match": notes.sni_match,
+    }
+    if result.outcome is not Outcome.SUCCESS and result.error is not None:
         fields["error"] = str(result.error)
         if result.outcome is Outcome.CLIENT_CERT_INVALID:
             fields["client_cert_error"] = client_cert_reason(result.error)
+    return fields
 
 
 # getpeercert() spells attribute names out; RFC 4514 (and the certificate
@@ -229,44 +317,20 @@ _RDN_KEYS = {
 }
 
 
-def _record_client_cert(tls: ssl.SSLObject, fields: dict[str, Any]) -> None:
+def _client_cert_fields(tls: ssl.SSLObject) -> dict[str, Any]:
     """The verified client certificate's subject and SAN DNS names and URIs."""
     cert = tls.getpeercert()
     if not cert:
-        fields["client_subject"] = None
-        return
+        return {"client_subject": None}
     rdns: Any = cert.get("subject", ())
     sans: Any = cert.get("subjectAltName", ())
-    fields["client_subject"] = ",".join(
-        f"{_RDN_KEYS.get(key, key)}={value}" for rdn in reversed(rdns) for key, value in rdn
-    )
-    fields["client_san_dns"] = [value for kind, value in sans if kind == "DNS"]
-    fields["client_san_uri"] = [value for kind, value in sans if kind == "URI"]
-
-
-async def _connect_backend(
-    runtime: ListenerRuntime, fields: dict[str, Any], tls: TLSConn, peer: Any
-) -> socket.socket | None:
-    address = runtime.backend_for(server_name(tls.obj))
-    fields["backend"] = str(address)
-    lm = runtime.metrics
-    version = runtime.config.proxy_protocol
-    preamble = b"" if version == "off" else backend.proxy_header(version, tls, peer)
-    start = trio.current_time()
-    try:
-        sock = await backend.connect(address, runtime.config.connect_timeout, preamble)
-    except backend.BackendConnectError as exc:
-        lm.connect_failed(exc.reason)
-        fields["close_reason"] = f"backend_{exc.reason}"
-        runtime.log.warning(
-            "backend connect failed; is the application listening?",
-            backend=str(address),
-            reason=exc.reason,
-            detail=exc.detail,
-        )
-        return None
-    lm.connect_duration.observe(trio.current_time() - start)
-    return sock
+    return {
+        "client_subject": ",".join(
+            f"{_RDN_KEYS.get(key, key)}={value}" for rdn in reversed(rdns) for key, value in rdn
+        ),
+        "client_san_dns": [value for kind, value in sans if kind == "DNS"],
+        "client_san_uri": [value for kind, value in sans if kind == "URI"],
+    }
 
 
 def _format_peer(peer: Any) -> str:

@@ -146,12 +146,12 @@ class _Loop:
         while True:
             try:
                 tls.obj.do_handshake()
-            except ssl.SSLWantReadError:
-                self.wants_write += await tls.flush()
-                if await tls.fill():
-                    self.wants_read += 1
-            else:
                 break
+            except ssl.SSLWantReadError:
+                pass  # waited for below, not holding the exception meanwhile
+            self.wants_write += await tls.flush()
+            if await tls.fill():
+                self.wants_read += 1
         self.wants_write += await tls.flush()
 
     async def _read_hello(self) -> bytes:

@@ -144,21 +144,23 @@ class Splice:
         self.close_reason: CloseReason | None = None
         self.close_notify_wanted = False
         self.scope: trio.CancelScope | None = None
-        self.backend_drained = False
+        # The backend speaks when spoken to: wait for its first bytes instead of
+        # spending a read on EAGAIN (a server-speaks-first backend still works).
+        self.backend_drained = True
         self.last_activity = trio.current_time()
 
-    async def run(self, idle: IdleWatch) -> CloseReason:
-        """Copy until both directions end, one fails, or the connection idles out."""
-        async with trio.open_nursery() as nursery:
-            self.scope = nursery.cancel_scope
-            idle.watch(self)
-            try:
-                nursery.start_soon(self._to_backend)
-                await self._to_client()
-            finally:
-                idle.forget(self)
-        assert self.close_reason is not None
-        return self.close_reason
+    async def run(self, nursery: trio.Nursery, idle: IdleWatch) -> None:
+        """Copy until both directions end, one fails, or the connection idles out.
+
+        The client-to-backend direction runs as a task of the connection's
+        nursery, this one in the caller's task; `_end` cancels the nursery.
+        The caller reads `close_reason` once the nursery has closed, and
+        removes the splice from `idle` then.
+        """
+        self.scope = nursery.cancel_scope
+        idle.watch(self)
+        nursery.start_soon(self._to_backend)
+        await self._to_client()
 
     def expire_if_idle(self, now: float) -> None:
         if now - self.last_activity >= self.idle_timeout:
@@ -252,19 +254,22 @@ class Splice:
             try:
                 n: int = obj.read(RECV_CHUNK, view)  # type: ignore[assignment]  # with a buffer: a count
             except ssl.SSLWantReadError:
-                pool.give(view)
-                await self._refill()
-                continue
+                n = -1
             except (ssl.SSLZeroReturnError, ssl.SSLEOFError):
                 n = 0  # close_notify, or a bare FIN (a ragged but common end)
             except ssl.SSLError as exc:
                 pool.give(view)
                 client.flush_nowait()  # the alert that says why
                 raise _ClientGone(CloseReason.CLIENT_PROTOCOL_ERROR) from exc
-            if n:
+            if n > 0:
                 return view, n
             pool.give(view)
-            return None
+            if n == 0:
+                return None
+            # Waited for outside the except clause: a handled exception and
+            # its traceback live as long as the clause, here for as long as
+            # the connection idles.
+            await self._refill()
 
     async def _refill(self) -> None:
         """Everything fed so far is decrypted: send what OpenSSL produced
