@@ -1,4 +1,4 @@
-"""What both memory benchmarks need: a throwaway CA, an echo backend, the
+"""What the daemon benchmarks need: a throwaway CA, an echo backend, the
 real daemon as a subprocess, TLS clients, and the daemon's resident memory."""
 
 from __future__ import annotations
@@ -9,9 +9,10 @@ import ssl
 import subprocess
 import sys
 import tempfile
-from collections.abc import AsyncIterator
+from collections import Counter
+from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
 
@@ -56,6 +57,9 @@ class Daemon:
     process: trio.Process
     port: int
     context: ssl.SSLContext
+    ca_file: Path  # the CA's certificate, for clients in other processes
+    # The daemon's log lines since it listened, by event (message).
+    events: Counter[str] = field(default_factory=Counter)
 
     @property
     def rss_kib(self) -> int:
@@ -82,17 +86,27 @@ async def _started(process: trio.Process) -> int:
     raise RuntimeError("the daemon exited before listening")
 
 
-async def _drain(stream: trio.abc.ReceiveStream) -> None:
-    """Keep reading the daemon's log so a full pipe never blocks it."""
-    async for _ in stream:
-        pass
+async def _drain(stream: trio.abc.ReceiveStream, events: Counter[str]) -> None:
+    """Keep reading the daemon's log so a full pipe never blocks it, and
+    count its events."""
+    pending = b""
+    async for chunk in stream:
+        *lines, pending = (pending + chunk).split(b"\n")
+        for line in lines:
+            if line.startswith(b"{"):
+                events[json.loads(line).get("event", "")] += 1
 
 
 @asynccontextmanager
-async def running_daemon(idle_timeout: float = 3600.0) -> AsyncIterator[Daemon]:
+async def running_daemon(
+    idle_timeout: float = 3600.0, command_prefix: Sequence[str] = ()
+) -> AsyncIterator[Daemon]:
+    """The daemon, started as `*command_prefix python -m proxy run` (a prefix
+    such as `taskset -c 0` must exec the command, keeping the PID)."""
     with tempfile.TemporaryDirectory() as tmp:
         directory = Path(tmp)
         ca = trustme.CA()
+        ca.cert_pem.write_to_path(str(directory / "ca.pem"))
         leaf = ca.issue_cert("localhost")
         leaf.private_key_and_cert_chain_pem.write_to_path(str(directory / "tls.pem"))
         context = ssl.create_default_context()
@@ -117,7 +131,7 @@ certificates = [{{ cert = "tls.pem", key = "tls.pem" }}]
 """
             )
             process = await trio.lowlevel.open_process(
-                [sys.executable, "-m", "proxy", "run", "--config", str(config)],
+                [*command_prefix, sys.executable, "-m", "proxy", "run", "--config", str(config)],
                 stdin=subprocess.DEVNULL,
                 stdout=subprocess.DEVNULL,
                 stderr=subprocess.PIPE,
@@ -126,9 +140,10 @@ certificates = [{{ cert = "tls.pem", key = "tls.pem" }}]
             try:
                 with trio.fail_after(30):
                     port = await _started(process)
+                daemon = Daemon(process, port, context, directory / "ca.pem")
                 assert process.stderr is not None
-                nursery.start_soon(_drain, process.stderr)
-                yield Daemon(process, port, context)
+                nursery.start_soon(_drain, process.stderr, daemon.events)
+                yield daemon
             finally:
                 process.kill()
                 with trio.CancelScope(shield=True):
