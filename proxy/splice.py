@@ -37,6 +37,7 @@ from __future__ import annotations
 import errno
 import socket
 import ssl
+from collections.abc import Awaitable
 from enum import StrEnum
 
 import trio
@@ -149,18 +150,20 @@ class Splice:
         self.backend_drained = True
         self.last_activity = trio.current_time()
 
-    async def run(self, nursery: trio.Nursery, idle: IdleWatch) -> None:
+    def run(self, nursery: trio.Nursery, idle: IdleWatch) -> Awaitable[None]:
         """Copy until both directions end, one fails, or the connection idles out.
 
         The client-to-backend direction runs as a task of the connection's
-        nursery, this one in the caller's task; `_end` cancels the nursery.
-        The caller reads `close_reason` once the nursery has closed, and
-        removes the splice from `idle` then.
+        nursery; the caller awaits the returned backend-to-client direction in
+        its own task (returned, not awaited here: a coroutine frame less in
+        every idle connection). `_end` cancels the nursery. The caller reads
+        `close_reason` once the nursery has closed, and removes the splice
+        from `idle` then.
         """
         self.scope = nursery.cancel_scope
         idle.watch(self)
         nursery.start_soon(self._to_backend)
-        await self._to_client()
+        return self._to_client()
 
     def expire_if_idle(self, now: float) -> None:
         if now - self.last_activity >= self.idle_timeout:
@@ -199,12 +202,34 @@ class Splice:
             self._end(CloseReason.BACKEND_RESET)
 
     async def _to_client(self) -> None:
+        """Read a backend chunk, encrypt and send all of it, and again.
+
+        After a chunk shorter than the buffer the socket was empty, so the
+        next read waits for readability first (a read now would be a system
+        call spent on EAGAIN); after a full one it reads at once.
+        """
         counter = self.metrics.bytes_to_client
         pool = self.pool
+        sock = self.backend
         try:
-            while chunk := await self._backend_recv():
+            while True:
+                if self.backend_drained:
+                    await trio.lowlevel.wait_readable(sock)
+                view = pool.take()
+                try:
+                    n = sock.recv_into(view)
+                except BlockingIOError:
+                    pool.give(view)
+                    self.backend_drained = True
+                    continue
+                except OSError as exc:
+                    pool.give(view)
+                    raise _BackendGone from exc
+                if not n:
+                    pool.give(view)
+                    break
+                self.backend_drained = n < len(view)
                 self.last_activity = trio.current_time()
-                view, n = chunk
                 await self._client_send_all(view[:n])
                 pool.give(view)
                 self.bytes_to_client += n
@@ -215,34 +240,6 @@ class Splice:
             self._end(exc.reason)
         except _BackendGone:
             self._end(CloseReason.BACKEND_RESET)
-
-    async def _backend_recv(self) -> tuple[memoryview, int] | None:
-        """The next backend chunk as (pooled buffer, length), or None at EOF.
-
-        After a chunk shorter than the buffer the socket was empty, so it
-        waits for readability before reading (a read now would be a system
-        call spent on EAGAIN); after a full one it reads at once.
-        """
-        sock = self.backend
-        pool = self.pool
-        while True:
-            if self.backend_drained:
-                await trio.lowlevel.wait_readable(sock)
-            view = pool.take()
-            try:
-                n = sock.recv_into(view)
-            except BlockingIOError:
-                pool.give(view)
-                self.backend_drained = True
-                continue
-            except OSError as exc:
-                pool.give(view)
-                raise _BackendGone from exc
-            if n:
-                self.backend_drained = n < len(view)
-                return view, n
-            pool.give(view)
-            return None
 
     async def _client_recv(self) -> tuple[memoryview, int] | None:
         """The next plaintext chunk as (pooled buffer, length), or None at EOF."""
@@ -266,24 +263,20 @@ class Splice:
             pool.give(view)
             if n == 0:
                 return None
-            # Waited for outside the except clause: a handled exception and
-            # its traceback live as long as the clause, here for as long as
-            # the connection idles.
-            await self._refill()
-
-    async def _refill(self) -> None:
-        """Everything fed so far is decrypted: send what OpenSSL produced
-        meanwhile (and our close_notify, if due), then read the socket."""
-        client = self.client
-        try:
-            if self.close_notify_wanted:
-                self.close_notify_wanted = False
-                client.queue_close_notify()
-            if client.outgoing.pending:
-                await client.flush()
-            await client.fill()
-        except OSError as exc:
-            raise _ClientGone(CloseReason.CLIENT_RESET) from exc
+            # Everything fed so far is decrypted: send what OpenSSL produced
+            # meanwhile (and our close_notify, if due), then read the socket.
+            # Outside the except clause: a handled exception and its
+            # traceback live as long as the clause, here as long as the
+            # connection idles.
+            try:
+                if self.close_notify_wanted:
+                    self.close_notify_wanted = False
+                    client.queue_close_notify()
+                if client.outgoing.pending:
+                    await client.flush()
+                await client.fill()
+            except OSError as exc:
+                raise _ClientGone(CloseReason.CLIENT_RESET) from exc
 
     async def _client_send_all(self, view: memoryview) -> None:
         client = self.client
@@ -302,7 +295,7 @@ class Splice:
 
     async def _close_notify(self) -> None:
         """Our half is done: close_notify now if the client's bytes are all
-        read, else the reading task sends it once they are (see `_refill`)."""
+        read, else the reading task sends it once they are (see `_client_recv`)."""
         client = self.client
         if not client.drained():
             self.close_notify_wanted = True
