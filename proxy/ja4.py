@@ -33,14 +33,15 @@ _VERSIONS = {
 _EMPTY = "000000000000"
 
 
-def is_grease(value: int) -> bool:
-    return (value & 0x0F0F) == 0x0A0A and (value >> 8) == (value & 0xFF)
+# RFC 8701's sixteen values, as a set: the fingerprint filters every cipher,
+# extension and algorithm of each hello, and a lookup beats a call per value.
+GREASE = frozenset(0x0A0A + 0x1010 * i for i in range(16))
 
 
 def ja4(hello: ClientHello) -> str:
     """The fingerprint, for TLS over TCP ("t")."""
-    ciphers = [c for c in hello.ciphers if not is_grease(c)]
-    extensions = [e for e in hello.extensions if not is_grease(e)]
+    ciphers = [c for c in hello.ciphers if c not in GREASE]
+    extensions = [e for e in hello.extensions if e not in GREASE]
     part_a = (
         "t"
         + _version(hello)
@@ -53,7 +54,7 @@ def ja4(hello: ClientHello) -> str:
 
 
 def _version(hello: ClientHello) -> str:
-    offered = [v for v in hello.supported_versions if not is_grease(v)]
+    offered = [v for v in hello.supported_versions if v not in GREASE]
     version = max(offered) if offered else hello.legacy_version
     return _VERSIONS.get(version, "00")
 
@@ -86,7 +87,7 @@ def _extension_hash(hello: ClientHello, extensions: list[int]) -> str:
     if not kept:
         return _EMPTY
     text = _hex_list(kept)
-    algorithms = [a for a in hello.signature_algorithms if not is_grease(a)]
+    algorithms = [a for a in hello.signature_algorithms if a not in GREASE]
     if algorithms:
         text += "_" + _hex_list(algorithms)
     return _hash(text)

@@ -7,7 +7,7 @@ from __future__ import annotations
 import pytest
 
 from proxy import clienthello
-from proxy.ja4 import is_grease, ja4
+from proxy.ja4 import GREASE, ja4
 from tests.hellos import alpn, client_hello, extension, sni, u16_list
 
 # JA4_ro of the published example: ciphers and extensions in wire order.
@@ -81,7 +81,8 @@ def test_no_sni_no_alpn_no_extensions() -> None:
     assert _ja4(message) == "t12i010000_" + _ja4(message).split("_")[1] + "_000000000000"
 
 
-def test_grease_values() -> None:
-    assert all(is_grease(0x0A0A + 0x1010 * i) for i in range(16))
-    assert not is_grease(0x0A1A)
-    assert not is_grease(0x1301)
+def test_grease_values_are_rfc_8701s_sixteen() -> None:
+    """RFC 8701: 0x?A?A with both bytes equal, and nothing else."""
+    rule = {v for v in range(1 << 16) if (v & 0x0F0F) == 0x0A0A and v >> 8 == v & 0xFF}
+    assert rule == GREASE
+    assert len(GREASE) == 16
