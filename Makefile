@@ -7,7 +7,7 @@ TEST_DEBS := openssl curl haproxy
 # deploy/ checks: promtool and a real Prometheus server; systemd-analyze.
 TEST_DEBS += prometheus systemd
 
-.PHONY: run test lint typecheck pytest system-deps bench soak scale clean
+.PHONY: run test lint typecheck pytest system-deps bench soak scale workers clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -75,6 +75,13 @@ soak: $(VENV)/.installed-dev
 # minute; not part of `make test`).
 scale: $(VENV)/.installed-dev
 	$(BIN)/python -m benchmarks.scale
+
+# workers = 1 against workers = 2 on handshakes per second, RSA-4096 so that
+# the load side stays small, against what the machine itself scales (about
+# three minutes; not part of `make test`).
+workers: $(VENV)/.installed-dev
+	$(MAKE) system-deps TEST_DEBS="openssl nginx-light wrk"
+	$(BIN)/python -m benchmarks.workers
 
 clean:
 	rm -rf $(VENV) .mypy_cache .pytest_cache .ruff_cache
