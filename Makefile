@@ -7,7 +7,7 @@ TEST_DEBS := openssl curl haproxy
 # deploy/ checks: promtool and a real Prometheus server; systemd-analyze.
 TEST_DEBS += prometheus systemd
 
-.PHONY: run test lint typecheck pytest system-deps bench soak scale workers clean
+.PHONY: run test lint typecheck pytest system-deps bench soak scale workers instructions clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -82,6 +82,14 @@ scale: $(VENV)/.installed-dev
 workers: $(VENV)/.installed-dev
 	$(MAKE) system-deps TEST_DEBS="openssl nginx-light wrk"
 	$(BIN)/python -m benchmarks.workers
+
+# Instructions per full-handshake connection under valgrind's callgrind,
+# tlsproxy against HAProxy, split by shared object: repeatable where CPU-time
+# figures on a shared machine are not (about a minute; not part of `make
+# test`). More options in ARGS, e.g. `make instructions ARGS="--cert rsa"`.
+instructions: $(VENV)/.installed-dev
+	$(MAKE) system-deps TEST_DEBS="nginx-light util-linux valgrind haproxy"
+	$(BIN)/python -m benchmarks.instructions $(ARGS)
 
 clean:
 	rm -rf $(VENV) .mypy_cache .pytest_cache .ruff_cache

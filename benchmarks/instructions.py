@@ -1,0 +1,1011 @@
+"""Instructions per TLS connection under callgrind: tlsproxy against HAProxy.
+
+    .venv/bin/python -m benchmarks.instructions [--targets tlsproxy,haproxy[,hitch]]
+        [--cert ecdsa|rsa] [-n 400] [--out FILE] [--functions K] [--profiles DIR]
+    (make instructions; make instructions ARGS="--cert rsa")
+
+Why: the machine is shared, so wall-clock and CPU-time figures move a lot
+between runs (the same code measured 655 to 1 165 full handshakes per
+CPU-second). Valgrind's callgrind counts the instructions a process executes
+in user space, which repeat within about 1 % from run to run.
+
+What it does, per target (`--targets`, default tlsproxy,haproxy; hitch is
+optional): a self-signed ECDSA P-256 (default) or RSA-2048 (`--cert rsa`)
+certificate is made with `cryptography` in a temporary directory, removed at
+the end. nginx (one worker, access log off, a 100-byte file) is the backend,
+pinned to CPU 1 with taskset. The target runs on CPU 0 as `taskset -c 0
+valgrind --tool=callgrind ...` with the configuration of
+../shared/bench/run's target_command: session resumption off everywhere
+(tlsproxy `session_tickets = false`, access log on as by default; HAProxy
+`nbthread 1`, `tune.ssl.cachesize 0`, `no-tls-tickets`; hitch one worker; the
+peers also get an OpenSSL config with `NumTickets = 0`: without it HAProxy
+still sends a TLS 1.3 ticket per connection, about 110 k instructions more,
+since `no-tls-tickets` only makes the ticket stateful). tlsproxy is this
+working tree: `sys.executable -m proxy run` with the repository as cwd and
+PYTHONPATH, and PYTHONHASHSEED=0. Once the port answers (Python under
+valgrind takes 10-20 s to start) one warm-up request is made, the counters
+are reset, N connections (default 400) are made from 8 client threads (this
+process, on CPU 1), each a full TLS 1.3 handshake (stdlib ssl, no session
+offered; every connection is checked not to have resumed), `GET /small.txt`
+with `Connection: close`, read to EOF and checked for a 200 and the body;
+then the counters are dumped, the target and nginx are stopped by PID. The
+dump's self costs are summed per shared object (libcrypto, libssl, libc,
+libpython, the program itself, other) and divided by N; a target with
+several processes (hitch: a master and its children) is the sum of all of
+them. valgrind runs with --trace-children=yes (forked children only get a
+gdbserver, which callgrind_control talks to, that way) and its FIFOs in the
+temporary directory. As root, hitch (which refuses to run its workers as
+root) is started, and controlled, as nobody with setpriv: the gdbserver does
+not survive hitch's own switch of user.
+
+The counters are reset with a dump (`callgrind_control --dump=baseline`)
+rather than `--zero`: with valgrind 3.19 a dump taken after `--zero` carries
+a fixed surplus of cost from before the zero (seen as 3.5 M instructions in
+HAProxy and 12.6 M in tlsproxy, about 1 % of a 400-connection run; the
+file's `totals:` then exceeds its `summary:`), while after a dump the two
+agree. The tool checks that its sum of the self costs equals `totals:` and
+warns when `summary:` differs by more than 0.1 %.
+
+What it does NOT count: the kernel (system calls, network stack, scheduling:
+a large part of a proxy's CPU time), and anything about how fast the
+instructions run (cache misses, branch mispredictions, IPC). It is a
+repeatable proxy for user-space CPU per connection, to compare builds and to
+see where the instructions go, not a replacement for ../shared/bench/run,
+which measures throughput and CPU time. Callgrind also serialises threads
+(all three targets here are single-threaded).
+
+Needs CPUs 0 and 1, and the Debian packages valgrind, nginx-light, haproxy,
+util-linux (taskset, setpriv); hitch if asked for. Every process it starts
+is stopped by PID; everything listens on 127.0.0.1 only.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import datetime
+import ipaddress
+import json
+import os
+import platform
+import re
+import shutil
+import signal
+import socket
+import ssl
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections import Counter
+from collections.abc import Iterable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, TextIO
+
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec, rsa
+from cryptography.x509.oid import NameOID
+
+REPO = Path(__file__).resolve().parent.parent
+TARGETS = ("tlsproxy", "haproxy", "hitch")
+DEFAULT_TARGETS = "tlsproxy,haproxy"
+REFERENCE = "haproxy"  # the ratio's denominator
+PACKAGES = {
+    "valgrind": "valgrind",
+    "callgrind_control": "valgrind",
+    "nginx": "nginx-light",
+    "taskset": "util-linux",
+    "setpriv": "util-linux",
+    "haproxy": "haproxy",
+    "hitch": "hitch",
+}
+PROXY_CPU, LOAD_CPU = 0, 1
+CLIENT_THREADS = 8
+MIN_CONNECTIONS, MAX_CONNECTIONS = CLIENT_THREADS, 5000
+MAX_FUNCTIONS = 100
+SMALL_BYTES = 100
+REQUEST = b"GET /small.txt HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n"
+
+NGINX_START_S = 15  # nginx must listen within this
+TARGET_START_S = 300  # a target under valgrind must listen within this
+SOCKET_TIMEOUT_S = 60  # any one socket operation of a client connection
+LOAD_DEADLINE_S = 1800  # all N connections to one target
+CONTROL_TIMEOUT_S = 120  # one callgrind_control request (a dump)
+STOP_WAIT_S = 60  # after SIGTERM (callgrind writes its final dump), then SIGKILL
+
+GROUPS = ("libcrypto", "libssl", "libc", "libpython", "program", "other")
+LIBRARY_GROUPS = (
+    ("libcrypto.so", "libcrypto"),
+    ("libssl.so", "libssl"),
+    ("libc.so", "libc"),
+    ("libpython", "libpython"),
+)
+SUMMARY_TOLERANCE = 0.001  # summary: against totals: in one dump
+OTHER_SHOWN = 3  # the largest objects of "other", named in the output
+AS_NOBODY = ("setpriv", "--reuid=nobody", "--regid=nogroup", "--clear-groups")
+
+
+# --------------------------------------------------------------- processes --
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port: int = s.getsockname()[1]
+        return port
+
+
+def start_time(pid: int) -> str | None:
+    """The process's start time in clock ticks: tells a PID from its reuse."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[19]
+    except (OSError, IndexError):
+        return None
+
+
+def descendants(pid: int) -> list[int]:
+    """pid and all its descendants, pid first."""
+    pids, todo = [pid], [pid]
+    while todo:
+        parent = todo.pop()
+        try:
+            tasks = os.listdir(f"/proc/{parent}/task")
+        except OSError:
+            continue
+        for task in tasks:
+            try:
+                children = Path(f"/proc/{parent}/task/{task}/children").read_text().split()
+            except OSError:
+                continue
+            for child in map(int, children):
+                if child not in pids:
+                    pids.append(child)
+                    todo.append(child)
+    return pids
+
+
+class Processes:
+    """The processes this tool started; each is stopped by its PID (and its
+    descendants by theirs, checked by start time), never by name."""
+
+    def __init__(self) -> None:
+        self._started: list[subprocess.Popen[bytes]] = []
+
+    def start(
+        self,
+        cmd: list[str],
+        log: Path,
+        env: dict[str, str] | None = None,
+        cwd: Path | None = None,
+    ) -> subprocess.Popen[bytes]:
+        with log.open("wb") as fh:
+            proc = subprocess.Popen(
+                cmd,
+                stdout=fh,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+                env=env,
+                cwd=cwd,
+                start_new_session=True,  # a terminal's Ctrl-C reaches only this tool
+            )
+        self._started.append(proc)
+        return proc
+
+    def stop(self, proc: subprocess.Popen[bytes]) -> None:
+        family = [(pid, start_time(pid)) for pid in descendants(proc.pid)[1:]]
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)
+            try:
+                proc.wait(STOP_WAIT_S)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait(10)
+        for pid, born in family:
+            if born is not None and start_time(pid) == born:
+                with contextlib.suppress(OSError):
+                    os.kill(pid, signal.SIGKILL)
+        if proc in self._started:
+            self._started.remove(proc)
+
+    def stop_all(self) -> None:
+        for proc in reversed(list(self._started)):
+            self.stop(proc)
+
+
+def wait_port(port: int, proc: subprocess.Popen[bytes], timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"exited with status {proc.returncode} before listening")
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=1).close()
+        except OSError:
+            time.sleep(0.2)
+        else:
+            return
+    raise RuntimeError(f"port {port} not listening after {timeout:.0f} s")
+
+
+def log_tail(path: Path, chars: int = 600) -> str:
+    try:
+        return path.read_text(errors="replace")[-chars:]
+    except OSError:
+        return ""
+
+
+def on_signal(signum: int, _frame: Any) -> None:
+    raise KeyboardInterrupt(f"signal {signum}")
+
+
+# ----------------------------------------------------------- configuration --
+
+
+@dataclass(frozen=True)
+class Certificate:
+    cert: Path
+    key: Path
+    pem: Path  # certificate then key, for HAProxy and hitch
+
+
+def make_certificate(d: Path, kind: str) -> Certificate:
+    key: ec.EllipticCurvePrivateKey | rsa.RSAPrivateKey
+    if kind == "rsa":
+        key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+    else:
+        key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "localhost")])
+    now = datetime.datetime.now(datetime.UTC)
+    sans = [x509.DNSName("localhost"), x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]
+    certificate = (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(name)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(days=1))
+        .not_valid_after(now + datetime.timedelta(days=30))
+        .add_extension(x509.SubjectAlternativeName(sans), critical=False)
+        .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+        .sign(key, hashes.SHA256())
+    )
+    cert_pem = certificate.public_bytes(serialization.Encoding.PEM)
+    key_pem = key.private_bytes(
+        serialization.Encoding.PEM,
+        serialization.PrivateFormat.PKCS8,
+        serialization.NoEncryption(),
+    )
+    paths = Certificate(d / "cert.pem", d / "key.pem", d / "combined.pem")
+    paths.cert.write_bytes(cert_pem)
+    paths.key.write_bytes(key_pem)
+    paths.pem.write_bytes(cert_pem + key_pem)
+    for path in (paths.cert, paths.key, paths.pem):
+        path.chmod(0o644)  # hitch runs as nobody; the directory is ours
+    return paths
+
+
+def openssl_conf(d: Path) -> Path:
+    """The peers' OpenSSL config, as in ../shared/bench/run: no TLS 1.3
+    tickets, hence no resumption (hitch has no option of its own)."""
+    conf = d / "openssl-bench.cnf"
+    conf.write_text(
+        "openssl_conf = openssl_init\n"
+        "[openssl_init]\nssl_conf = ssl_sect\n"
+        "[ssl_sect]\nsystem_default = system_default_sect\n"
+        "[system_default_sect]\nMinProtocol = TLSv1.2\nNumTickets = 0\n"
+    )
+    return conf
+
+
+def start_nginx(d: Path, procs: Processes) -> tuple[subprocess.Popen[bytes], int]:
+    www = d / "www"
+    www.mkdir()
+    (www / "small.txt").write_bytes(b"x" * SMALL_BYTES)
+    port = free_port()
+    conf = d / "nginx.conf"
+    conf.write_text(f"""worker_processes 1;
+daemon off;
+pid {d}/nginx.pid;
+error_log {d}/nginx-error.log warn;
+events {{ worker_connections 4096; }}
+http {{
+  access_log off;
+  client_body_temp_path {d}/tmp-body; proxy_temp_path {d}/tmp-proxy;
+  fastcgi_temp_path {d}/tmp-fcgi; uwsgi_temp_path {d}/tmp-uwsgi;
+  scgi_temp_path {d}/tmp-scgi;
+  server {{ listen 127.0.0.1:{port}; root {www}; }}
+}}
+""")
+    cmd = ["taskset", "-c", str(LOAD_CPU), "nginx", "-p", str(d), "-e"]
+    cmd += [str(d / "nginx-error.log"), "-c", str(conf)]
+    proc = procs.start(cmd, d / "nginx.log")
+    wait_port(port, proc, NGINX_START_S)
+    return proc, port
+
+
+@dataclass(frozen=True)
+class Setup:
+    """What every target shares: the temporary directory, nginx, the certificate."""
+
+    directory: Path
+    backend: int  # nginx's port
+    cert: Certificate
+    peer_env: dict[str, str]  # HAProxy's and hitch's: OPENSSL_CONF without tickets
+    procs: Processes
+
+
+@dataclass(frozen=True)
+class Command:
+    argv: list[str]
+    env: dict[str, str]
+    cwd: Path | None
+    program: Path  # the executable whose own code is the "program" group
+    # Run the target, and callgrind_control with it, as another user: vgdb
+    # only reaches a process of its own user.
+    as_user: tuple[str, ...] = ()
+
+
+def target_command(name: str, d: Path, port: int, setup: Setup) -> Command:
+    backend, cert, peer_env = setup.backend, setup.cert, setup.peer_env
+    if name == "tlsproxy":
+        conf = d / "tlsproxy.toml"
+        conf.write_text(f"""[admin]
+listen = "127.0.0.1:{free_port()}"
+[[listeners]]
+name = "bench"
+listen = "127.0.0.1:{port}"
+backend = "127.0.0.1:{backend}"
+[listeners.tls]
+certificates = [{{ cert = "{cert.cert}", key = "{cert.key}" }}]
+session_tickets = false
+""")
+        env = {**os.environ, "PYTHONHASHSEED": "0", "PYTHONPATH": str(REPO)}
+        argv = [sys.executable, "-m", "proxy", "run", "--config", str(conf)]
+        # The interpreter's own executable: its code is in libpython here (the
+        # python of this venv links it); a static python would show it here.
+        return Command(argv, env, REPO, Path(sys.executable).resolve())
+    if name == "haproxy":
+        conf = d / "haproxy.cfg"
+        conf.write_text(f"""global
+  nbthread 1
+  maxconn 4000
+  tune.ssl.cachesize 0
+defaults
+  mode tcp
+  timeout connect 5s
+  timeout client 60s
+  timeout server 60s
+frontend fe
+  bind 127.0.0.1:{port} ssl crt {cert.pem} no-tls-tickets ssl-min-ver TLSv1.2
+  default_backend be
+backend be
+  server s1 127.0.0.1:{backend}
+""")
+        return Command(["haproxy", "-db", "-f", str(conf)], peer_env, None, executable("haproxy"))
+    if name == "hitch":
+        # hitch refuses to run its workers as root, and valgrind's gdbserver
+        # (which callgrind_control talks to) does not survive the switch of
+        # user that hitch's `user` option makes: start it as nobody instead.
+        as_user = AS_NOBODY if os.geteuid() == 0 else ()
+        conf = d / "hitch.conf"
+        conf.write_text(f"""frontend = "[127.0.0.1]:{port}"
+backend = "[127.0.0.1]:{backend}"
+pem-file = "{cert.pem}"
+workers = 1
+backlog = 4096
+daemon = off
+log-level = 1
+ocsp-dir = "{d}"
+tls-protos = TLSv1.2 TLSv1.3
+""")
+        argv = ["hitch", f"--config={conf}"]
+        return Command(argv, peer_env, None, executable("hitch"), as_user)
+    raise ValueError(name)
+
+
+def executable(name: str) -> Path:
+    found = shutil.which(name)
+    if found is None:
+        raise RuntimeError(f"{name} not found")
+    return Path(found).resolve()
+
+
+# ----------------------------------------------------------------- clients --
+
+
+def client_context() -> ssl.SSLContext:
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    ctx.check_hostname = False
+    ctx.verify_mode = ssl.CERT_NONE
+    return ctx
+
+
+@dataclass(frozen=True)
+class Fetch:
+    version: str
+    cipher: str
+    resumed: bool
+    ticket: bool  # the server sent a session ticket
+
+
+def fetch(port: int, ctx: ssl.SSLContext) -> Fetch:
+    """One connection: a full handshake (no session offered), the tiny file,
+    read to EOF."""
+    with (
+        socket.create_connection(("127.0.0.1", port), timeout=SOCKET_TIMEOUT_S) as raw,
+        ctx.wrap_socket(raw, server_hostname="localhost") as tls,
+    ):
+        version, cipher = tls.version() or "", (tls.cipher() or ("",))[0]
+        resumed = bool(tls.session_reused)
+        tls.sendall(REQUEST)
+        data = bytearray()
+        while chunk := tls.recv(65536):
+            data += chunk
+        if not (data.startswith(b"HTTP/1.1 200") and data.endswith(b"x" * SMALL_BYTES)):
+            raise RuntimeError(f"unexpected response: {bytes(data[:120])!r}")
+        session = tls.session  # tickets arrive after the handshake
+        return Fetch(version, cipher, resumed, session is not None and session.has_ticket)
+
+
+@dataclass
+class Load:
+    connections: int = 0
+    resumed: int = 0
+    tickets: int = 0
+    seconds: float = 0.0
+
+
+def run_load(port: int, n: int) -> Load:
+    """n connections from CLIENT_THREADS threads; stops all of them at the
+    first failure or at the deadline."""
+    ctx = client_context()
+    stop = threading.Event()
+    deadline = time.monotonic() + LOAD_DEADLINE_S
+
+    def client(count: int) -> Load:
+        mine = Load()
+        try:
+            for _ in range(count):
+                if stop.is_set() or time.monotonic() > deadline:
+                    break
+                result = fetch(port, ctx)
+                mine.connections += 1
+                mine.resumed += result.resumed
+                mine.tickets += result.ticket
+        except BaseException:
+            stop.set()
+            raise
+        return mine
+
+    shares = [n // CLIENT_THREADS + (i < n % CLIENT_THREADS) for i in range(CLIENT_THREADS)]
+    total = Load()
+    started = time.monotonic()
+    with ThreadPoolExecutor(max_workers=CLIENT_THREADS) as pool:
+        futures = [pool.submit(client, share) for share in shares]
+        try:
+            for future in futures:
+                part = future.result()
+                total.connections += part.connections
+                total.resumed += part.resumed
+                total.tickets += part.tickets
+        except BaseException:  # an interrupt, too: the clients stop after their connection
+            stop.set()
+            raise
+    total.seconds = time.monotonic() - started
+    if total.connections != n:
+        raise RuntimeError(
+            f"only {total.connections} of {n} connections made in {LOAD_DEADLINE_S} s"
+        )
+    return total
+
+
+# --------------------------------------------------------------- callgrind --
+
+
+@dataclass
+class Profile:
+    """Self costs (instructions) of one callgrind dump, or of several summed."""
+
+    instructions: int = 0
+    totals: int = 0  # the dump's `totals:` line
+    summary: int = 0  # the dump's `summary:` line
+    objects: Counter[str] = field(default_factory=Counter)
+    functions: Counter[tuple[str, str]] = field(default_factory=Counter)
+
+    def add(self, other: Profile) -> None:
+        self.instructions += other.instructions
+        self.totals += other.totals
+        self.summary += other.summary
+        self.objects.update(other.objects)
+        self.functions.update(other.functions)
+
+
+# Name compression: "(id) name" defines, "(id)" refers back. Objects, files and
+# functions are three separate name spaces.
+NAME_SPACES = {
+    "ob": "ob",
+    "cob": "ob",
+    "fl": "fl",
+    "fi": "fl",
+    "fe": "fl",
+    "cfi": "fl",
+    "cfl": "fl",
+    "fn": "fn",
+    "cfn": "fn",
+}
+COMPRESSED = re.compile(r"\((\d+)\)(?: (.*))?$")
+
+
+class CallgrindParser:
+    """Sums the self cost (event Ir) of one dump per object and per function.
+    The cost line right after a `calls=` line is the inclusive cost of that
+    call, already counted as self cost where it was spent: it is skipped."""
+
+    def __init__(self) -> None:
+        self.profile = Profile()
+        self.names: dict[tuple[str, str], str] = {}
+        self.positions = 1  # columns before the costs ("positions: line")
+        self.event = 0  # index of Ir among the costs
+        self.obj = self.function = "???"
+        self.after_call = False
+
+    def feed(self, line: str) -> None:
+        if not line or line[0] == "#":
+            return
+        if line[0].isdigit() or line[0] in "+-*":
+            self.cost(line)
+            return
+        key, eq, value = line.partition("=")
+        if eq and key in NAME_SPACES:
+            self.name(key, value)
+        elif eq and key == "calls":
+            self.after_call = True
+        elif not eq or key not in ("jump", "jcnd"):
+            self.header(line)
+
+    def cost(self, line: str) -> None:
+        if self.after_call:
+            self.after_call = False
+            return
+        fields = line.split()
+        if len(fields) > self.positions + self.event:  # zero costs at the end may be left out
+            cost = int(fields[self.positions + self.event])
+            self.profile.instructions += cost
+            self.profile.objects[self.obj] += cost
+            self.profile.functions[(self.obj, self.function)] += cost
+
+    def name(self, key: str, value: str) -> None:
+        space = NAME_SPACES[key]
+        match = COMPRESSED.match(value)
+        if match:
+            if match.group(2) is not None:
+                self.names[(space, match.group(1))] = match.group(2)
+            value = self.names.get((space, match.group(1)), value)
+        if key == "ob":
+            self.obj = value
+        elif key == "fn":
+            self.function = value
+
+    def header(self, line: str) -> None:
+        key, colon, rest = line.partition(":")
+        if not colon:
+            return
+        if key == "positions":
+            self.positions = len(rest.split())
+        elif key == "events":
+            events = rest.split()
+            if "Ir" not in events:
+                raise RuntimeError(f"no Ir event in the dump: {events}")
+            self.event = events.index("Ir")
+        elif key in ("summary", "totals"):
+            costs = rest.split()
+            setattr(self.profile, key, int(costs[self.event]) if len(costs) > self.event else 0)
+
+
+def parse_callgrind(lines: Iterable[str]) -> Profile:
+    parser = CallgrindParser()
+    for line in lines:
+        parser.feed(line.rstrip("\n"))
+    profile = parser.profile
+    if profile.instructions != profile.totals:
+        raise RuntimeError(
+            f"self costs sum to {profile.instructions}, the dump's totals to {profile.totals}"
+        )
+    return profile
+
+
+def control_dump(pid: int, hint: str, vgdb_prefix: Path, as_user: tuple[str, ...]) -> None:
+    """Ask callgrind in pid to dump its counters (which also resets them)."""
+    out = subprocess.run(
+        [*as_user, "callgrind_control", f"--vgdb-prefix={vgdb_prefix}", f"--dump={hint}", str(pid)],
+        capture_output=True,
+        text=True,
+        timeout=CONTROL_TIMEOUT_S,
+        check=False,
+    )
+    if "OK." not in out.stdout:  # callgrind_control exits 0 even when it fails
+        raise RuntimeError(f"callgrind_control --dump {pid}: {(out.stdout + out.stderr)[-300:]}")
+
+
+def dump_file(directory: Path, pid: int, hint: str) -> Path:
+    trigger = f"desc: Trigger: dump {hint}\n"
+    for path in sorted(directory.glob(f"callgrind.out.{pid}.*")):
+        with path.open() as fh:
+            if trigger in [fh.readline() for _ in range(40)]:
+                return path
+    raise RuntimeError(f"no callgrind dump {hint!r} for pid {pid} in {directory}")
+
+
+def group_of(obj: str, program: Path) -> str:
+    base = obj.rsplit("/", 1)[-1]
+    for prefix, group in LIBRARY_GROUPS:
+        if base.startswith(prefix):
+            return group
+    return "program" if obj == str(program) else "other"
+
+
+# ------------------------------------------------------------------ target --
+
+
+@dataclass
+class Measurement:
+    target: str
+    connections: int
+    profile: Profile
+    groups: dict[str, int]  # instructions per group, whole run
+    load: Load
+    warmup: Fetch
+    processes: int
+    program: Path
+    dumps: list[Path]
+
+    @property
+    def per_connection(self) -> float:
+        return self.profile.instructions / self.connections
+
+    def group(self, name: str) -> float:
+        return self.groups.get(name, 0) / self.connections
+
+
+def dump_all(
+    proc: subprocess.Popen[bytes], family: list[int], hint: str, cmd: Command, cg_dir: Path
+) -> None:
+    """Dump (and so reset) the counters of every process of the target."""
+    if sorted(descendants(proc.pid)) != sorted(family):
+        raise RuntimeError("the target's processes changed during the run")
+    for pid in family:
+        control_dump(pid, hint, cg_dir / "vgdb", cmd.as_user)
+
+
+def measure(name: str, setup: Setup, n: int) -> Measurement:
+    td = setup.directory / name
+    td.mkdir()
+    cg_dir = td / "callgrind"
+    cg_dir.mkdir()
+    cg_dir.chmod(0o777)  # hitch runs as nobody
+    port = free_port()
+    cmd = target_command(name, td, port, setup)
+    valgrind = [
+        "valgrind",
+        "--tool=callgrind",
+        f"--callgrind-out-file={cg_dir}/callgrind.out.%p",
+        f"--vgdb-prefix={cg_dir}/vgdb",  # its FIFOs go away with the temporary directory
+        "--trace-children=yes",  # without it, forked children have no gdbserver
+    ]
+    argv = ["taskset", "-c", str(PROXY_CPU), *cmd.as_user, *valgrind, *cmd.argv]
+    print(f"instructions: {name}: starting under callgrind", file=sys.stderr)
+    proc = setup.procs.start(argv, td / "log", cmd.env, cmd.cwd)
+    try:
+        wait_port(port, proc, TARGET_START_S)
+        warmup = fetch(port, client_context())
+        family = descendants(proc.pid)
+        dump_all(proc, family, "baseline", cmd, cg_dir)
+        print(f"instructions: {name}: {n} connections", file=sys.stderr)
+        load = run_load(port, n)
+        dump_all(proc, family, "measured", cmd, cg_dir)
+        profile = Profile()
+        dumps = [dump_file(cg_dir, pid, "measured") for pid in family]
+        for path in dumps:
+            with path.open() as fh:
+                profile.add(parse_callgrind(fh))
+    except (RuntimeError, OSError, subprocess.TimeoutExpired) as exc:
+        raise RuntimeError(f"{name}: {exc}\n{log_tail(td / 'log')}") from exc
+    finally:
+        setup.procs.stop(proc)
+    if abs(profile.summary - profile.totals) > SUMMARY_TOLERANCE * profile.totals:
+        print(
+            f"instructions: warning: {name}: the dump's summary ({profile.summary}) and "
+            f"totals ({profile.totals}) differ by more than {SUMMARY_TOLERANCE:.1%}",
+            file=sys.stderr,
+        )
+    groups: Counter[str] = Counter()
+    for obj, cost in profile.objects.items():
+        groups[group_of(obj, cmd.program)] += cost
+    return Measurement(
+        name, n, profile, dict(groups), load, warmup, len(family), cmd.program, dumps
+    )
+
+
+# ------------------------------------------------------------------ output --
+
+
+def version_of(cmd: list[str], pattern: str) -> str:
+    try:
+        out = subprocess.run(cmd, capture_output=True, text=True, timeout=30, check=False)
+    except (OSError, subprocess.TimeoutExpired):
+        return "?"
+    match = re.search(pattern, out.stdout + out.stderr)
+    return match.group(1) if match else "?"
+
+
+def tree_state() -> str:
+    def git(*args: str) -> str:
+        out = subprocess.run(
+            ["git", "--no-optional-locks", "-C", str(REPO), *args],
+            capture_output=True,
+            text=True,
+            timeout=30,
+            check=False,
+        )
+        return out.stdout.strip()
+
+    try:
+        head = git("rev-parse", "--short", "HEAD") or "?"
+        dirty = git("status", "--porcelain", "--untracked-files=no")
+    except (OSError, subprocess.TimeoutExpired):
+        return "?"
+    return f"{head} + uncommitted changes" if dirty else head
+
+
+def versions(targets: list[str]) -> dict[str, str]:
+    found = {
+        "valgrind": version_of(["valgrind", "--version"], r"valgrind-(\S+)"),
+        "python": platform.python_version(),
+        "openssl": ssl.OPENSSL_VERSION,
+        "tree": tree_state(),
+    }
+    if "haproxy" in targets:
+        found["haproxy"] = version_of(["haproxy", "-v"], r"version (\S+)")
+    if "hitch" in targets:
+        found["hitch"] = version_of(["hitch", "--version"], r"hitch (\S+)")
+    return found
+
+
+def num(value: float) -> str:
+    return f"{value:,.0f}"
+
+
+def report(
+    results: list[Measurement], cert: str, info: dict[str, str], functions: int, out: TextIO
+) -> None:
+    certname = "ECDSA P-256" if cert == "ecdsa" else "RSA-2048"
+    first = results[0]
+    w = out.write
+    w(f"Instructions per connection (callgrind), {certname} certificate\n")
+    w(
+        f"{first.connections} connections per target from {CLIENT_THREADS} client threads: "
+        f"full handshake ({first.warmup.version}, {first.warmup.cipher}), "
+        f"GET {SMALL_BYTES} B, Connection: close\n"
+    )
+    w(", ".join(f"{k} {v}" for k, v in info.items()) + "\n")
+    for m in results:
+        w(
+            f"{m.target}: {m.load.connections} ok, {m.load.resumed} resumed, "
+            f"{m.load.tickets} with a session ticket, {m.load.seconds:.0f} s under valgrind, "
+            f"{m.processes} process(es); dump summary/totals "
+            f"{m.profile.summary / max(m.profile.totals, 1):.4f}\n"
+        )
+    w("\nInstructions per connection, by shared object:\n")
+    w(f"{'target':<18} {'total':>10}" + "".join(f" {g:>10}" for g in GROUPS) + "\n")
+    for m in results:
+        row = f"{m.target:<18} {num(m.per_connection):>10}"
+        w(row + "".join(f" {num(m.group(g)):>10}" for g in GROUPS) + "\n")
+    by_name = {m.target: m for m in results}
+    ref = by_name.get(REFERENCE)
+    if ref is not None and "tlsproxy" in by_name:
+        mine = by_name["tlsproxy"]
+        row = f"{'tlsproxy - ' + REFERENCE:<18} {num(mine.per_connection - ref.per_connection):>10}"
+        w(row + "".join(f" {num(mine.group(g) - ref.group(g)):>10}" for g in GROUPS) + "\n")
+    w("\n")
+    if ref is not None:
+        for m in results:
+            if m is not ref:
+                w(f"{m.target} / {REFERENCE}: {m.per_connection / ref.per_connection:.2f}x\n")
+    for m in results:
+        other = [
+            (obj.rsplit("/", 1)[-1], cost)
+            for obj, cost in m.profile.objects.most_common()
+            if group_of(obj, m.program) == "other"
+        ]
+        if other:
+            shown = "; ".join(
+                f"{obj} {num(cost / m.connections)}" for obj, cost in other[:OTHER_SHOWN]
+            )
+            w(f"other, {m.target}: {shown}\n")
+    for m in results:
+        if functions:
+            w(f"\nTop {functions} functions by self cost per connection, {m.target}:\n")
+            for (obj, fn), cost in m.profile.functions.most_common(functions):
+                w(f"{num(cost / m.connections):>10}  {obj.rsplit('/', 1)[-1]}  {fn}\n")
+
+
+def ratio_to_reference(m: Measurement, results: list[Measurement]) -> float | None:
+    ref = next((r for r in results if r.target == REFERENCE), None)
+    if ref is None or ref is m:
+        return None
+    return round(m.per_connection / ref.per_connection, 3)
+
+
+def record(
+    m: Measurement, results: list[Measurement], cert: str, info: dict[str, str]
+) -> dict[str, Any]:
+    n = m.connections
+    return {
+        "record": "instructions",
+        "date": time.strftime("%Y-%m-%d %H:%M %Z"),
+        "target": m.target,
+        "cert": cert,
+        "connections": n,
+        "client_threads": CLIENT_THREADS,
+        "instructions": m.profile.instructions,
+        "per_connection": round(m.per_connection),
+        "per_connection_by_group": {g: round(m.group(g)) for g in GROUPS},
+        "per_connection_by_object": {
+            obj: round(cost / n) for obj, cost in m.profile.objects.most_common(10)
+        },
+        f"ratio_to_{REFERENCE}": ratio_to_reference(m, results),
+        "dump_summary": m.profile.summary,
+        "dump_totals": m.profile.totals,
+        "tls_version": m.warmup.version,
+        "cipher": m.warmup.cipher,
+        "resumed": m.load.resumed,
+        "tickets": m.load.tickets,
+        "seconds": round(m.load.seconds, 1),
+        "processes": m.processes,
+        "versions": info,
+    }
+
+
+# -------------------------------------------------------------------- main --
+
+
+def parse_args() -> argparse.Namespace:
+    ap = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
+    ap.add_argument(
+        "--targets",
+        default=DEFAULT_TARGETS,
+        help=f"comma-separated, from {','.join(TARGETS)} (default {DEFAULT_TARGETS})",
+    )
+    ap.add_argument(
+        "--cert",
+        choices=("ecdsa", "rsa"),
+        default="ecdsa",
+        help="server certificate: ECDSA P-256 (default) or RSA-2048",
+    )
+    ap.add_argument(
+        "-n",
+        "--connections",
+        type=int,
+        default=400,
+        help=f"measured connections per target, {MIN_CONNECTIONS}..{MAX_CONNECTIONS}",
+    )
+    ap.add_argument("--out", type=Path, help="append one JSON line per target to this file")
+    ap.add_argument(
+        "--functions",
+        type=int,
+        default=0,
+        metavar="K",
+        help="also list each target's K costliest functions (self cost)",
+    )
+    ap.add_argument(
+        "--profiles",
+        type=Path,
+        metavar="DIR",
+        help="copy the measured callgrind dumps here (for callgrind_annotate, kcachegrind)",
+    )
+    args = ap.parse_args()
+    if not MIN_CONNECTIONS <= args.connections <= MAX_CONNECTIONS:
+        ap.error(f"--connections must be {MIN_CONNECTIONS}..{MAX_CONNECTIONS}")
+    if not 0 <= args.functions <= MAX_FUNCTIONS:
+        ap.error(f"--functions must be 0..{MAX_FUNCTIONS}")
+    args.targets = [t.strip() for t in args.targets.split(",") if t.strip()]
+    unknown = [t for t in args.targets if t not in TARGETS]
+    if unknown or not args.targets or len(set(args.targets)) != len(args.targets):
+        ap.error(
+            f"--targets: each of {','.join(TARGETS)} at most once; got {unknown or args.targets}"
+        )
+    return args
+
+
+def check_machine(targets: list[str]) -> list[str] | None:
+    """The targets that can run, or None (and a message) when nothing can."""
+    tools = ["valgrind", "callgrind_control", "nginx", "taskset"]
+    tools += ["setpriv"] if "hitch" in targets and os.geteuid() == 0 else []
+    missing = [t for t in tools if not shutil.which(t)]
+    if missing:
+        debs = " ".join(sorted({PACKAGES[m] for m in missing}))
+        print(
+            f"instructions: missing {', '.join(missing)}; install with: apt-get install -y {debs}",
+            file=sys.stderr,
+        )
+        return None
+    if not {PROXY_CPU, LOAD_CPU} <= os.sched_getaffinity(0):
+        print(
+            "instructions: needs CPUs 0 and 1 (target on 0, nginx and clients on 1)",
+            file=sys.stderr,
+        )
+        return None
+    runnable = []
+    for t in targets:
+        if t != "tlsproxy" and shutil.which(t) is None:
+            print(
+                f"instructions: {t} skipped: not installed (apt-get install -y {PACKAGES[t]})",
+                file=sys.stderr,
+            )
+        else:
+            runnable.append(t)
+    return runnable
+
+
+def run(
+    args: argparse.Namespace, targets: list[str], procs: Processes
+) -> tuple[list[Measurement], int]:
+    results: list[Measurement] = []
+    failed = 0
+    with tempfile.TemporaryDirectory(prefix="tls-instructions-") as tmp:
+        d = Path(tmp)
+        d.chmod(0o755)  # nginx's worker and hitch run as nobody
+        cert = make_certificate(d, args.cert)
+        peer_env = {**os.environ, "OPENSSL_CONF": str(openssl_conf(d))}
+        nginx, backend = start_nginx(d, procs)
+        setup = Setup(d, backend, cert, peer_env, procs)
+        try:
+            for name in targets:
+                try:
+                    m = measure(name, setup, args.connections)
+                except RuntimeError as exc:
+                    print(f"instructions: failed: {exc}", file=sys.stderr)
+                    failed += 1
+                    continue
+                results.append(m)
+                if args.profiles:
+                    args.profiles.mkdir(parents=True, exist_ok=True)
+                    for path in m.dumps:
+                        pid = path.name.split(".")[2]
+                        shutil.copy(path, args.profiles / f"callgrind.{name}.{args.cert}.{pid}")
+        finally:
+            procs.stop(nginx)
+    return results, failed
+
+
+def main() -> int:
+    args = parse_args()
+    targets = check_machine(args.targets)
+    if targets is None:
+        return 2
+    os.sched_setaffinity(0, {LOAD_CPU})  # the clients stay off the target's CPU
+    signal.signal(signal.SIGTERM, on_signal)
+    info = versions(targets)
+    procs = Processes()
+    try:
+        results, failed = run(args, targets, procs)
+    finally:
+        procs.stop_all()
+    if results:
+        report(results, args.cert, info, args.functions, sys.stdout)
+    if args.out and results:
+        with args.out.open("a") as fh:
+            for m in results:
+                fh.write(json.dumps(record(m, results, args.cert, info)) + "\n")
+    return 1 if failed or not results else 0
+
+
+if __name__ == "__main__":
+    try:
+        sys.exit(main())
+    except KeyboardInterrupt:
+        print("instructions: interrupted; every started process stopped", file=sys.stderr)
+        sys.exit(130)
