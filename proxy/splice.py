@@ -245,24 +245,29 @@ class Splice:
         """The next plaintext chunk as (pooled buffer, length), or None at EOF."""
         client = self.client
         obj = client.obj
+        incoming = client.incoming
         pool = self.pool
         while True:
-            view = pool.take()
-            try:
-                n: int = obj.read(RECV_CHUNK, view)  # type: ignore[assignment]  # with a buffer: a count
-            except ssl.SSLWantReadError:
-                n = -1
-            except (ssl.SSLZeroReturnError, ssl.SSLEOFError):
-                n = 0  # close_notify, or a bare FIN (a ragged but common end)
-            except ssl.SSLError as exc:
+            # With nothing fed left to decrypt (the usual case once a request
+            # has been read) OpenSSL can only want more: skip asking it, and
+            # the SSLWantReadError it would raise and we would catch.
+            if incoming.pending or incoming.eof or obj.pending():
+                view = pool.take()
+                try:
+                    n: int = obj.read(RECV_CHUNK, view)  # type: ignore[assignment]  # with a buffer: a count
+                except ssl.SSLWantReadError:
+                    n = -1
+                except (ssl.SSLZeroReturnError, ssl.SSLEOFError):
+                    n = 0  # close_notify, or a bare FIN (a ragged but common end)
+                except ssl.SSLError as exc:
+                    pool.give(view)
+                    client.flush_nowait()  # the alert that says why
+                    raise _ClientGone(CloseReason.CLIENT_PROTOCOL_ERROR) from exc
+                if n > 0:
+                    return view, n
                 pool.give(view)
-                client.flush_nowait()  # the alert that says why
-                raise _ClientGone(CloseReason.CLIENT_PROTOCOL_ERROR) from exc
-            if n > 0:
-                return view, n
-            pool.give(view)
-            if n == 0:
-                return None
+                if n == 0:
+                    return None
             # Everything fed so far is decrypted: send what OpenSSL produced
             # meanwhile (and our close_notify, if due), then read the socket.
             # Outside the except clause: a handled exception and its
