@@ -15,6 +15,7 @@ from tests.helpers import (
     Certs,
     Running,
     build_config,
+    echo_handler,
     http_handler,
     sample,
     scrape,
@@ -129,6 +130,27 @@ async def _count_then_answer(stream: trio.SocketStream) -> None:
         total += len(data)
     await stream.send_all(f"got {total} bytes".encode())
     await stream.aclose()
+
+
+async def _banner_then_echo(stream: trio.SocketStream) -> None:
+    """A server-speaks-first backend (SMTP, MySQL, SSH): a banner on connect."""
+    await stream.send_all(b"220 ready\r\n")
+    await echo_handler(stream)
+
+
+async def test_backend_that_speaks_first_reaches_the_client_before_it_sends(
+    nursery: trio.Nursery, certs: Certs
+) -> None:
+    """The splice waits for the backend's first bytes rather than reading at
+    once; a banner sent before the client says anything must still arrive."""
+    port = await start_backend(nursery, _banner_then_echo)
+    proxy = await start_server(nursery, build_config(certs, port))
+    with trio.fail_after(STEP):
+        tls = await tls_connect(proxy.port, certs.client_context())
+        assert await tls.receive_some(100) == b"220 ready\r\n"
+        await tls.send_all(b"EHLO\r\n")
+        assert await tls.receive_some(100) == b"EHLO\r\n"
+        await tls.aclose()
 
 
 async def test_client_close_notify_reaches_backend_as_fin_and_reply_still_arrives(
