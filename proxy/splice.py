@@ -3,9 +3,12 @@
 Theory of operation
 -------------------
 
-Two tasks in one nursery, one per direction (the idle timeouts of all
-connections are enforced by one `IdleWatch` task per process, not a task
-each: a task is the biggest part of an idle connection's memory). Each reads one chunk and
+Two tasks, one per direction: the connection's own task copies from the
+backend to the client, and a second task in the connection's nursery copies
+from the client to the backend. The idle timeouts of all connections are
+enforced by one `IdleWatch` task per process, not a task each: a task and
+its parked wait are the biggest part of an idle connection's memory. Each
+direction reads one chunk and
 writes all of it before reading again, so a slow receiver stops the reader
 (back-pressure through the kernel's socket buffers) and memory per
 connection is bounded by one chunk per direction. The chunk buffers are
