@@ -62,7 +62,6 @@ is stopped by PID; everything listens on 127.0.0.1 only.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import datetime
 import ipaddress
 import json
@@ -90,6 +89,15 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from cryptography.x509.oid import NameOID
 
+from benchmarks.processes import (
+    SMALL_BYTES,
+    Processes,
+    descendants,
+    free_port,
+    start_nginx,
+    wait_port,
+)
+
 REPO = Path(__file__).resolve().parent.parent
 TARGETS = ("tlsproxy", "haproxy", "hitch")
 DEFAULT_TARGETS = "tlsproxy,haproxy"
@@ -107,10 +115,8 @@ PROXY_CPU, LOAD_CPU = 0, 1
 CLIENT_THREADS = 8
 MIN_CONNECTIONS, MAX_CONNECTIONS = CLIENT_THREADS, 5000
 MAX_FUNCTIONS = 100
-SMALL_BYTES = 100
 REQUEST = b"GET /small.txt HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n"
 
-NGINX_START_S = 15  # nginx must listen within this
 TARGET_START_S = 300  # a target under valgrind must listen within this
 SOCKET_TIMEOUT_S = 60  # any one socket operation of a client connection
 LOAD_DEADLINE_S = 1800  # all N connections to one target
@@ -130,104 +136,6 @@ AS_NOBODY = ("setpriv", "--reuid=nobody", "--regid=nogroup", "--clear-groups")
 
 
 # --------------------------------------------------------------- processes --
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
-
-
-def start_time(pid: int) -> str | None:
-    """The process's start time in clock ticks: tells a PID from its reuse."""
-    try:
-        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[19]
-    except (OSError, IndexError):
-        return None
-
-
-def descendants(pid: int) -> list[int]:
-    """pid and all its descendants, pid first."""
-    pids, todo = [pid], [pid]
-    while todo:
-        parent = todo.pop()
-        try:
-            tasks = os.listdir(f"/proc/{parent}/task")
-        except OSError:
-            continue
-        for task in tasks:
-            try:
-                children = Path(f"/proc/{parent}/task/{task}/children").read_text().split()
-            except OSError:
-                continue
-            for child in map(int, children):
-                if child not in pids:
-                    pids.append(child)
-                    todo.append(child)
-    return pids
-
-
-class Processes:
-    """The processes this tool started; each is stopped by its PID (and its
-    descendants by theirs, checked by start time), never by name."""
-
-    def __init__(self) -> None:
-        self._started: list[subprocess.Popen[bytes]] = []
-
-    def start(
-        self,
-        cmd: list[str],
-        log: Path,
-        env: dict[str, str] | None = None,
-        cwd: Path | None = None,
-    ) -> subprocess.Popen[bytes]:
-        with log.open("wb") as fh:
-            proc = subprocess.Popen(
-                cmd,
-                stdout=fh,
-                stderr=subprocess.STDOUT,
-                stdin=subprocess.DEVNULL,
-                env=env,
-                cwd=cwd,
-                start_new_session=True,  # a terminal's Ctrl-C reaches only this tool
-            )
-        self._started.append(proc)
-        return proc
-
-    def stop(self, proc: subprocess.Popen[bytes]) -> None:
-        family = [(pid, start_time(pid)) for pid in descendants(proc.pid)[1:]]
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGTERM)
-            try:
-                proc.wait(STOP_WAIT_S)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait(10)
-        for pid, born in family:
-            if born is not None and start_time(pid) == born:
-                with contextlib.suppress(OSError):
-                    os.kill(pid, signal.SIGKILL)
-        if proc in self._started:
-            self._started.remove(proc)
-
-    def stop_all(self) -> None:
-        for proc in reversed(list(self._started)):
-            self.stop(proc)
-
-
-def wait_port(port: int, proc: subprocess.Popen[bytes], timeout: float) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"exited with status {proc.returncode} before listening")
-        try:
-            socket.create_connection(("127.0.0.1", port), timeout=1).close()
-        except OSError:
-            time.sleep(0.2)
-        else:
-            return
-    raise RuntimeError(f"port {port} not listening after {timeout:.0f} s")
 
 
 def log_tail(path: Path, chars: int = 600) -> str:
@@ -298,32 +206,6 @@ def openssl_conf(d: Path) -> Path:
         "[system_default_sect]\nMinProtocol = TLSv1.2\nNumTickets = 0\n"
     )
     return conf
-
-
-def start_nginx(d: Path, procs: Processes) -> tuple[subprocess.Popen[bytes], int]:
-    www = d / "www"
-    www.mkdir()
-    (www / "small.txt").write_bytes(b"x" * SMALL_BYTES)
-    port = free_port()
-    conf = d / "nginx.conf"
-    conf.write_text(f"""worker_processes 1;
-daemon off;
-pid {d}/nginx.pid;
-error_log {d}/nginx-error.log warn;
-events {{ worker_connections 4096; }}
-http {{
-  access_log off;
-  client_body_temp_path {d}/tmp-body; proxy_temp_path {d}/tmp-proxy;
-  fastcgi_temp_path {d}/tmp-fcgi; uwsgi_temp_path {d}/tmp-uwsgi;
-  scgi_temp_path {d}/tmp-scgi;
-  server {{ listen 127.0.0.1:{port}; root {www}; }}
-}}
-""")
-    cmd = ["taskset", "-c", str(LOAD_CPU), "nginx", "-p", str(d), "-e"]
-    cmd += [str(d / "nginx-error.log"), "-c", str(conf)]
-    proc = procs.start(cmd, d / "nginx.log")
-    wait_port(port, proc, NGINX_START_S)
-    return proc, port
 
 
 @dataclass(frozen=True)
@@ -960,7 +842,7 @@ def run(
         d.chmod(0o755)  # nginx's worker and hitch run as nobody
         cert = make_certificate(d, args.cert)
         peer_env = {**os.environ, "OPENSSL_CONF": str(openssl_conf(d))}
-        nginx, backend = start_nginx(d, procs)
+        nginx, backend = start_nginx(d, procs, ["taskset", "-c", str(LOAD_CPU)])
         setup = Setup(d, backend, cert, peer_env, procs)
         try:
             for name in targets:
@@ -989,7 +871,7 @@ def main() -> int:
     os.sched_setaffinity(0, {LOAD_CPU})  # the clients stay off the target's CPU
     signal.signal(signal.SIGTERM, on_signal)
     info = versions(targets)
-    procs = Processes()
+    procs = Processes(STOP_WAIT_S)
     try:
         results, failed = run(args, targets, procs)
     finally:

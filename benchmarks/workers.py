@@ -31,23 +31,20 @@ warm-up; the ratio is of the medians. Needs nginx-light, wrk and openssl
 from __future__ import annotations
 
 import argparse
-import os
 import re
-import signal
-import socket
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
+
+from benchmarks.processes import Processes, cpu_seconds, free_port, start_nginx, wait_port
 
 DURATION = 10  # seconds per measured run
 WARM_UP = 2  # seconds of wrk before each measured run
 CONNECTIONS = 32  # wrk connections in flight
-START_TIMEOUT = 30.0  # seconds for a daemon or nginx to listen
+START_TIMEOUT = 30.0  # seconds for a daemon to listen
 STOP_TIMEOUT = 30.0  # seconds for a daemon to drain and exit on SIGTERM
 
 KEYS = {
@@ -55,89 +52,6 @@ KEYS = {
     "rsa2048": ["-newkey", "rsa:2048"],
     "ecdsa": ["-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256"],
 }
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
-def wait_port(port: int, process: subprocess.Popen[bytes]) -> None:
-    deadline = time.monotonic() + START_TIMEOUT
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            raise RuntimeError(f"{process.args!r} exited with {process.returncode}")
-        try:
-            socket.create_connection(("127.0.0.1", port), timeout=1).close()
-        except OSError:
-            time.sleep(0.1)
-        else:
-            return
-    raise RuntimeError(f"nothing listens on port {port} after {START_TIMEOUT:g} s")
-
-
-def cpu_seconds(pid: int) -> float:
-    """User + system CPU of a process and its live children (workers)."""
-    total = 0.0
-    pids = [pid]
-    # Any thread's children: Trio starts processes from a worker thread.
-    for children in Path(f"/proc/{pid}/task").glob("*/children"):
-        pids += [int(child) for child in children.read_text().split()]
-    for each in pids:
-        try:
-            fields = Path(f"/proc/{each}/stat").read_text().rsplit(")", 1)[1].split()
-        except FileNotFoundError:
-            continue
-        total += (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-    return total
-
-
-@contextmanager
-def started(command: list[str], log: Path) -> Iterator[subprocess.Popen[bytes]]:
-    """A process stopped by its own PID at the end: SIGTERM, then SIGKILL."""
-    with log.open("wb") as out:
-        process = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT)
-    try:
-        yield process
-    finally:
-        process.send_signal(signal.SIGTERM)
-        try:
-            process.wait(STOP_TIMEOUT)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
-
-
-def nginx_command(directory: Path, port: int) -> list[str]:
-    www = directory / "www"
-    www.mkdir()
-    (www / "small.txt").write_bytes(b"x" * 100)
-    config = directory / "nginx.conf"
-    config.write_text(
-        f"""worker_processes 1;
-daemon off;
-pid {directory}/nginx.pid;
-error_log {directory}/nginx-error.log warn;
-events {{ worker_connections 4096; }}
-http {{
-  access_log off;
-  client_body_temp_path {directory}/tb; proxy_temp_path {directory}/tp;
-  fastcgi_temp_path {directory}/tf; uwsgi_temp_path {directory}/tu;
-  scgi_temp_path {directory}/ts;
-  server {{ listen 127.0.0.1:{port}; root {www}; }}
-}}
-"""
-    )
-    return [
-        "nginx",
-        "-p",
-        str(directory),
-        "-e",
-        str(directory / "nginx-error.log"),
-        "-c",
-        str(config),
-    ]
 
 
 def daemon_config(directory: Path, workers: int, port: int, backend: int) -> Path:
@@ -182,12 +96,15 @@ def run_wrk(port: int, seconds: int) -> tuple[float, int]:
     return rate, errors + (int(non2xx[1]) if non2xx else 0)
 
 
-def measure(directory: Path, workers: int, backend: int, nginx: int) -> dict[str, float]:
+def measure(
+    directory: Path, workers: int, backend: int, nginx: int, procs: Processes
+) -> dict[str, float]:
     port = free_port()
     config = daemon_config(directory, workers, port, backend)
     command = [sys.executable, "-m", "proxy", "run", "--config", str(config)]
-    with started(command, directory / f"tlsproxy-{workers}.log") as daemon:
-        wait_port(port, daemon)
+    daemon = procs.start(command, directory / f"tlsproxy-{workers}.log")
+    try:
+        wait_port(port, daemon, START_TIMEOUT)
         time.sleep(1.0)  # every worker accepting: the supervisor binds first
         run_wrk(port, WARM_UP)
         cpu_daemon, cpu_nginx = cpu_seconds(daemon.pid), cpu_seconds(nginx)
@@ -196,6 +113,8 @@ def measure(directory: Path, workers: int, backend: int, nginx: int) -> dict[str
         elapsed = time.monotonic() - start
         used_daemon = cpu_seconds(daemon.pid) - cpu_daemon
         used_nginx = cpu_seconds(nginx) - cpu_nginx
+    finally:
+        procs.stop(daemon)
     # wrk's own CPU is not in /proc once it exited: what the machine had
     # (two cores) minus the proxy and nginx is an upper bound for it.
     return {
@@ -260,13 +179,13 @@ def main() -> None:
             check=True,
             capture_output=True,
         )
-        backend = free_port()
-        with started(nginx_command(directory, backend), directory / "nginx.log") as nginx:
-            wait_port(backend, nginx)
+        procs = Processes(STOP_TIMEOUT)
+        try:
+            nginx, backend = start_nginx(directory, procs)
             rates: dict[int, list[float]] = {1: [], 2: []}
             for round_ in range(1, args.rounds + 1):
                 for workers in (1, 2):
-                    result = measure(directory, workers, backend, nginx.pid)
+                    result = measure(directory, workers, backend, nginx.pid, procs)
                     rates[workers].append(result["rate"])
                     print(
                         f"round {round_} workers={workers}: {result['rate']:.0f} handshakes/s, "
@@ -276,6 +195,8 @@ def main() -> None:
                         f"{result['errors']:.0f} errors",
                         flush=True,
                     )
+        finally:
+            procs.stop_all()
     one, two = statistics.median(rates[1]), statistics.median(rates[2])
     print(
         f"{args.cert}: workers=1 {one:.0f}/s, workers=2 {two:.0f}/s (medians of "
