@@ -42,14 +42,18 @@ def config_text(
     backend_port: int = 1,
     listen: str = "127.0.0.1:0",
     drain_timeout: float = 30.0,
+    process_lines: str = "",
     listener_lines: str = "",
+    more_listeners: str = "",
 ) -> str:
+    """One listener named "web"; `more_listeners` from `listener_table`."""
     return f"""\
 [admin]
 listen = "127.0.0.1:0"
 
 [process]
 drain_timeout = {drain_timeout}
+{process_lines}
 
 [[listeners]]
 name = "web"
@@ -57,6 +61,17 @@ listen = "{listen}"
 backend = "127.0.0.1:{backend_port}"
 {listener_lines}
 
+[listeners.tls]
+certificates = [{{ cert = {toml_str(cert)}, key = {toml_str(key)} }}]
+{more_listeners}"""
+
+
+def listener_table(name: str, listen: str, backend_port: int, cert: object, key: object) -> str:
+    return f"""
+[[listeners]]
+name = "{name}"
+listen = "{listen}"
+backend = "127.0.0.1:{backend_port}"
 [listeners.tls]
 certificates = [{{ cert = {toml_str(cert)}, key = {toml_str(key)} }}]
 """

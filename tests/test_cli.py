@@ -15,6 +15,8 @@ import ssl
 import stat
 import subprocess
 import sys
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from pathlib import Path
 
 import pytest
@@ -24,6 +26,7 @@ from cryptography import x509
 import proxy
 from tests.daemon import (
     PYTHON_M_PROXY,
+    Daemon,
     GatedStream,
     config_text,
     echo_through,
@@ -104,14 +107,31 @@ async def _stalled_backend(stream: trio.SocketStream) -> None:
     await trio.sleep_forever()
 
 
-async def _receive_first_line(client: BioClient) -> None:
-    received = b""
-    with trio.fail_after(STEP):
-        while not received.endswith(b"\n"):
-            chunk = await client.recv()
-            assert chunk, "closed before the backend's first bytes arrived"
-            received += chunk
-    assert received == b"first bytes\n"
+@asynccontextmanager
+async def _daemon_with_a_stuck_connection(
+    nursery: trio.Nursery, tmp_path: Path, certs: Certs, drain_timeout: float
+) -> AsyncIterator[tuple[Daemon, BioClient]]:
+    """A daemon serving one client whose backend sent a first line and then
+    stalls: a connection a drain has to wait for or cut."""
+    backend_port = await start_backend(nursery, _stalled_backend)
+    config = write_config(
+        tmp_path / "proxy.toml", certs, backend_port=backend_port, drain_timeout=drain_timeout
+    )
+    async with run_daemon(nursery, tmp_path, "--config", config) as daemon:
+        port, _ = await daemon.started()
+        with trio.fail_after(STEP):
+            client = await BioClient.connect(port, certs.client_context())
+        try:
+            received = b""
+            with trio.fail_after(STEP):
+                while not received.endswith(b"\n"):
+                    chunk = await client.recv()
+                    assert chunk, "closed before the backend's first bytes arrived"
+                    received += chunk
+            assert received == b"first bytes\n"
+            yield daemon, client
+        finally:
+            await client.stream.aclose()
 
 
 # ---------------------------------------------------------------- --version
@@ -355,26 +375,15 @@ async def test_drain_timeout_cuts_a_stuck_connection_with_close_notify_and_exits
     tmp_path: Path, certs: Certs, nursery: trio.Nursery
 ) -> None:
     drain_timeout = 1.0
-    backend_port = await start_backend(nursery, _stalled_backend)
-    config = write_config(
-        tmp_path / "proxy.toml", certs, backend_port=backend_port, drain_timeout=drain_timeout
-    )
-
-    async with run_daemon(nursery, tmp_path, "--config", config) as daemon:
-        port, _ = await daemon.started()
-        with trio.fail_after(STEP):
-            client = await BioClient.connect(port, certs.client_context())
-        try:
-            await _receive_first_line(client)
-            start = trio.current_time()
-            daemon.signal(signal.SIGTERM)
-            with daemon.deadline(drain_timeout + 8, "the cut at drain_timeout"):
-                # b"" only for a close_notify; a bare TCP EOF raises SSLEOFError
-                assert await client.recv() == b""
-            assert await daemon.exit_code(within=drain_timeout + 8) == 0, daemon.output()
-            elapsed = trio.current_time() - start
-        finally:
-            await client.stream.aclose()
+    stuck = _daemon_with_a_stuck_connection(nursery, tmp_path, certs, drain_timeout)
+    async with stuck as (daemon, client):
+        start = trio.current_time()
+        daemon.signal(signal.SIGTERM)
+        with daemon.deadline(drain_timeout + 8, "the cut at drain_timeout"):
+            # b"" only for a close_notify; a bare TCP EOF raises SSLEOFError
+            assert await client.recv() == b""
+        assert await daemon.exit_code(within=drain_timeout + 8) == 0, daemon.output()
+        elapsed = trio.current_time() - start
 
     assert elapsed >= drain_timeout * 0.95, "exited before drain_timeout"
     assert daemon.find("drain_timeout expired; closing the remaining connections") is not None
@@ -388,27 +397,16 @@ async def test_second_sigterm_during_drain_exits_at_once(
     tmp_path: Path, certs: Certs, nursery: trio.Nursery
 ) -> None:
     drain_timeout = 120.0  # far beyond the test's deadline: only the 2nd signal can end it
-    backend_port = await start_backend(nursery, _stalled_backend)
-    config = write_config(
-        tmp_path / "proxy.toml", certs, backend_port=backend_port, drain_timeout=drain_timeout
-    )
+    stuck = _daemon_with_a_stuck_connection(nursery, tmp_path, certs, drain_timeout)
+    async with stuck as (daemon, _):
+        daemon.signal(signal.SIGTERM)
+        # wait until the first signal is consumed, or trio would merge the two
+        draining = await daemon.wait_for("draining")
+        assert draining["connections"] == 1
+        assert daemon.process.returncode is None
 
-    async with run_daemon(nursery, tmp_path, "--config", config) as daemon:
-        port, _ = await daemon.started()
-        with trio.fail_after(STEP):
-            client = await BioClient.connect(port, certs.client_context())
-        try:
-            await _receive_first_line(client)
-            daemon.signal(signal.SIGTERM)
-            # wait until the first signal is consumed, or trio would merge the two
-            draining = await daemon.wait_for("draining")
-            assert draining["connections"] == 1
-            assert daemon.process.returncode is None
-
-            daemon.signal(signal.SIGTERM)
-            assert await daemon.exit_code() == 0, daemon.output()
-        finally:
-            await client.stream.aclose()
+        daemon.signal(signal.SIGTERM)
+        assert await daemon.exit_code() == 0, daemon.output()
     assert daemon.find("second stop signal: exiting now without waiting for connections")
 
 

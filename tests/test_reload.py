@@ -15,7 +15,7 @@ from cryptography import x509
 
 from proxy.config import Config, load_config
 from proxy.watch import watch_files
-from tests.daemon import run_daemon, toml_str
+from tests.daemon import config_text, listener_table, run_daemon
 from tests.helpers import (
     STEP,
     Certs,
@@ -31,23 +31,15 @@ from tests.helpers import (
 
 
 def _config(
-    cert: Path, key: Path, backend_port: int, *, extra_listener: str = "", watch: bool = False
+    cert: Path, key: Path, backend_port: int, *, more_listeners: str = "", watch: bool = False
 ) -> str:
-    return f"""
-[admin]
-listen = "127.0.0.1:0"
-
-[process]
-watch = {str(watch).lower()}
-
-[[listeners]]
-name = "web"
-listen = "127.0.0.1:0"
-backend = "127.0.0.1:{backend_port}"
-[listeners.tls]
-certificates = [{{ cert = {toml_str(cert)}, key = {toml_str(key)} }}]
-{extra_listener}
-"""
+    return config_text(
+        cert,
+        key,
+        backend_port=backend_port,
+        process_lines=f"watch = {str(watch).lower()}",
+        more_listeners=more_listeners,
+    )
 
 
 def _replace(path: Path, text: str) -> None:
@@ -142,15 +134,8 @@ def _mismatched_key(path: Path, certs: Certs, port: int, busy: int) -> None:
 
 
 def _port_in_use(path: Path, certs: Certs, port: int, busy: int) -> None:
-    extra = f"""
-[[listeners]]
-name = "second"
-listen = "127.0.0.1:{busy}"
-backend = "127.0.0.1:{port}"
-[listeners.tls]
-certificates = [{{ cert = {toml_str(certs.cert)}, key = {toml_str(certs.key)} }}]
-"""
-    path.write_text(_config(certs.cert, certs.key, port, extra_listener=extra))
+    extra = listener_table("second", f"127.0.0.1:{busy}", port, certs.cert, certs.key)
+    path.write_text(_config(certs.cert, certs.key, port, more_listeners=extra))
 
 
 @pytest.mark.parametrize(
@@ -185,20 +170,12 @@ async def test_bad_reload_keeps_the_old_config_serving_and_counts_a_failure(
 async def test_reload_adds_and_removes_a_listener(
     proxy: Running, config_file: Path, certs: Certs, echo_port: int
 ) -> None:
-    extra = f"""
-[[listeners]]
-name = "second"
-listen = "127.0.0.1:0"
-backend = "127.0.0.1:{echo_port}"
-[listeners.tls]
-certificates = [{{ cert = {toml_str(certs.cert)}, key = {toml_str(certs.key)} }}]
-"""
     # Port 0 twice would be "the same address": give the new listener its own.
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         free = probe.getsockname()[1]
-    extra = extra.replace("127.0.0.1:0", f"127.0.0.1:{free}", 1)
-    _replace(config_file, _config(certs.cert, certs.key, echo_port, extra_listener=extra))
+    extra = listener_table("second", f"127.0.0.1:{free}", echo_port, certs.cert, certs.key)
+    _replace(config_file, _config(certs.cert, certs.key, echo_port, more_listeners=extra))
     assert await proxy.server.reload(_loader(config_file), trigger="test")
     assert [s.runtime.config.name for s in proxy.server.listeners] == ["web", "second"]
 

@@ -26,9 +26,9 @@ from tests.daemon import (
     Daemon,
     GatedStream,
     assert_refused,
+    config_text,
     env_for,
     spawn,
-    toml_str,
     transfer_across_sigterm,
 )
 from tests.helpers import (
@@ -46,22 +46,13 @@ MESSAGE = b"hello through a worker"
 
 
 def _config(cert: Path, key: Path, backend_port: int, *, drain_timeout: float = 20.0) -> str:
-    return f"""
-[admin]
-listen = "127.0.0.1:0"
-
-[process]
-workers = 2
-watch = false
-drain_timeout = {drain_timeout}
-
-[[listeners]]
-name = "web"
-listen = "127.0.0.1:0"
-backend = "127.0.0.1:{backend_port}"
-[listeners.tls]
-certificates = [{{ cert = {toml_str(cert)}, key = {toml_str(key)} }}]
-"""
+    return config_text(
+        cert,
+        key,
+        backend_port=backend_port,
+        drain_timeout=drain_timeout,
+        process_lines="workers = 2\nwatch = false",
+    )
 
 
 @asynccontextmanager
