@@ -132,7 +132,6 @@ class _Connection:
         "client",
         "client_cert",
         "close_reason",
-        "idle",
         "ja4",
         "negotiated",
         "peer",
