@@ -8,12 +8,11 @@ backend to the client, and a second task in the connection's nursery copies
 from the client to the backend. The idle timeouts of all connections are
 enforced by one `IdleWatch` task per process, not a task each: a task and
 its parked wait are the biggest part of an idle connection's memory. Each
-direction reads one chunk and
-writes all of it before reading again, so a slow receiver stops the reader
-(back-pressure through the kernel's socket buffers) and memory per
-connection is bounded by one chunk per direction. The chunk buffers are
-lent by a `BufferPool` only while bytes are in flight: an idle connection,
-parked waiting for readability, holds none.
+direction reads one chunk and writes all of it before reading again, so a
+slow receiver stops the reader (back-pressure through the kernel's socket
+buffers) and memory per connection is bounded by one chunk per direction.
+The chunk buffers are lent by a `BufferPool` only while bytes are in
+flight: an idle connection, parked waiting for readability, holds none.
 
 After the handshake the client side keeps OpenSSL's contract
 (`SSL_read(3)`, `SSL_write(3)`) through `proxy.tlsio.TLSConn`: a read that
