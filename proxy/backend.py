@@ -29,7 +29,7 @@ from typing import Any
 import trio
 
 from proxy import proxy_protocol
-from proxy.config import Address
+from proxy.config import Address, format_sockaddr
 from proxy.tls import server_name
 from proxy.tlsio import TLSConn
 
@@ -140,7 +140,7 @@ async def _connect(sock: socket.socket, sockaddr: Sockaddr) -> None:
             await trio.lowlevel.wait_writable(sock)
             err = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
     if err:
-        raise BackendConnectError(_reason(err), f"{_show(sockaddr)}: {os.strerror(err)}")
+        raise BackendConnectError(_reason(err), f"{format_sockaddr(sockaddr)}: {os.strerror(err)}")
 
 
 def _connected(sock: socket.socket) -> bool:
@@ -167,7 +167,7 @@ async def _send_all(sock: socket.socket, sockaddr: Sockaddr, data: bytes) -> Non
             await trio.lowlevel.wait_writable(sock)
         except OSError as exc:
             raise BackendConnectError(
-                _reason(exc.errno or 0), f"{_show(sockaddr)}: {exc.strerror}"
+                _reason(exc.errno or 0), f"{format_sockaddr(sockaddr)}: {exc.strerror}"
             ) from exc
 
 
@@ -177,10 +177,3 @@ def _reason(err: int) -> str:
     if err == errno.ETIMEDOUT:
         return "timeout"
     return "unreachable"
-
-
-def _show(sockaddr: Sockaddr) -> str:
-    if isinstance(sockaddr, str):
-        return f"unix:{sockaddr}"
-    host, port = sockaddr[0], sockaddr[1]
-    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"

@@ -21,7 +21,11 @@ import struct
 from dataclasses import dataclass
 from typing import Final
 
+# The TLS record layer (RFC 8446, 5.1): every record starts with a 5-byte
+# header (content type, legacy version, length); the first record of every
+# TLS connection is a handshake record, content type 22.
 HANDSHAKE_RECORD = 0x16
+RECORD_HEADER = 5
 CLIENT_HELLO = 0x01
 
 # Real ClientHellos are 200 bytes to 2 KB; a post-quantum key share (ML-KEM-768
@@ -35,7 +39,6 @@ MAX_HELLO_BYTES = 16 * 1024
 # need 6x; such a client gets no fingerprint.
 MAX_HELLO_STREAM = MAX_HELLO_BYTES + 2 * 1024
 
-RECORD_HEADER = 5
 HANDSHAKE_HEADER = 4
 EXTENSION_HEADER = 4  # type and length, two bytes each
 _EXTENSION_HEADER = struct.Struct(">HH")

@@ -69,8 +69,7 @@ class Address:
     def __str__(self) -> str:
         if self.unix_path is not None:
             return f"unix:{self.unix_path}"
-        host = f"[{self.host}]" if ":" in self.host else self.host
-        return f"{host}:{self.port}"
+        return format_hostport(self.host, self.port)
 
     @classmethod
     def __get_pydantic_core_schema__(
@@ -79,6 +78,22 @@ class Address:
         return core_schema.no_info_plain_validator_function(
             _coerce_address, serialization=core_schema.to_string_ser_schema()
         )
+
+
+def format_hostport(host: object, port: object) -> str:
+    """`host:port`, with an IPv6 host in brackets: the one spelling of an
+    address in logs and messages."""
+    text = str(host)
+    return f"[{text}]:{port}" if ":" in text else f"{text}:{port}"
+
+
+def format_sockaddr(sockaddr: object) -> str:
+    """A socket address as the logs spell it: (host, port, ...) or a Unix path."""
+    if isinstance(sockaddr, tuple) and len(sockaddr) >= 2:
+        return format_hostport(sockaddr[0], sockaddr[1])
+    if isinstance(sockaddr, str):
+        return f"unix:{sockaddr}" if sockaddr else "unix"
+    return str(sockaddr)
 
 
 def parse_address(text: str) -> Address:
@@ -184,7 +199,7 @@ def _file(value: object, info: ValidationInfo) -> Path:
 
 
 def _optional_file(value: object, info: ValidationInfo) -> Path | None:
-    """DESIGN.md writes `client_ca = ""` for "none", so "" means no file."""
+    """`client_ca = ""` is how the config reference spells "none", so "" means no file."""
     return None if value in ("", None) else _file(value, info)
 
 

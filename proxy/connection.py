@@ -16,7 +16,7 @@ import trio
 
 from proxy import backend
 from proxy.buffers import BufferPool
-from proxy.config import Address, ListenerConfig
+from proxy.config import Address, ListenerConfig, format_sockaddr
 from proxy.handshake import HandshakeResult, run_handshake
 from proxy.ja4 import ja4
 from proxy.log import Logger
@@ -208,7 +208,7 @@ class _Connection:
         """The access-log line's fields, as far as the connection got."""
         fields: dict[str, Any] = {
             "listener": self.runtime.metrics.name,
-            "client": _format_peer(self.peer),
+            "client": format_sockaddr(self.peer),
         }
         result = self.result
         if result is not None:
@@ -330,10 +330,3 @@ def _client_cert_fields(tls: ssl.SSLObject) -> dict[str, Any]:
         "client_san_dns": [value for kind, value in sans if kind == "DNS"],
         "client_san_uri": [value for kind, value in sans if kind == "URI"],
     }
-
-
-def _format_peer(peer: Any) -> str:
-    if isinstance(peer, tuple) and len(peer) >= 2:
-        host, port = peer[0], peer[1]
-        return f"[{host}]:{port}" if ":" in str(host) else f"{host}:{port}"
-    return str(peer)

@@ -57,13 +57,10 @@ import trio
 
 from proxy import clienthello
 from proxy.buffers import BufferPool
-from proxy.outcome import TLS_HANDSHAKE_RECORD, Outcome, classify
+from proxy.clienthello import HANDSHAKE_RECORD, RECORD_HEADER
+from proxy.outcome import Outcome, classify
 from proxy.tls import HandshakeNotes, attach_notes
 from proxy.tlsio import TLSConn
-
-# One TLS record header: content type, two version bytes, two length bytes.
-# The content type alone decides not_tls; the rest is there for the log.
-RECORD_HEADER = 5
 
 
 @dataclass(slots=True)
@@ -139,7 +136,7 @@ class _Loop:
     async def run(self, context: ssl.SSLContext) -> None:
         hello = await self._read_hello()
         self.first = hello[:RECORD_HEADER]
-        if not hello or hello[0] != TLS_HANDSHAKE_RECORD:
+        if not hello or hello[0] != HANDSHAKE_RECORD:
             return  # the classifier decides from the bytes alone
         tls = self.tls = TLSConn(self.sock, context, self.pool, hello)
         attach_notes(tls.obj, self.notes)

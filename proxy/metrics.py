@@ -1,8 +1,9 @@
 """Every metric tlsproxy exports, defined in one place.
 
-The names and labels are a published interface (DESIGN.md): dashboards and
-alerts depend on them. Metrics live on a registry passed in by the caller, so
-tests build a fresh `CollectorRegistry` and nothing is global.
+The names and labels are a published interface (the README's Metrics
+section): dashboards and alerts depend on them. Metrics live on a registry
+passed in by the caller, so tests build a fresh `CollectorRegistry` and
+nothing is global.
 
 Labelled children are bound once per listener (`ListenerMetrics`), so the hot
 path never does a label lookup: a handshake costs a handful of attribute

@@ -16,6 +16,8 @@ from __future__ import annotations
 import ssl
 from enum import StrEnum
 
+from proxy.clienthello import HANDSHAKE_RECORD
+
 
 class Outcome(StrEnum):
     SUCCESS = "success"
@@ -32,10 +34,10 @@ class Outcome(StrEnum):
     INTERNAL_ERROR = "internal_error"
 
 
-# The first byte of every TLS connection is a handshake record (content type
-# 22). An SSLv2-compatible hello starts with a two-byte length whose top bit is
-# set; anything else (an HTTP verb, an SSH banner) is not TLS at all.
-TLS_HANDSHAKE_RECORD = 0x16
+# The first byte of every TLS connection is a handshake record
+# (`HANDSHAKE_RECORD`). An SSLv2-compatible hello starts with a two-byte
+# length whose top bit is set; anything else (an HTTP verb, an SSH banner) is
+# not TLS at all.
 SSLV2_HELLO_MASK = 0x80
 SSLV2_CLIENT_HELLO = 0x01
 
@@ -132,7 +134,7 @@ def classify_first_bytes(first: bytes) -> Outcome | None:
     """
     if not first:
         return Outcome.CLIENT_CLOSED
-    if first[0] == TLS_HANDSHAKE_RECORD:
+    if first[0] == HANDSHAKE_RECORD:
         return None
     if _is_sslv2_client_hello(first):
         return Outcome.UNSUPPORTED_VERSION

@@ -26,7 +26,7 @@ from enum import StrEnum
 import trio
 
 from proxy.admin import Admin
-from proxy.config import Address, Config, ConfigError
+from proxy.config import Address, Config, ConfigError, format_sockaddr
 from proxy.connection import ConnectionSet, ListenerRuntime, ListenerState, handle_connection
 from proxy.log import Logger
 from proxy.metrics import Metrics
@@ -207,7 +207,7 @@ class Server:
                 for listener in self._bound.values():
                     self._start_accepting(listener)
                 if admin_address is not None:
-                    self.log.info("admin listening", address=_format(admin_address))
+                    self.log.info("admin listening", address=format_sockaddr(admin_address))
                 if self.state is State.STARTING:
                     self.state = State.SERVING
                 started({b.name: _sockname(b.sock) for b in self._bound.values()})
@@ -223,7 +223,7 @@ class Server:
 
     def _start_accepting(self, listener: _Listener) -> None:
         self.log.info(
-            "listening", listener=listener.name, address=_format(_sockname(listener.sock))
+            "listening", listener=listener.name, address=format_sockaddr(_sockname(listener.sock))
         )
 
         handlers = self._handlers
@@ -408,8 +408,3 @@ def bind_socket(
 def _sockname(sock: socket.socket) -> tuple[str, int]:
     name = sock.getsockname()
     return (str(name[0]), int(name[1]))
-
-
-def _format(address: tuple[str, int]) -> str:
-    host, port = address
-    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"

@@ -58,7 +58,7 @@ from prometheus_client import CollectorRegistry
 from prometheus_client.multiprocess import MultiProcessCollector, mark_process_dead
 
 from proxy.admin import Admin
-from proxy.config import Address, Config
+from proxy.config import Address, Config, format_sockaddr
 from proxy.log import Logger
 from proxy.metrics import SupervisorMetrics
 from proxy.server import Server, StartupError, State, bind_socket
@@ -246,7 +246,7 @@ class Supervisor:
         async with trio.open_nursery() as nursery:
             await nursery.start(self._handle_signals, nursery)
             address = await nursery.start(admin.serve, self._admin_socket)
-            self.log.info("admin listening", address=_format(address))
+            self.log.info("admin listening", address=format_sockaddr(address))
             async with trio.open_nursery() as slots:
                 for slot in range(self.count):
                     slots.start_soon(self._keep_running, slot)
@@ -416,8 +416,3 @@ def _describe(code: int) -> str:
     if code < 0:
         return f"killed by {signal.Signals(-code).name}"
     return f"exit code {code}"
-
-
-def _format(address: tuple[str, int]) -> str:
-    host, port = address
-    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"

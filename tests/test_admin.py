@@ -16,7 +16,7 @@ from tests.helpers import (
     tls_connect,
 )
 
-# DESIGN.md's table: dashboards and alerts depend on these names.
+# The README's metrics table: dashboards and alerts depend on these names.
 PUBLISHED = {
     "tlsproxy_handshakes": "counter",
     "tlsproxy_handshake_duration_seconds": "histogram",

@@ -111,7 +111,7 @@ async def test_each_name_gets_its_certificate(nursery: trio.Nursery, tmp_path: P
     )
     _, text = await scrape(proxy.admin_port)
     assert sample(text, "tlsproxy_handshakes_total", outcome="success") == len(cases)
-    assert 'sni="' not in text  # the SNI is never a metric label (DESIGN.md)
+    assert 'sni="' not in text  # the SNI is never a metric label (the README's metrics section)
 
 
 async def test_rsa_certificate_serves_rsa_suites_and_ecdsa_ecdsa(
