@@ -24,7 +24,7 @@ from prometheus_client import CollectorRegistry
 from proxy import __version__
 from proxy.certs import default_state_dir, ensure_self_signed
 from proxy.config import Config, ConfigError, default_config, load_config, with_overrides
-from proxy.log import Logger, make_logger
+from proxy.log import Logger, LogSink, make_logger
 from proxy.metrics import Metrics
 from proxy.server import Server, StartupError, State
 from proxy.watch import watch_files
@@ -99,19 +99,27 @@ def _run(args: argparse.Namespace) -> int:
     except ConfigError as exc:
         _print_errors(exc, "not started")
         return EXIT_CONFIG
-    log = make_logger(config.log.level, config.log.format).bind(pid=os.getpid())
+    sink = LogSink.stderr()
+    try:
+        return _run_logged(args, config, sink)
+    finally:
+        sink.close()  # what is buffered, within LOG_FLUSH_TIMEOUT
+
+
+def _run_logged(args: argparse.Namespace, config: Config, sink: LogSink) -> int:
+    log = make_logger(config.log.level, config.log.format, sink).bind(pid=os.getpid())
     worker = args.command == "worker"
     if not worker:
         for warning in config.warnings:
             log.warning("config warning", detail=warning)
     if config.process.workers > 1 and not worker:
-        return _supervise(config, log, args)
+        return _supervise(config, log, args, sink)
     if worker:
         prepare_worker()
     try:
-        server = Server(
-            config, Metrics(CollectorRegistry()), log, reuse_port=worker, admin=not worker
-        )
+        metrics = Metrics(CollectorRegistry())
+        sink.count_drops(metrics.log_lines_dropped.inc)
+        server = Server(config, metrics, log, reuse_port=worker, admin=not worker)
         server.bind()
     except StartupError as exc:
         log.error(str(exc))
@@ -133,12 +141,13 @@ def _run(args: argparse.Namespace) -> int:
     return 0
 
 
-def _supervise(config: Config, log: Logger, args: argparse.Namespace) -> int:
+def _supervise(config: Config, log: Logger, args: argparse.Namespace, sink: LogSink) -> int:
     command = [sys.executable, "-m", "proxy", "worker"]
     for flag in RUN_FLAGS:
         if (value := getattr(args, flag)) is not None:
             command += [f"--{flag}", value]
     supervisor = Supervisor(config, log, command)
+    sink.count_drops(supervisor.metrics.count_log_drops)
     try:
         supervisor.bind()
         trio.run(supervisor.run)

@@ -22,9 +22,13 @@ from __future__ import annotations
 
 import ssl
 import sys
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client.metrics_core import CounterMetricFamily, Metric
+from prometheus_client.multiprocess import MultiProcessCollector
+from prometheus_client.registry import Collector
 
 from proxy import __version__
 from proxy.outcome import Outcome
@@ -39,6 +43,9 @@ HANDSHAKE_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.
 # A backend connect is a sidecar's loopback hop (~100 µs) or a short network
 # hop; connect_timeout defaults to 5 s.
 CONNECT_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.05, 0.25, 1.0, 5.0)
+
+LOG_LINES_DROPPED = "log_lines_dropped"
+LOG_LINES_DROPPED_HELP = "Log lines lost because stderr was too slow or gone (see proxy/log.py)."
 
 
 class Metrics:
@@ -138,6 +145,16 @@ class Metrics:
             # as with two certificates of one subject.
             multiprocess_mode="livemin",
         )
+        self.internal_errors = Counter(
+            "internal_errors",
+            "Connections ended by an unexpected exception after the handshake: bugs.",
+            ["listener"],
+            namespace=NAMESPACE,
+            registry=registry,
+        )
+        self.log_lines_dropped = Counter(
+            LOG_LINES_DROPPED, LOG_LINES_DROPPED_HELP, namespace=NAMESPACE, registry=registry
+        )
         self.config_reloads = Counter(
             "config_reloads",
             "Configuration reloads by result.",
@@ -179,6 +196,7 @@ class ListenerMetrics:
     bytes_to_backend: Counter
     bytes_to_client: Counter
     connect_duration: Histogram
+    internal_errors: Counter
     # tls_negotiated children by (version, cipher, alpn, resumed): the labels
     # vary per handshake but take few values (bounded by the TLS policy and
     # the ALPN list), so each child is looked up once and then reused.
@@ -202,6 +220,7 @@ class ListenerMetrics:
             bytes_to_backend=family.bytes.labels(name, "to_backend"),
             bytes_to_client=family.bytes.labels(name, "to_client"),
             connect_duration=family.backend_connect_duration.labels(name),
+            internal_errors=family.internal_errors.labels(name),
             negotiated_children={},
         )
 
@@ -225,13 +244,44 @@ class ListenerMetrics:
 class SupervisorMetrics:
     """The supervisor's own metrics with `workers > 1`, served beside the
     workers' merged ones. The supervisor does not run in multiprocess mode:
-    these are ordinary in-memory metrics on the registry it serves."""
+    these are ordinary in-memory metrics on the registry it serves, except
+    its dropped log lines, which are added into the workers' series of the
+    same name (`MergedWorkers`): one family per name in a scrape."""
 
     def __init__(self, registry: CollectorRegistry) -> None:
         self.registry = registry
+        self.log_lines_dropped = 0
         self.worker_restarts = Counter(
             "worker_restarts",
             "Worker processes restarted after exiting on their own (crash, kill).",
             namespace=NAMESPACE,
             registry=registry,
         )
+
+    def count_log_drops(self, count: int) -> None:
+        """The log sink's drop callback (called under the sink's lock)."""
+        self.log_lines_dropped += count
+
+
+class MergedWorkers(Collector):
+    """The workers' multiprocess files merged, plus the supervisor's own log
+    drops: the counter is per process and the scrape shows the sum."""
+
+    def __init__(self, path: str, supervisor: SupervisorMetrics) -> None:
+        self._workers = MultiProcessCollector(None, path=path)  # type: ignore[no-untyped-call]
+        self._supervisor = supervisor
+
+    def collect(self) -> Iterable[Metric]:
+        name = f"{NAMESPACE}_{LOG_LINES_DROPPED}"
+        own = self._supervisor.log_lines_dropped
+        merged = False
+        for family in self._workers.collect():  # type: ignore[no-untyped-call]
+            if family.name == name:
+                family.samples = [
+                    s._replace(value=s.value + own) if s.name == f"{name}_total" else s
+                    for s in family.samples
+                ]
+                merged = True
+            yield family
+        if not merged:  # no worker has written its files yet
+            yield CounterMetricFamily(name, LOG_LINES_DROPPED_HELP, value=own)

@@ -55,12 +55,12 @@ from pathlib import Path
 
 import trio
 from prometheus_client import CollectorRegistry
-from prometheus_client.multiprocess import MultiProcessCollector, mark_process_dead
+from prometheus_client.multiprocess import mark_process_dead
 
 from proxy.admin import Admin
 from proxy.config import Address, Config, format_sockaddr
 from proxy.log import Logger
-from proxy.metrics import SupervisorMetrics
+from proxy.metrics import MergedWorkers, SupervisorMetrics
 from proxy.server import Server, StartupError, State, bind_socket
 from proxy.tls import build_context
 
@@ -186,7 +186,7 @@ class Supervisor:
         except BaseException:
             self.close()
             raise
-        MultiProcessCollector(self.registry, path=str(self.metrics_dir))  # type: ignore[no-untyped-call]
+        self.registry.register(MergedWorkers(str(self.metrics_dir), self.metrics))
 
     def _reserve_ports(self) -> None:
         seen: dict[Address, str] = {}

@@ -1,12 +1,19 @@
-"""The JSON log line: one object per line, whatever the fields hold."""
+"""The log line (one JSON object per line, whatever the fields hold; text
+that cannot drive a terminal) and the sink that never blocks its caller."""
 
 from __future__ import annotations
 
+import errno
 import io
 import json
+import threading
 from pathlib import Path
 
-from proxy.log import make_logger
+from proxy.log import WRITE_BYTES, Logger, LogSink, make_logger
+from tests.helpers import STEP
+
+# Lines logged against a stalled or broken sink: far more than its buffer holds.
+LINES = 2000
 
 
 def test_json_line_has_level_time_and_a_repr_for_what_json_cannot_hold() -> None:
@@ -22,3 +29,113 @@ def test_json_line_has_level_time_and_a_repr_for_what_json_cannot_hold() -> None
     assert first["sans"] == ["a", "é"]
     assert first["none"] is None
     assert second["event"] == "second"
+
+
+class _StalledWriter:
+    """A log reader that stops reading: every write blocks until released."""
+
+    def __init__(self) -> None:
+        self.release = threading.Event()
+        self.entered = threading.Event()
+        self.written = bytearray()
+
+    def __call__(self, data: memoryview) -> int:
+        self.entered.set()
+        assert self.release.wait(STEP), "never released"
+        self.written += data
+        return len(data)
+
+
+def _log_in_a_thread(log: Logger, count: int) -> threading.Thread:
+    def run() -> None:
+        for n in range(count):
+            log.info("connection", n=n)
+
+    thread = threading.Thread(target=run)
+    thread.start()
+    return thread
+
+
+def test_a_blocked_sink_never_blocks_the_caller_and_counts_what_it_drops() -> None:
+    writer = _StalledWriter()
+    sink = LogSink(writer, limit=50 * 1024)
+    drops: list[int] = []
+    sink.count_drops(drops.append)
+    log = make_logger(stream=sink)
+    log.info("first")
+    assert writer.entered.wait(STEP)  # the writer thread is now stuck in write()
+    caller = _log_in_a_thread(log, LINES)
+    caller.join(STEP)
+    assert not caller.is_alive(), "the caller blocked on a stalled sink"
+    assert 0 < sink.dropped < LINES
+    assert sum(drops) == sink.dropped
+
+    writer.release.set()
+    assert sink.close()
+    lines = [json.loads(line) for line in writer.written.decode().splitlines()]
+    assert lines[0]["event"] == "first"
+    assert len(lines) + sink.dropped == LINES + 1
+    numbers = [line["n"] for line in lines[1:]]
+    assert numbers == sorted(numbers)  # in order, the dropped ones simply missing
+
+
+def test_a_broken_sink_drops_and_counts_and_never_raises() -> None:
+    def broken(data: memoryview) -> int:
+        raise BrokenPipeError(errno.EPIPE, "Broken pipe")
+
+    sink = LogSink(broken)
+    log = make_logger(stream=sink)
+    for n in range(LINES):
+        log.info("connection", n=n)
+    assert sink.close()  # nothing left to write: all of it was dropped
+    assert sink.dropped == LINES
+    log.info("after close")  # dropped too, and still no exception
+    assert sink.dropped == LINES + 1
+
+
+def test_close_gives_up_on_a_stalled_sink_and_drops_the_rest() -> None:
+    writer = _StalledWriter()
+    sink = LogSink(writer)
+    sink.msg("stuck in write()")
+    assert writer.entered.wait(STEP)
+    sink.msg("still buffered")
+    assert not sink.close(timeout=0.1)
+    assert sink.dropped == 1
+    writer.release.set()
+
+
+def test_each_write_holds_whole_lines_within_pipe_buf() -> None:
+    writes: list[bytes] = []
+
+    def record(data: memoryview) -> int:
+        writes.append(bytes(data))
+        return len(data)
+
+    sink = LogSink(record)
+    long_line = "x" * (WRITE_BYTES * 2)
+    for n in range(LINES):
+        sink.msg(f"line {n:04d} " + "y" * 100)
+    sink.msg(long_line)
+    assert sink.close()
+    assert all(write.endswith(b"\n") for write in writes)
+    assert all(len(write) <= WRITE_BYTES for write in writes[:-1])
+    assert writes[-1] == long_line.encode() + b"\n"  # alone, not split
+    assert b"".join(writes).count(b"\n") == LINES + 1
+
+
+def test_text_format_escapes_control_characters_a_client_could_send() -> None:
+    stream = io.StringIO()
+    log = make_logger(fmt="text", stream=stream)
+    hostile = "\x1b[31mred\x07\u202eevil\r"
+    log.info("connection", sni=hostile, alpn=[hostile], error=f"bad {hostile}")
+    try:
+        int(hostile)
+    except ValueError:
+        log.exception("failed")
+    text = stream.getvalue()
+    assert "\x1b" not in text
+    assert "\x07" not in text
+    assert "\u202e" not in text
+    assert "\r" not in text
+    assert "\\x1b[31mred" in text
+    assert "Traceback (most recent call last):\n" in text  # tracebacks keep their lines
