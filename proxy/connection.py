@@ -107,6 +107,7 @@ async def handle_connection(
             connections.add(scope)
             await conn.serve(nursery)
     except Exception:
+        conn.runtime.metrics.internal_errors.inc()
         conn.runtime.log.exception(
             "connection failed unexpectedly; please report this", **conn.fields()
         )
@@ -169,11 +170,14 @@ class _Connection:
         lm.in_progress.inc()
         try:
             result = await run_handshake(
-                self.client, runtime.context, runtime.config.handshake_timeout, self.shared.buffers
+                self.client,
+                runtime.context,
+                runtime.config.handshake_timeout,
+                self.shared.buffers,
+                self._record_handshake,
             )
         finally:
             lm.in_progress.dec()
-        self.result = result
         self._record_handshake(result)
         if result.outcome is not Outcome.SUCCESS or result.tls is None:
             return
@@ -231,6 +235,10 @@ class _Connection:
         return fields
 
     def _record_handshake(self, result: HandshakeResult) -> None:
+        """Count the handshake's outcome and keep what the access line says;
+        also called for a handshake cut by a drain, before the cancellation
+        ends the connection."""
+        self.result = result
         runtime = self.runtime
         lm = runtime.metrics
         lm.outcomes[result.outcome].inc()

@@ -51,6 +51,7 @@ from __future__ import annotations
 
 import socket
 import ssl
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import trio
@@ -82,15 +83,31 @@ async def run_handshake(
     context: ssl.SSLContext,
     timeout: float,  # noqa: ASYNC109 - the deadline firing is itself an outcome
     pool: BufferPool,
+    on_cut: Callable[[HandshakeResult], None],
 ) -> HandshakeResult:
     """Read the hello, then drive the handshake of one accepted socket to an outcome.
 
     The loop owns its deadline because a timeout is not an error to propagate
-    but one of the outcomes to classify and count.
+    but one of the outcomes to classify and count. A cancellation from
+    outside (a drain cutting the connection) does propagate, but the
+    handshake still ends in one outcome: `on_cut` gets the result first.
     """
     start = trio.current_time()
     loop = _Loop(sock, pool)
     error: BaseException | None = None
+
+    def result(outcome: Outcome) -> HandshakeResult:
+        return HandshakeResult(
+            outcome=outcome,
+            sock=sock,
+            tls=loop.tls,
+            wants_read=loop.wants_read,
+            wants_write=loop.wants_write,
+            seconds=trio.current_time() - start,
+            error=error,
+            notes=loop.notes,
+        )
+
     with trio.move_on_after(timeout) as deadline:
         try:
             await loop.run(context)
@@ -100,6 +117,10 @@ async def run_handshake(
                 loop.tls.flush_nowait()  # OpenSSL's alert: the client learns why
         except BaseException:
             sock.close()  # cancelled from outside: nobody else will close it
+            if not deadline.cancel_called:  # not our timeout: cut from outside
+                # EOF reaches OpenSSL (and ends the loop) before any wait
+                saw_eof = loop.tls is not None and loop.tls.incoming.eof
+                on_cut(result(cut_outcome(saw_eof)))
             raise
     outcome = classify(
         first=loop.first,
@@ -107,16 +128,12 @@ async def run_handshake(
         timed_out=deadline.cancelled_caught,
         refused=loop.notes.refused,
     )
-    return HandshakeResult(
-        outcome=outcome,
-        sock=sock,
-        tls=loop.tls,
-        wants_read=loop.wants_read,
-        wants_write=loop.wants_write,
-        seconds=trio.current_time() - start,
-        error=error,
-        notes=loop.notes,
-    )
+    return result(outcome)
+
+
+def cut_outcome(saw_eof: bool) -> Outcome:
+    """A handshake cut from outside: the client had gone, or had not finished in time."""
+    return Outcome.CLIENT_CLOSED if saw_eof else Outcome.TIMEOUT
 
 
 class _Loop:

@@ -4,6 +4,8 @@ proxy still serving a normal client afterwards."""
 
 from __future__ import annotations
 
+import contextlib
+import signal
 import socket
 import ssl
 import struct
@@ -13,8 +15,13 @@ from pathlib import Path
 
 import pytest
 import trio
+from prometheus_client import CollectorRegistry, generate_latest
+from prometheus_client.multiprocess import MultiProcessCollector
 
+from proxy.config import Address
 from proxy.outcome import Outcome
+from proxy.sni import NameTable
+from tests.daemon import PYTHON_M_PROXY, env_for, spawn, write_config
 from tests.helpers import (
     STEP,
     Certs,
@@ -25,9 +32,12 @@ from tests.helpers import (
     outcome_delta,
     outcomes,
     raw_connect,
+    sample,
+    scrape,
     served_normally,
     start_server,
     tls_connect,
+    until,
 )
 from tests.pki import CA, client_context, handshake
 from tests.test_mtls import PKI
@@ -206,6 +216,89 @@ async def test_unexpected_exception_counts_internal_error_and_logs_traceback(
     assert "RuntimeError: injected fault" in proxy.log.getvalue()
     proxy.server.listeners[0].runtime.context = good
     await served_normally(proxy, certs.client_context())
+
+
+class _BrokenRoutes(NameTable[Address]):
+    """A routing table with a bug: fails after the handshake, before the backend."""
+
+    def __init__(self) -> None:
+        super().__init__([("broken.test", Address("127.0.0.1", 1))])
+
+    def lookup(self, server_name: str | None) -> tuple[str, Address] | None:
+        raise RuntimeError("injected fault after the handshake")
+
+
+async def test_unexpected_exception_after_the_handshake_counts_an_internal_error(
+    nursery: trio.Nursery, certs: Certs, echo_port: int
+) -> None:
+    proxy = await start_server(nursery, build_config(certs, echo_port))
+    _, text = await scrape(proxy.admin_port)
+    assert 'tlsproxy_internal_errors_total{listener="web"} 0.0' in text  # exported at zero
+    runtime = proxy.server.listeners[0].runtime
+    good = runtime.routes
+    runtime.routes = _BrokenRoutes()
+    with trio.fail_after(STEP):
+        tls = await tls_connect(proxy.port, certs.client_context())  # the handshake succeeds
+        with contextlib.suppress(trio.BrokenResourceError):
+            await tls.send_all(b"x")
+            assert await tls.receive_some(100) == b"", "echoed although the backend step failed"
+        await trio.aclose_forcefully(tls)
+    (line,) = await proxy.access_log()
+    assert line["outcome"] == "success"
+    assert line["close_reason"] == "internal_error"
+    _, text = await scrape(proxy.admin_port)
+    assert sample(text, "tlsproxy_internal_errors_total", listener="web") == 1
+    assert "RuntimeError: injected fault after the handshake" in proxy.log.getvalue()
+    runtime.routes = good
+    await served_normally(proxy, certs.client_context())
+    _, text = await scrape(proxy.admin_port)
+    assert sample(text, "tlsproxy_internal_errors_total", listener="web") == 1
+
+
+# A record header announcing a 512-byte hello, then only 4 bytes of it: a
+# client stalled in the middle of its handshake.
+PARTIAL_HELLO = b"\x16\x03\x01\x02\x00\x01\x00\x01\xfc"
+
+
+async def test_a_drain_cutting_a_handshake_logs_and_counts_its_outcome(
+    nursery: trio.Nursery, certs: Certs, echo_port: int, tmp_path: Path
+) -> None:
+    """SIGTERM with a short drain_timeout while a client stalls mid-handshake:
+    its access line has the outcome and close_reason=drain, and the outcome
+    counter (read from the workers' metric files once the daemon is gone)
+    moved by exactly one."""
+    metrics_dir = tmp_path / "metrics"
+    config = write_config(
+        tmp_path / "tlsproxy.toml", certs, backend_port=echo_port, drain_timeout=0.5,
+        process_lines="workers = 2", listener_lines="handshake_timeout = 60.0",
+    )  # fmt: skip
+    env = {**env_for(tmp_path / "state"), "TLSPROXY_METRICS_DIR": str(metrics_dir)}
+    argv = [*PYTHON_M_PROXY, "run", "--config", str(config)]
+    async with spawn(nursery, argv, env=env, cwd=tmp_path) as daemon:
+        await daemon.wait_for("workers ready")
+        port, admin_port = await daemon.started()
+        before = await outcomes(admin_port)
+        stream = await raw_connect(port)
+        await stream.send_all(PARTIAL_HELLO)
+
+        async def handshaking() -> bool:
+            _, text = await scrape(admin_port)
+            return sample(text, "tlsproxy_handshakes_in_progress", listener="web") == 1
+
+        await until(handshaking)
+        daemon.signal(signal.SIGTERM)
+        assert await daemon.exit_code() == 0
+        await stream.aclose()
+    line = daemon.find("connection")
+    assert line is not None, daemon.output()
+    assert line["outcome"] == "timeout"
+    assert line["close_reason"] == "drain"
+    registry = CollectorRegistry()
+    MultiProcessCollector(registry, path=str(metrics_dir))  # type: ignore[no-untyped-call]
+    text = generate_latest(registry).decode()
+    after = {o.value: sample(text, "tlsproxy_handshakes_total", outcome=o.value) for o in Outcome}
+    delta = {k: v - before[k] for k, v in after.items() if v != before[k]}
+    assert delta == {"timeout": 1.0}
 
 
 # ---------------------------------------------------------------- TLS policy
