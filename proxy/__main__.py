@@ -21,7 +21,7 @@ from pathlib import Path
 import trio
 from prometheus_client import CollectorRegistry
 
-from proxy import __version__
+from proxy import __version__, unraisable
 from proxy.certs import default_state_dir, ensure_self_signed
 from proxy.config import Config, ConfigError, default_config, load_config, with_overrides
 from proxy.log import Logger, LogSink, make_logger
@@ -108,6 +108,7 @@ def _run(args: argparse.Namespace) -> int:
 
 def _run_logged(args: argparse.Namespace, config: Config, sink: LogSink) -> int:
     log = make_logger(config.log.level, config.log.format, sink).bind(pid=os.getpid())
+    unraisable.install(log)
     worker = args.command == "worker"
     if not worker:
         for warning in config.warnings:

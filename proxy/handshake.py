@@ -56,7 +56,7 @@ from dataclasses import dataclass
 
 import trio
 
-from proxy import clienthello
+from proxy import clienthello, unraisable
 from proxy.buffers import BufferPool
 from proxy.clienthello import HANDSHAKE_RECORD, RECORD_HEADER
 from proxy.outcome import Outcome, classify
@@ -95,6 +95,7 @@ async def run_handshake(
     start = trio.current_time()
     loop = _Loop(sock, pool)
     error: BaseException | None = None
+    refused: Outcome | None = None
 
     def result(outcome: Outcome) -> HandshakeResult:
         return HandshakeResult(
@@ -108,7 +109,7 @@ async def run_handshake(
             notes=loop.notes,
         )
 
-    with trio.move_on_after(timeout) as deadline:
+    with trio.move_on_after(timeout) as deadline, unraisable.attribute() as stray:
         try:
             await loop.run(context)
         except Exception as exc:
@@ -122,11 +123,17 @@ async def run_handshake(
                 saw_eof = loop.tls is not None and loop.tls.incoming.eof
                 on_cut(result(cut_outcome(saw_eof)))
             raise
+    if error is not None and stray.error is not None:
+        # An OpenSSL callback failed inside CPython (a non-ASCII SNI): the
+        # stray exception, not OpenSSL's "callback failed", says why.
+        refused, error = unraisable.explain(stray)
+        if isinstance(error, unraisable.ServerNameNotASCII):
+            loop.notes.sni = error.name.decode("ascii", "backslashreplace")
     outcome = classify(
         first=loop.first,
         error=error,
         timed_out=deadline.cancelled_caught,
-        refused=loop.notes.refused,
+        refused=loop.notes.refused or refused,
     )
     return result(outcome)
 
