@@ -24,6 +24,7 @@ from prometheus_client import CollectorRegistry
 from proxy import __version__, unraisable
 from proxy.certs import default_state_dir, ensure_self_signed
 from proxy.config import Config, ConfigError, default_config, load_config, with_overrides
+from proxy.fdlimit import ensure_fd_limit
 from proxy.log import Logger, LogSink, make_logger
 from proxy.metrics import Metrics
 from proxy.server import Server, StartupError, State
@@ -113,6 +114,7 @@ def _run_logged(args: argparse.Namespace, config: Config, sink: LogSink) -> int:
     if not worker:
         for warning in config.warnings:
             log.warning("config warning", detail=warning)
+        ensure_fd_limit(config, log)  # a worker inherits the supervisor's limit
     if config.process.workers > 1 and not worker:
         return _supervise(config, log, args, sink)
     if worker:
