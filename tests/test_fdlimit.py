@@ -78,8 +78,9 @@ async def test_too_low_a_hard_limit_warns_with_both_numbers_and_serves(
     assert "lower max_connections" in warning["event"]
 
 
+@pytest.mark.parametrize("workers", [1, 2])
 async def test_a_low_soft_limit_is_raised_to_the_hard_limit_without_a_warning(
-    nursery: trio.Nursery, certs: Certs, echo_port: int, tmp_path: Path
+    nursery: trio.Nursery, certs: Certs, echo_port: int, tmp_path: Path, workers: int
 ) -> None:
     _, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     needed = 2 * 1000 + 1 + FD_HEADROOM
@@ -88,12 +89,16 @@ async def test_a_low_soft_limit_is_raised_to_the_hard_limit_without_a_warning(
     hard = min(hard, 4 * needed) if hard != INFINITY else 4 * needed
     config = write_config(
         tmp_path / "tlsproxy.toml", certs, backend_port=echo_port,
-        listener_lines="max_connections = 1000",
+        process_lines=f"workers = {workers}", listener_lines="max_connections = 1000",
     )  # fmt: skip
     argv = ["prlimit", f"--nofile={LOW}:{hard}", *PYTHON_M_PROXY, "run", "--config", str(config)]
     async with spawn(nursery, argv, env=env_for(tmp_path / "state"), cwd=tmp_path) as daemon:
         port, _ = await daemon.started()
-        assert _max_open_files(daemon.process.pid) == (hard, hard)
+        pids = [daemon.process.pid]
+        if workers > 1:
+            pids += (await daemon.wait_for("workers ready"))["worker_pids"]
+        for pid in pids:  # the workers inherit the supervisor's raised limit
+            assert _max_open_files(pid) == (hard, hard)
         await echo_through(port, certs.client_context())
     (raised,) = [e for e in daemon.events if "RLIMIT_NOFILE" in e["event"]]
     assert raised["level"] == "info"

@@ -6,9 +6,11 @@ from __future__ import annotations
 import errno
 import io
 import json
+import sys
 import threading
 from pathlib import Path
 
+from proxy import unraisable
 from proxy.log import WRITE_BYTES, Logger, LogSink, make_logger
 from tests.helpers import STEP
 
@@ -139,3 +141,25 @@ def test_text_format_escapes_control_characters_a_client_could_send() -> None:
     assert "\r" not in text
     assert "\\x1b[31mred" in text
     assert "Traceback (most recent call last):\n" in text  # tracebacks keep their lines
+
+
+class _RaisesInFinaliser:
+    def __del__(self) -> None:
+        raise RuntimeError("raised in a finaliser")
+
+
+def test_an_unraisable_exception_is_one_json_line_not_a_traceback() -> None:
+    stream = io.StringIO()
+    previous = sys.unraisablehook
+    unraisable.install(make_logger(stream=stream))
+    try:
+        _RaisesInFinaliser()  # dropped at once: __del__ runs, CPython cannot raise
+    finally:
+        sys.unraisablehook = previous
+    (line,) = (json.loads(raw) for raw in stream.getvalue().splitlines())
+    assert line["event"] == "unraisable exception; please report this"
+    assert line["level"] == "error"
+    assert line["error_type"] == "RuntimeError"
+    assert line["error"] == "raised in a finaliser"
+    assert "_RaisesInFinaliser.__del__" in line["object"]
+    assert "Traceback" in line["exception"]

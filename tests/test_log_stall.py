@@ -101,6 +101,13 @@ async def _daemon_on_a_pipe(
                 pipe.close_read_end()
 
 
+def _fd_flags(pid: int, fd: int) -> int:
+    for line in Path(f"/proc/{pid}/fdinfo/{fd}").read_text().splitlines():
+        if line.startswith("flags:"):
+            return int(line.split()[1], 8)
+    raise AssertionError("no flags in fdinfo")
+
+
 async def _serve(port: int, certs: Certs, count: int) -> None:
     context = certs.client_context()
     for n in range(count):
@@ -128,6 +135,8 @@ async def test_a_stalled_then_closed_stderr_drops_log_lines_not_connections(
             await _serve(port, certs, UNREAD_CONNECTIONS)
         _, text = await scrape(admin_port)
         assert sample(text, "tlsproxy_handshakes_total", outcome="success") == UNREAD_CONNECTIONS
+
+        assert not _fd_flags(process.pid, 2) & os.O_NONBLOCK  # the shared pipe is left as it was
 
         pipe.close_read_end()
         with trio.fail_after(SERVE_DEADLINE):

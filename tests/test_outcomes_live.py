@@ -19,6 +19,7 @@ from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.multiprocess import MultiProcessCollector
 
 from proxy.config import Address
+from proxy.handshake import cut_outcome
 from proxy.outcome import Outcome
 from proxy.sni import NameTable
 from tests.daemon import PYTHON_M_PROXY, env_for, spawn, write_config
@@ -299,6 +300,13 @@ async def test_a_drain_cutting_a_handshake_logs_and_counts_its_outcome(
     after = {o.value: sample(text, "tlsproxy_handshakes_total", outcome=o.value) for o in Outcome}
     delta = {k: v - before[k] for k, v in after.items() if v != before[k]}
     assert delta == {"timeout": 1.0}
+
+
+@pytest.mark.parametrize(("saw_eof", "outcome"), [(False, "timeout"), (True, "client_closed")])
+def test_a_cut_handshake_is_client_closed_only_after_the_clients_eof(
+    saw_eof: bool, outcome: str
+) -> None:
+    assert cut_outcome(saw_eof) == outcome
 
 
 # ---------------------------------------------------------------- TLS policy
