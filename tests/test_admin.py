@@ -32,6 +32,8 @@ PUBLISHED = {
     "tlsproxy_certificate_expiry_timestamp_seconds": "gauge",
     "tlsproxy_config_reloads": "counter",
     "tlsproxy_build_info": "gauge",
+    "tlsproxy_internal_errors": "counter",
+    "tlsproxy_log_lines_dropped": "counter",
 }
 
 
