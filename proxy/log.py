@@ -38,7 +38,6 @@ import logging
 import os
 import re
 import select
-import sys
 import threading
 from collections.abc import Callable
 from functools import partial
@@ -78,6 +77,8 @@ WRITE_BYTES = select.PIPE_BUF
 # trying again (then it checks whether it is asked to stop).
 _WRITABLE_POLL = 1.0
 
+STDERR_FD = 2
+
 Write = Callable[[memoryview], int]
 
 
@@ -111,7 +112,9 @@ class LogSink:
 
     @classmethod
     def stderr(cls) -> LogSink:
-        return cls(partial(write_fd, sys.stderr.fileno()))
+        """On descriptor 2 itself: `sys.stderr` is None when it was closed at
+        start, and then every write fails (EBADF) and is counted."""
+        return cls(partial(write_fd, STDERR_FD))
 
     def count_drops(self, on_drop: Callable[[int], None]) -> None:
         """Report drops to `on_drop` (a counter's `inc`), those so far included."""
