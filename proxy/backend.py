@@ -24,6 +24,7 @@ import functools
 import ipaddress
 import os
 import socket
+import ssl
 from typing import Any
 
 import trio
@@ -85,8 +86,32 @@ def proxy_header(version: proxy_protocol.Version, tls: TLSConn, peer: tuple[str,
         cipher=cipher[0] if cipher else None,
         alpn=obj.selected_alpn_protocol(),
         sni=server_name(obj),
+        client_cn=verified_client_cn(obj),
+        resumed=bool(obj.session_reused),
     )
     return proxy_protocol.encode(version, (peer[0], peer[1]), (local[0], local[1]), facts)
+
+
+def verified_client_cn(obj: ssl.SSLObject) -> str | None:
+    """The subject CN of the client's certificate, which OpenSSL has verified
+    against `client_ca` if it is there at all: with `client_auth` optional or
+    require, a certificate that fails verification fails the handshake, so
+    after a successful one a certificate is a verified one (on a resumed
+    session, the one verified when the session began). None without a
+    certificate, or with a certificate that has no CN (the SANs are what
+    name it then, and the TLV has no room for them).
+
+    The first CN of the subject, as HAProxy sends it.
+    """
+    cert = obj.getpeercert()
+    if not cert:
+        return None
+    rdns: Any = cert.get("subject", ())
+    for rdn in rdns:
+        for key, value in rdn:
+            if key == "commonName":
+                return str(value)
+    return None
 
 
 @functools.lru_cache(maxsize=1024)
