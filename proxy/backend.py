@@ -71,6 +71,16 @@ _REFUSED_ERRNOS = frozenset({errno.ECONNREFUSED, errno.ENOENT, errno.EAGAIN})
 _FD_ERRNOS = frozenset({errno.EMFILE, errno.ENFILE})
 
 
+# The log line of a failed connect: where to look, by reason. Out of
+# descriptors, the application is fine and the proxy's own limit is what
+# needs raising (or its load lowering).
+BACKEND_DOWN_EVENT = "backend connect failed; is the application listening?"
+FD_EXHAUSTED_EVENT = (
+    "backend connect failed: out of file descriptors; raise the descriptor limit "
+    "(ulimit -n, systemd LimitNOFILE) or lower max_connections"
+)
+
+
 class BackendConnectError(Exception):
     """The backend could not be reached; `reason` is the metric label."""
 
@@ -78,6 +88,11 @@ class BackendConnectError(Exception):
         super().__init__(f"{reason}: {detail}")
         self.reason = reason
         self.detail = detail
+
+    @property
+    def event(self) -> str:
+        """The message to log: what to do about it."""
+        return FD_EXHAUSTED_EVENT if self.reason == "fd_exhausted" else BACKEND_DOWN_EVENT
 
 
 async def connect(

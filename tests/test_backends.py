@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import resource
 import shutil
 import socket
 import subprocess
@@ -24,6 +25,7 @@ from proxy import resolver
 from proxy.backend import CONNECTION_ATTEMPT_DELAY, BackendConnectError, connect, interleave
 from proxy.config import Address, ConfigError, parse_config
 from proxy.resolver import NEGATIVE_TTL, RESOLVE_TTL
+from proxy.server import EXHAUSTED_EVENT
 from tests.daemon import PYTHON_M_PROXY, Daemon, env_for, spawn, write_config
 from tests.helpers import (
     STEP,
@@ -33,9 +35,12 @@ from tests.helpers import (
     echo_handler,
     echo_on,
     listener_table,
+    raw_connect,
+    sample,
     scrape,
     start_server,
     tls_connect,
+    until,
 )
 
 # Short enough to keep the suite fast, long enough never to fire by accident
@@ -575,3 +580,73 @@ async def test_the_cache_keeps_at_most_max_cached_names(
                               ("b.test", 3), ("a.test", 4)]:  # fmt: skip
             with closing(await connect(Address(name, port), STEP)):
                 assert names.lookups == lookups
+
+
+# ---------------------------------------------------------------- out of file descriptors
+
+# The daemon's descriptor limit: its start-up needs about 20, and every
+# connection held open in the test takes one more.
+DAEMON_NOFILE = 64
+
+
+def _daemon_fds(pid: int) -> int:
+    return len(os.listdir(f"/proc/{pid}/fd"))
+
+
+async def test_no_descriptor_for_the_backend_socket_is_fd_exhausted_not_unreachable(
+    nursery: trio.Nursery, certs: Certs, tmp_path: Path, echo_port: int
+) -> None:
+    def limit() -> None:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (DAEMON_NOFILE, DAEMON_NOFILE))
+
+    path = write_config(
+        tmp_path / "tlsproxy.toml", certs, backend_port=echo_port,
+        process_lines="watch = false", listener_lines="handshake_timeout = 60.0",
+    )  # fmt: skip
+    argv = [*PYTHON_M_PROXY, "run", "--config", str(path)]
+    env = env_for(tmp_path / "state")
+    held: list[trio.SocketStream] = []
+    # The accept loop logs its own error once the last descriptor is taken
+    # (accept() finds none for the next client either): checked below.
+    async with spawn(
+        nursery, argv, env=env, cwd=tmp_path, preexec_fn=limit, errors_expected=True
+    ) as daemon:
+        port, admin_port = await daemon.started()
+        pid = daemon.process.pid
+        try:
+            # Clients that never start a handshake, each holding one of the
+            # daemon's descriptors, until it has exactly one left: the next
+            # accept takes it, and the backend socket() finds none.
+            with daemon.deadline(STEP, "the daemon to hold all but one descriptor"):
+                while (fds := _daemon_fds(pid)) < DAEMON_NOFILE - 1:
+                    held.append(await raw_connect(port))
+                    await until(partial(_holds_more_than, pid, fds))  # accepted it
+            with trio.fail_after(STEP):
+                client = await BioClient.connect(port, certs.client_context())
+                assert await client.recv() == b""  # the handshake worked; the backend did not
+                await client.stream.aclose()
+            event = await daemon.wait_for("connection")
+        finally:
+            for stream in held:
+                await trio.aclose_forcefully(stream)
+        assert event["close_reason"] == "backend_fd_exhausted"
+        (warning,) = [e for e in daemon.events if e.get("reason") == "fd_exhausted"]
+        assert warning["level"] == "warning"
+        assert "descriptor limit" in warning["event"]
+        assert "max_connections" in warning["event"]
+        assert "is the application listening" not in warning["event"]
+        errors = {e["event"] for e in daemon.events if e.get("level") == "error"}
+        assert errors <= {EXHAUSTED_EVENT}
+        await until(partial(_holds_fewer_than, pid, DAEMON_NOFILE - len(held)))
+        _, text = await scrape(admin_port)
+    failures = "tlsproxy_backend_connect_failures_total"
+    assert sample(text, failures, reason="fd_exhausted") == 1
+    assert sample(text, failures, reason="unreachable") == 0
+
+
+async def _holds_more_than(pid: int, count: int) -> bool:
+    return _daemon_fds(pid) > count
+
+
+async def _holds_fewer_than(pid: int, count: int) -> bool:
+    return _daemon_fds(pid) < count
