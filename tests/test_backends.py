@@ -1,6 +1,8 @@
 """Every kind of backend address (IPv4, IPv6, a name, a Unix socket), and every
 backend failure reason counted once, with the client closed cleanly (a
-close_notify) within connect_timeout."""
+close_notify) within connect_timeout; a name's addresses raced (a silent one
+does not use up connect_timeout) and its answer cached; a backend socket()
+out of descriptors reported as fd_exhausted."""
 
 from __future__ import annotations
 
@@ -338,8 +340,8 @@ async def test_a_resolved_name_is_reused_not_resolved_per_connection(
     async with _daemon_with_hosts(nursery, tmp_path, certs, hosts, port) as (_, proxy, _):
         assert await _tag_through(proxy, certs) == WORKING.encode()
         _write_hosts(hosts, OTHER)
-        assert await _resolved(hosts, port) == [OTHER]  # a fresh lookup sees the change
-        assert await _tag_through(proxy, certs) == WORKING.encode()  # the daemon's cache does not
+        assert await _tag_through(proxy, certs) == WORKING.encode()  # the daemon's cached answer
+    assert await _resolved(hosts, port) == [OTHER]  # where a fresh lookup would have gone
 
 
 async def _tagged(tag: bytes, stream: trio.SocketStream) -> None:
