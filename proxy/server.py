@@ -241,23 +241,40 @@ class Server:
 
     async def reload(self, load: Callable[[], Config], *, trigger: str) -> bool:
         """Build, validate, swap: the new config serves new connections only if
-        all of it is good; otherwise the old one keeps serving. Never raises."""
+        all of it is good; otherwise the old one keeps serving. Never raises.
+
+        A stop signal can arrive while the new config is being built (in a
+        thread): the drain has then begun, and the finished build is dropped.
+        """
         async with self._reload_lock:
-            if self.state is not State.SERVING or self._accepting is None:
+            if not self._serving():
                 self.log.warning("reload ignored: not serving", trigger=trigger)
                 return False
             try:
                 config, runtimes = await trio.to_thread.run_sync(self._build, load)
-                self._swap(config, runtimes)
             except ConfigError as exc:
                 self._reload_failed(trigger, list(exc.errors))
                 return False
-            except (StartupError, OSError, ssl.SSLError, ValueError) as exc:
+            except (OSError, ssl.SSLError, ValueError) as exc:
+                self._reload_failed(trigger, [str(exc)])
+                return False
+            except Exception as exc:  # a bug in a build step: logged with its traceback
+                self._reload_failed(trigger, [f"unexpected {type(exc).__name__}: {exc}"], exc)
+                return False
+            if not self._serving():
+                self.log.warning("reload ignored: draining", trigger=trigger)
+                return False
+            try:
+                self._swap(config, runtimes)
+            except StartupError as exc:
                 self._reload_failed(trigger, [str(exc)])
                 return False
             self.metrics.config_reloads.labels("success").inc()
             self.log.info("config reloaded", trigger=trigger, listeners=len(runtimes))
             return True
+
+    def _serving(self) -> bool:
+        return self.state is State.SERVING and self._accepting is not None
 
     def _build(self, load: Callable[[], Config]) -> tuple[Config, list[ListenerRuntime]]:
         """Runs in a worker thread: file reads and certificate parsing stay off the event loop."""
@@ -286,11 +303,16 @@ class Server:
         self._runtimes = runtimes
         export_certificates(runtimes, self.metrics)
 
-    def _reload_failed(self, trigger: str, errors: list[str]) -> None:
+    def _reload_failed(
+        self, trigger: str, errors: list[str], unexpected: Exception | None = None
+    ) -> None:
         self.metrics.config_reloads.labels("failure").inc()
         for error in errors:
             self.log.error(
-                "reload rejected; the previous config keeps serving", trigger=trigger, error=error
+                "reload rejected; the previous config keeps serving",
+                trigger=trigger,
+                error=error,
+                exc_info=unexpected,
             )
 
     async def _drain(self) -> None:
