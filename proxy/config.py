@@ -182,12 +182,24 @@ BackendAddress = Annotated[Address, AfterValidator(_backend)]
 
 
 def _seconds(value: object) -> float:
+    seconds = _number_of_seconds(value)
+    if not (math.isfinite(seconds) and seconds > 0):
+        raise ValueError(f"must be > 0 (a finite number of seconds), got {_show(value)}")
+    return seconds
+
+
+def _seconds_or_zero(value: object) -> float:
+    seconds = _number_of_seconds(value)
+    if not (math.isfinite(seconds) and seconds >= 0):
+        raise ValueError(f"must be >= 0 (a finite number of seconds), got {_show(value)}")
+    return seconds
+
+
+def _number_of_seconds(value: object) -> float:
     if isinstance(value, bool) or not isinstance(value, int | float):
         raise ValueError(  # noqa: TRY004 - pydantic collects ValueError, not TypeError
             f"expected a number of seconds, got {_show(value)}"
         )
-    if not (math.isfinite(value) and value > 0):
-        raise ValueError(f"must be > 0 (a finite number of seconds), got {_show(value)}")
     return float(value)
 
 
@@ -235,6 +247,7 @@ def _cipher_string(ciphers: str) -> str:
 
 
 Seconds = Annotated[float, PlainValidator(_seconds)]
+SecondsOrZero = Annotated[float, PlainValidator(_seconds_or_zero)]
 FilePath = Annotated[Path, PlainValidator(_file)]
 PositiveInt = Annotated[int, Field(strict=True, gt=0)]
 
@@ -349,6 +362,10 @@ class ProcessConfig(_Model):
     # Processes sharing the listeners with SO_REUSEPORT (proxy/workers.py);
     # read at start only.
     workers: PositiveInt = 1
+    # Between /readyz turning 503 and the listeners closing: time for a load
+    # balancer (a Kubernetes Service's endpoints) to stop sending new clients,
+    # which are served normally meanwhile.
+    drain_delay: SecondsOrZero = 0.0
     drain_timeout: Seconds = 30.0
     watch: StrictBool = True
 

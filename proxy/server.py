@@ -4,10 +4,15 @@ Lifecycle is an explicit state: starting -> serving -> draining -> stopped.
 Draining is terminal. `/readyz` reads it, so a load balancer stops sending
 new clients before the listeners close.
 
-Drain, in order: mark draining (readyz 503), stop the accept loops and close
-the listening sockets (new connects are refused by the kernel), give live
-connections `drain_timeout` to finish on their own, then cancel the rest;
-each cut connection gets a close_notify and logs `close_reason=drain`.
+Drain, in order: mark draining (readyz 503); keep accepting for
+`drain_delay` seconds, serving new connections normally, so that a load
+balancer that polls /readyz (a Kubernetes Service's endpoints) has stopped
+sending new clients before anyone is refused; then stop the accept loops and
+close the listening sockets (new connects are refused by the kernel), give
+live connections `drain_timeout` to finish on their own, then cancel the
+rest; each cut connection gets a close_notify and logs `close_reason=drain`.
+A second stop signal during any of this exits at once. A reload is ignored
+once draining has begun, including one whose build was already running.
 
 With `workers > 1` each worker process runs one Server without the admin
 endpoint (`run_listeners`), its listeners bound with SO_REUSEPORT; the
@@ -212,6 +217,7 @@ class Server:
                     self.state = State.SERVING
                 started({b.name: _sockname(b.sock) for b in self._bound.values()})
                 await self._drain_requested.wait()
+                await self._drain_delay()
                 self._accepting = None
                 accepting.cancel_scope.cancel()
             await self._drain()
@@ -314,6 +320,12 @@ class Server:
                 error=error,
                 exc_info=unexpected,
             )
+
+    async def _drain_delay(self) -> None:
+        delay = self.config.process.drain_delay
+        if delay > 0:
+            self.log.info("not ready; the listeners close after drain_delay", drain_delay=delay)
+            await trio.sleep(delay)
 
     async def _drain(self) -> None:
         timeout = self.config.process.drain_timeout

@@ -17,6 +17,7 @@ import subprocess
 import sys
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from functools import partial
 from pathlib import Path
 
 import pytest
@@ -31,6 +32,7 @@ from tests.daemon import (
     config_text,
     echo_through,
     env_for,
+    poll_status,
     run_daemon,
     transfer_across_sigterm,
     write_config,
@@ -44,6 +46,7 @@ from tests.helpers import (
     scrape,
     start_backend,
     tls_connect,
+    until,
 )
 
 CONSOLE_SCRIPT = Path(sys.executable).parent / "tlsproxy"
@@ -448,3 +451,53 @@ async def test_run_on_a_port_in_use_exits_2_naming_the_address(
     assert errors, result
     assert any(address in line for line in errors), f"the error does not name {address}:\n{result}"
     assert any("already in use" in line for line in errors), result
+
+
+# ---------------------------------------------------------------- run: drain_delay
+
+# Long enough for a /readyz poll and a handshake on a loaded machine.
+DRAIN_DELAY = 3.0
+# How late the listeners may close after drain_delay: a SIGTERM's delivery,
+# and with workers every worker's.
+DRAIN_DELAY_SLACK = 5.0
+
+
+async def _refused(port: int) -> bool:
+    try:
+        stream = await trio.open_tcp_stream("127.0.0.1", port)
+    except OSError:
+        return True
+    await stream.aclose()
+    return False
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+async def test_drain_delay_keeps_serving_new_clients_while_readyz_is_503(
+    tmp_path: Path, certs: Certs, nursery: trio.Nursery, workers: int
+) -> None:
+    echo_port = await start_backend(nursery, echo_handler)
+    config = write_config(
+        tmp_path / "proxy.toml",
+        certs,
+        backend_port=echo_port,
+        process_lines=f"drain_delay = {DRAIN_DELAY}\nworkers = {workers}",
+    )
+    async with run_daemon(nursery, tmp_path, "--config", config) as daemon:
+        if workers > 1:
+            await daemon.wait_for("workers ready")
+        port, admin_port = await daemon.started()
+        assert (await scrape(admin_port, "/readyz"))[0] == 200
+        start = trio.current_time()
+        daemon.signal(signal.SIGTERM)
+        await poll_status(admin_port, "/readyz", 503)
+        for _ in range(2 * workers):  # with workers, likely reaching each of them
+            await echo_through(port, certs.client_context())
+        served_by = trio.current_time()
+        await until(partial(_refused, port))
+        refused_after = trio.current_time() - start
+        assert await daemon.exit_code() == 0, daemon.output()
+    assert served_by - start < DRAIN_DELAY, "the clients were served after drain_delay"
+    assert DRAIN_DELAY * 0.95 <= refused_after <= DRAIN_DELAY + DRAIN_DELAY_SLACK
+    # the connections echo_through made, not the probes (which sent no ClientHello)
+    served = [e for e in daemon.events if e.get("event") == "connection" and "ja4" in e]
+    assert [e["outcome"] for e in served] == ["success"] * (2 * workers)

@@ -108,6 +108,9 @@ BAD_VALUES = [
     ("listeners.0.idle_timeout", -1, "must be > 0"),
     ("listeners.0.connect_timeout", 0, "must be > 0"),
     ("process.drain_timeout", float("inf"), "must be > 0 (a finite number"),
+    ("process.drain_delay", -1, "must be >= 0 (a finite number of seconds), got -1"),
+    ("process.drain_delay", float("nan"), "must be >= 0 (a finite number"),
+    ("process.drain_delay", "5s", "expected a number of seconds, got '5s'"),
     ("listeners.0.listen", "127.0.0.1", "missing port in '127.0.0.1'"),
     ("listeners.0.listen", "127.0.0.1:70000", "port 70000 in '127.0.0.1:70000' is out of range"),
     ("listeners.0.listen", "localhost:https", "port 'https' in 'localhost:https' is not a number"),
@@ -349,6 +352,7 @@ def test_defaults_are_filled_in(tmp_path: Path) -> None:
     assert config.warnings == ()
     assert str(config.admin.listen) == "127.0.0.1:9090"
     assert (config.process.workers, config.process.drain_timeout) == (1, 30.0)
+    assert config.process.drain_delay == 0.0
     assert config.process.watch is True
     assert (config.log.level, config.log.format, config.log.access_log) == ("info", "json", True)
     listener = config.listeners[0]
@@ -359,6 +363,12 @@ def test_defaults_are_filled_in(tmp_path: Path) -> None:
     tls = listener.tls
     assert (tls.min_version, tls.ciphers, tls.alpn) == ("TLSv1.2", "", ())
     assert (tls.client_auth, tls.client_ca, tls.session_tickets) == ("none", None, True)
+
+
+@pytest.mark.usefixtures("pair")
+def test_a_drain_delay_of_zero_is_accepted(tmp_path: Path) -> None:
+    assert parse_config(document(**{"process.drain_delay": 0}), tmp_path).process.drain_delay == 0
+    assert parse_config(document(**{"process.drain_delay": 5}), tmp_path).process.drain_delay == 5
 
 
 @pytest.mark.usefixtures("pair")
