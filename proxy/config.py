@@ -154,6 +154,38 @@ def _coerce_address(value: object) -> Address:
     return parse_address(value)
 
 
+def addresses_overlap(a: Address, b: Address) -> bool:
+    """Whether listening on both at once fails (EADDRINUSE): the same port on
+    the same host, or on a wildcard host that covers the other.
+
+    Port 0 never overlaps (each bind picks a port of its own). Names are
+    compared as written, never resolved: `localhost:P` and `127.0.0.1:P` are
+    not known to collide until bound.
+    """
+    if a.port != b.port or a.port == 0:
+        return False
+    ip_a, ip_b = _ip(a.host), _ip(b.host)
+    if ip_a is None or ip_b is None:
+        return a.host == b.host
+    return ip_a == ip_b or _covers(ip_a, ip_b) or _covers(ip_b, ip_a)
+
+
+def _ip(host: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
+    try:
+        return ipaddress.ip_address(host)
+    except ValueError:
+        return None
+
+
+def _covers(
+    wildcard: ipaddress.IPv4Address | ipaddress.IPv6Address,
+    other: ipaddress.IPv4Address | ipaddress.IPv6Address,
+) -> bool:
+    # [::] takes IPv4 too: Linux binds IPv6 sockets dual-stack unless
+    # IPV6_V6ONLY is set (bindv6only=0), and the proxy never sets it.
+    return wildcard.is_unspecified and (wildcard.version == 6 or other.version == 4)
+
+
 def _not_unix(address: Address) -> Address:
     if address.unix_path is not None:
         raise ValueError("unix sockets can only be a backend; expected host:port")
@@ -262,6 +294,8 @@ class _Model(BaseModel):
 
 # pydantic error type whose ctx carries certs.Finding values, rendered one per line
 _FILE_ERRORS = "certificate_files"
+# pydantic error type whose ctx carries (TOML location, message) pairs
+_LOCATED_ERRORS = "located"
 
 
 class CertificatePair(_Model):
@@ -400,6 +434,33 @@ class ConfigFile(_Model):
             first[listener.name] = index
         return listeners
 
+    @model_validator(mode="after")
+    def distinct_addresses(self) -> Self:
+        """Two sockets on one address cannot both listen: found here, with both
+        TOML paths, rather than as "port in use" when the daemon starts."""
+        sockets: list[tuple[tuple[int | str, ...], Address]] = [
+            (("admin", "listen"), self.admin.listen)
+        ]
+        sockets += [(("listeners", i, "listen"), lc.listen) for i, lc in enumerate(self.listeners)]
+        errors: list[tuple[tuple[int | str, ...], str]] = []
+        for j, (loc, address) in enumerate(sockets):
+            for earlier, other in sockets[:j]:
+                if addresses_overlap(other, address):
+                    errors.append((loc, _overlap_message(address, earlier, other)))
+                    break
+        if errors:
+            raise PydanticCustomError(_LOCATED_ERRORS, "addresses overlap", {"errors": errors})
+        return self
+
+
+def _overlap_message(address: Address, loc: tuple[int | str, ...], other: Address) -> str:
+    if address == other:
+        return f"{address} is also {_toml_path(loc)}; each listener needs its own address"
+    return (
+        f"{address} overlaps {_toml_path(loc)} ({other}): a socket on a wildcard "
+        "address (0.0.0.0, [::]) holds the port on every address it covers; use another port"
+    )
+
 
 class Config(ConfigFile):
     """A validated config plus where it came from and what deserves attention."""
@@ -501,6 +562,9 @@ def _render(error: ErrorDetails) -> Iterator[str]:
     if error["type"] == _FILE_ERRORS:
         for finding in ctx["findings"]:
             yield f"{_toml_path((*loc, finding.file))}: {finding.message}"
+    elif error["type"] == _LOCATED_ERRORS:
+        for where, message in ctx["errors"]:
+            yield f"{_toml_path((*loc, *where))}: {message}"
     else:
         yield f"{_toml_path(loc)}: {_describe(error['type'], loc, ctx, error['input'])}"
 

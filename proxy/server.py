@@ -31,7 +31,7 @@ from enum import StrEnum
 import trio
 
 from proxy.admin import Admin
-from proxy.config import Address, Config, ConfigError, format_sockaddr
+from proxy.config import Address, Config, ConfigError, addresses_overlap, format_sockaddr
 from proxy.connection import ConnectionSet, ListenerRuntime, ListenerState, handle_connection
 from proxy.log import Logger
 from proxy.metrics import Metrics
@@ -145,7 +145,7 @@ class Server:
         """
         if self._is_bound:
             return
-        self._bound = _bind_new(self._runtimes, {}, self._reuse_port)
+        self._bound = self._bind_added(self._runtimes)
         if self._with_admin:
             try:
                 self._admin_socket = bind_socket(self.config.admin.listen, "admin")
@@ -236,11 +236,16 @@ class Server:
         assert handlers is not None
 
         async def accept() -> None:
+            sock = listener.sock
             try:
                 with listener.scope:
-                    await self._accept_loop(listener.sock, listener.state, handlers)
+                    await self._accept_loop(sock, listener.state, handlers)
+            except (OSError, trio.ClosedResourceError):
+                if sock.fileno() != -1:
+                    raise
+                # closed under the loop by a reload that moved the address (_release)
             finally:
-                listener.sock.close()  # refuse new connects; live ones are unaffected
+                sock.close()  # refuse new connects; live ones are unaffected
 
         assert self._accepting is not None
         self._accepting.start_soon(accept)
@@ -288,9 +293,10 @@ class Server:
         return config, build_runtimes(config, self.metrics, self.log)
 
     def _swap(self, config: Config, runtimes: list[ListenerRuntime]) -> None:
-        assert self._accepting is not None
-        # the only step that can fail: do it first
-        added = _bind_new(runtimes, self._bound, self._reuse_port)
+        """Put a built config in place. Binding the new addresses is the one
+        step that can fail (StartupError), so it comes first and, failing,
+        leaves the listeners as they were; the rest does no I/O."""
+        added = self._bind_added(runtimes)
         wanted = {runtime.config.listen: runtime for runtime in runtimes}
         kept: dict[Address, _Listener] = {}
         for address, listener in self._bound.items():
@@ -308,6 +314,56 @@ class Server:
         self.config = config
         self._runtimes = runtimes
         export_certificates(runtimes, self.metrics)
+
+    def _bind_added(self, runtimes: list[ListenerRuntime]) -> dict[Address, _Listener]:
+        """Bind every address not bound yet (all at start-up); all or none.
+
+        An added address that overlaps one being removed (the same port on
+        another host: 127.0.0.1:P to 0.0.0.0:P) cannot be bound while the old
+        socket listens, so that socket is closed first: connects to the port
+        are refused for the moment in between. Should the reload fail after
+        all, the old address is bound again.
+        """
+        wanted = {runtime.config.listen for runtime in runtimes}
+        removed = {a: listener for a, listener in self._bound.items() if a not in wanted}
+        added: dict[Address, _Listener] = {}
+        released: dict[Address, _Listener] = {}
+        try:
+            for runtime in runtimes:
+                address = runtime.config.listen
+                if address in self._bound:
+                    continue
+                for old_address, old in removed.items():
+                    if old_address not in released and addresses_overlap(old_address, address):
+                        _release(old)
+                        released[old_address] = old
+                sock = bind_socket(
+                    address, f"listener {runtime.config.name!r}", reuse_port=self._reuse_port
+                )
+                added[address] = _Listener(ListenerState(runtime), sock)
+        except BaseException:
+            for listener in added.values():
+                listener.sock.close()
+            for old_address, old in released.items():
+                self._restore(old_address, old)
+            raise
+        return added
+
+    def _restore(self, address: Address, released: _Listener) -> None:
+        """Listen on a released listener's address again after a failed reload."""
+        try:
+            sock = bind_socket(address, f"listener {released.name!r}", reuse_port=self._reuse_port)
+        except StartupError as exc:
+            del self._bound[address]
+            self.log.error(
+                "listener lost its address; restart the daemon to serve it again",
+                listener=released.name,
+                error=str(exc),
+            )
+            return
+        restored = _Listener(released.state, sock)
+        self._bound[address] = restored
+        self._start_accepting(restored)
 
     def _reload_failed(
         self, trigger: str, errors: list[str], unexpected: Exception | None = None
@@ -387,24 +443,12 @@ class Server:
         )
 
 
-def _bind_new(
-    runtimes: list[ListenerRuntime], bound: dict[Address, _Listener], reuse_port: bool
-) -> dict[Address, _Listener]:
-    """Bind the listeners whose address is not bound yet; all or none."""
-    added: dict[Address, _Listener] = {}
-    try:
-        for runtime in runtimes:
-            address = runtime.config.listen
-            if address not in bound:
-                sock = bind_socket(
-                    address, f"listener {runtime.config.name!r}", reuse_port=reuse_port
-                )
-                added[address] = _Listener(ListenerState(runtime), sock)
-    except BaseException:
-        for listener in added.values():
-            listener.sock.close()
-        raise
-    return added
+def _release(listener: _Listener) -> None:
+    """Stop a listener and close its socket now, not when its accept task next
+    runs, so that its port can be bound again at once."""
+    listener.scope.cancel()
+    trio.lowlevel.notify_closing(listener.sock)
+    listener.sock.close()
 
 
 def bind_socket(

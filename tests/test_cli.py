@@ -32,6 +32,7 @@ from tests.daemon import (
     config_text,
     echo_through,
     env_for,
+    listener_table,
     poll_status,
     run_daemon,
     transfer_across_sigterm,
@@ -207,6 +208,25 @@ async def test_check_config_prints_every_error_with_its_toml_path_and_exits_1(
     assert len(errors) == len(expected), result
     assert f"{len(expected)} error(s)" in result.stderr, result
     assert result.stdout == "", result
+
+
+async def test_check_config_rejects_two_listeners_on_one_port_naming_both(
+    tmp_path: Path, certs: Certs
+) -> None:
+    config = tmp_path / "overlap.toml"
+    second = listener_table("api", "0.0.0.0:18443", 1, certs.cert, certs.key)
+    config.write_text(
+        config_text(certs.cert, certs.key, listen="127.0.0.1:18443", more_listeners=second),
+        encoding="utf-8",
+    )
+
+    result = await _cli("check-config", config, cwd=tmp_path)
+
+    assert result.returncode == 1, result
+    assert result.stderr.startswith(
+        "error: listeners[1].listen: 0.0.0.0:18443 overlaps listeners[0].listen (127.0.0.1:18443): "
+    ), result
+    assert "1 error(s)" in result.stderr, result
 
 
 async def test_check_config_reports_toml_syntax_error_with_line_and_exits_1(

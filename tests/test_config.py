@@ -16,6 +16,7 @@ from proxy.config import (
     Address,
     Config,
     ConfigError,
+    addresses_overlap,
     default_config,
     load_config,
     parse_address,
@@ -178,6 +179,51 @@ def test_duplicate_listener_names(tmp_path: Path) -> None:
     data["listeners"] += [{**second, "name": "api"}, second]
     (error,) = errors_of(data, tmp_path)
     assert error.startswith("listeners: listeners[0] and listeners[2] are both named 'web'")
+
+
+@pytest.mark.usefixtures("pair")
+def test_two_listeners_on_one_address_are_reported_at_both_paths(tmp_path: Path) -> None:
+    data = document()
+    data["listeners"].append({**data["listeners"][0], "name": "api"})
+    assert errors_of(data, tmp_path) == (
+        "listeners[1].listen: 127.0.0.1:8443 is also listeners[0].listen; "
+        "each listener needs its own address",
+    )
+
+
+@pytest.mark.usefixtures("pair")
+def test_a_listener_on_the_admin_address_is_reported_at_both_paths(tmp_path: Path) -> None:
+    data = document(**{"admin.listen": "0.0.0.0:8443"})
+    assert errors_of(data, tmp_path) == (
+        "listeners[0].listen: 127.0.0.1:8443 overlaps admin.listen (0.0.0.0:8443): a socket "
+        "on a wildcard address (0.0.0.0, [::]) holds the port on every address it covers; "
+        "use another port",
+    )
+
+
+# (one address, another, whether both can listen at once)
+OVERLAPS = [
+    ("127.0.0.1:8443", "127.0.0.1:8443", True),
+    ("0.0.0.0:8443", "127.0.0.1:8443", True),
+    ("127.0.0.1:8443", "0.0.0.0:8443", True),
+    ("[::]:8443", "127.0.0.1:8443", True),  # Linux binds [::] dual-stack by default
+    ("[::]:8443", "0.0.0.0:8443", True),
+    ("[::]:8443", "[::1]:8443", True),
+    ("[::0]:8443", "[::]:8443", True),
+    ("localhost:8443", "localhost:8443", True),
+    ("127.0.0.1:8443", "127.0.0.2:8443", False),
+    ("127.0.0.1:8443", "127.0.0.1:8444", False),
+    ("0.0.0.0:8443", "[::1]:8443", False),
+    ("127.0.0.1:0", "127.0.0.1:0", False),  # each gets an ephemeral port of its own
+    ("localhost:8443", "127.0.0.1:8443", False),  # names are not resolved here
+]
+
+
+@pytest.mark.parametrize(("one", "other", "overlap"), OVERLAPS)
+def test_addresses_overlap(one: str, other: str, overlap: bool) -> None:
+    a, b = parse_address(one), parse_address(other)
+    assert addresses_overlap(a, b) is overlap
+    assert addresses_overlap(b, a) is overlap
 
 
 def test_missing_file(tmp_path: Path, pair: tuple[Path, Path]) -> None:

@@ -500,3 +500,61 @@ async def test_a_load_that_raises_something_unexpected_is_a_failed_reload(
     assert await _serial(proxy.port, certs.client_context()) == serial
     (error,) = [e for e in proxy.log_events() if e.get("level") == "error"]
     assert "a bug in the loader" in error["exception"]
+
+
+def _free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return int(probe.getsockname()[1])
+
+
+def _listening_on(proxy: Running) -> list[str]:
+    return [e["address"] for e in proxy.log_events("listening")]
+
+
+async def test_reload_moves_a_listener_to_another_host_on_the_same_port(
+    nursery: trio.Nursery, tmp_path: Path, certs: Certs, echo_port: int
+) -> None:
+    port = _free_port()
+    config_file = tmp_path / "tlsproxy.toml"
+    text = config_text(certs.cert, certs.key, backend_port=echo_port, listen=f"127.0.0.1:{port}")
+    config_file.write_text(text)
+    proxy = await start_server(nursery, load_config(config_file))
+    context = certs.client_context()
+    with trio.fail_after(STEP):
+        established = await tls_connect(port, context)
+        await echo_on(established, b"before the move")
+
+    _replace(config_file, text.replace(f"127.0.0.1:{port}", f"0.0.0.0:{port}"))
+    assert await proxy.server.reload(_loader(config_file), trigger="test")
+
+    assert _listening_on(proxy) == [f"127.0.0.1:{port}", f"0.0.0.0:{port}"]
+    await _serial(port, context)  # the new socket accepts
+    with trio.fail_after(STEP):
+        await echo_on(established, b"after the move")  # an accepted connection stays
+        await established.aclose()
+    assert await _reloads(proxy) == (1.0, 0.0)
+
+
+async def test_a_move_that_cannot_bind_restores_the_old_address(
+    nursery: trio.Nursery, tmp_path: Path, certs: Certs, echo_port: int
+) -> None:
+    port = _free_port()
+    config_file = tmp_path / "tlsproxy.toml"
+    text = config_text(certs.cert, certs.key, backend_port=echo_port, listen=f"127.0.0.1:{port}")
+    config_file.write_text(text)
+    proxy = await start_server(nursery, load_config(config_file))
+    context = certs.client_context()
+    serial = await _serial(port, context)
+    with socket.socket() as busy:  # someone else holds the port on another address
+        busy.bind(("127.0.0.2", port))
+        busy.listen()
+        _replace(config_file, text.replace(f"127.0.0.1:{port}", f"0.0.0.0:{port}"))
+        assert not await proxy.server.reload(_loader(config_file), trigger="test")
+
+    assert await _serial(port, context) == serial  # the old address serves again
+    # released for the new address, then bound again when that failed
+    assert _listening_on(proxy) == [f"127.0.0.1:{port}"] * 2
+    assert await _reloads(proxy) == (0.0, 1.0)
+    (error,) = [e for e in proxy.log_events() if e.get("level") == "error"]
+    assert f"cannot listen on 0.0.0.0:{port}" in error["error"]
