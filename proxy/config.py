@@ -305,6 +305,8 @@ class CertificatePair(_Model):
 
     @model_validator(mode="after")
     def check_files(self, info: ValidationInfo) -> Self:
+        if not _checking_files(info):
+            return self
         now: datetime = (info.context or {}).get("now") or datetime.now(UTC)
         check = certs.check_pair(self.cert, self.key, now)
         if check.errors:
@@ -315,8 +317,13 @@ class CertificatePair(_Model):
         return self
 
 
-def _client_ca(path: Path | None) -> Path | None:
-    if path is not None and (problem := certs.check_ca_bundle(path)):
+def _checking_files(info: ValidationInfo) -> bool:
+    """False for `check-config --no-files`: the schema and values only."""
+    return bool((info.context or {}).get("check_files", True))
+
+
+def _client_ca(path: Path | None, info: ValidationInfo) -> Path | None:
+    if path is not None and _checking_files(info) and (problem := certs.check_ca_bundle(path)):
         raise ValueError(problem)
     return path
 
@@ -473,7 +480,9 @@ class Config(ConfigFile):
 # Loading
 
 
-def load_config(path: Path) -> Config:
+def load_config(path: Path, *, check_files: bool = True) -> Config:
+    """The validated config in `path`; `check_files=False` leaves the
+    certificate, key and CA files unread (such a config cannot be served)."""
     try:
         data = tomllib.loads(path.read_text(encoding="utf-8"))
     except FileNotFoundError as exc:
@@ -484,11 +493,19 @@ def load_config(path: Path) -> Config:
         raise ConfigError([f"{path}: not UTF-8 text ({exc.reason} at byte {exc.start})"]) from exc
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError([f"{path}: invalid TOML: {exc}"]) from exc
-    return parse_config(data, base_dir=path.absolute().parent, source=path.absolute())
+    return parse_config(
+        data, base_dir=path.absolute().parent, source=path.absolute(), check_files=check_files
+    )
 
 
-def parse_config(data: Mapping[str, Any], base_dir: Path, source: Path | None = None) -> Config:
-    context = {"base_dir": base_dir, "now": datetime.now(UTC)}
+def parse_config(
+    data: Mapping[str, Any],
+    base_dir: Path,
+    source: Path | None = None,
+    *,
+    check_files: bool = True,
+) -> Config:
+    context = {"base_dir": base_dir, "now": datetime.now(UTC), "check_files": check_files}
     try:
         parsed = ConfigFile.model_validate(dict(data), context=context)
     except ValidationError as exc:

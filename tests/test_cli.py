@@ -229,6 +229,38 @@ async def test_check_config_rejects_two_listeners_on_one_port_naming_both(
     assert "1 error(s)" in result.stderr, result
 
 
+EXAMPLES = sorted((Path(__file__).parent.parent / "config").glob("*.toml"))
+
+
+@pytest.mark.parametrize("example", EXAMPLES, ids=lambda path: path.name)
+async def test_check_config_no_files_accepts_every_example_on_a_clean_tree(
+    tmp_path: Path, example: Path
+) -> None:
+    config = tmp_path / example.name  # a copy, without any of the files it names
+    await trio.Path(config).write_bytes(await trio.Path(example).read_bytes())
+
+    result = await _cli("check-config", "--no-files", config, cwd=tmp_path)
+
+    assert result.returncode == 0, result
+    assert result.stderr == "", result
+    assert result.stdout.startswith(f"{config}: ok ("), result
+    assert "files not checked (--no-files)" in result.stdout, result
+
+
+async def test_check_config_without_no_files_still_reports_a_missing_key(
+    tmp_path: Path, certs: Certs
+) -> None:
+    config = tmp_path / "proxy.toml"
+    config.write_text(config_text(certs.cert, tmp_path / "missing.key"), encoding="utf-8")
+
+    checked = await _cli("check-config", config, cwd=tmp_path)
+    unchecked = await _cli("check-config", "--no-files", config, cwd=tmp_path)
+
+    assert checked.returncode == 1, checked
+    assert "error: listeners[0].tls.certificates[0].key: file not found" in checked.stderr
+    assert unchecked.returncode == 0, unchecked
+
+
 async def test_check_config_reports_toml_syntax_error_with_line_and_exits_1(
     tmp_path: Path,
 ) -> None:
