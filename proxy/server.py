@@ -22,9 +22,11 @@ supervisor in proxy/workers.py serves the admin endpoint for all of them.
 from __future__ import annotations
 
 import errno
+import os
 import socket
 import ssl
 from collections.abc import Callable
+from contextlib import suppress
 from dataclasses import dataclass, field
 from enum import StrEnum
 
@@ -47,17 +49,20 @@ LISTEN_BACKLOG = 4096
 # round trip per accept.
 ACCEPT_BATCH = 64
 
-# Seconds to pause accepting when the process is out of file descriptors or
-# kernel memory; live connections keep being served and free descriptors as
-# they close (trio's serve_listeners uses the same pause).
+# Seconds to pause accepting when the kernel is out of memory for sockets, or
+# the process out of file descriptors without its spare one (see _Reserve);
+# live connections keep being served and free descriptors as they close
+# (trio's serve_listeners uses the same pause).
 ACCEPT_BACKOFF = 0.1
 
 EXHAUSTED_EVENT = (
-    "cannot accept: out of file descriptors or memory; pausing accepts until "
-    "connections close; raise the fd limit (ulimit -n) or lower max_connections"
+    "cannot accept: out of file descriptors or memory; refusing new connections "
+    "until connections close; raise the fd limit (ulimit -n) or lower max_connections"
 )
 
 _RESOURCE_ERRNOS = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM})
+# Out of descriptors: the reserve descriptor lets us accept one to close it.
+_DESCRIPTOR_ERRNOS = frozenset({errno.EMFILE, errno.ENFILE})
 # A client that reset before we accepted it: skip it, keep accepting.
 _TRANSIENT_ERRNOS = frozenset({errno.ECONNABORTED, errno.EPROTO, errno.EPERM})
 
@@ -122,6 +127,7 @@ class Server:
         self._admin_socket: socket.socket | None = None
         self._accepting: trio.Nursery | None = None  # accept loops; None once draining
         self._handlers: trio.Nursery | None = None  # connection handlers
+        self._reserve = _Reserve()
 
     @property
     def listeners(self) -> list[ListenerState]:
@@ -153,6 +159,7 @@ class Server:
                 for listener in self._bound.values():
                     listener.sock.close()
                 raise
+        self._reserve.open()
         self._is_bound = True
 
     def listen_ports(self) -> dict[str, int]:
@@ -179,6 +186,7 @@ class Server:
             for listener in self._bound.values():
                 listener.sock.close()
             self._admin_socket.close()
+            self._reserve.close()
         self.state = State.STOPPED
         self.log.info("stopped")
 
@@ -195,6 +203,7 @@ class Server:
         finally:
             for listener in self._bound.values():
                 listener.sock.close()
+            self._reserve.close()
         self.state = State.STOPPED
         self.log.info("stopped")
 
@@ -399,7 +408,7 @@ class Server:
     async def _accept_loop(
         self, sock: socket.socket, state: ListenerState, nursery: trio.Nursery
     ) -> None:
-        exhausted = False  # inside an episode of EMFILE/ENFILE: log and count it once
+        exhausted = False  # inside an episode of EMFILE/ENFILE/ENOMEM: log it once
         while True:
             await trio.lowlevel.wait_readable(sock)
             for _ in range(ACCEPT_BATCH):
@@ -415,7 +424,11 @@ class Server:
                     if not exhausted:
                         self._exhausted(state, exc)
                         exhausted = True
-                    await trio.sleep(ACCEPT_BACKOFF)
+                    if exc.errno in _DESCRIPTOR_ERRNOS and self._reserve.refuse_one(sock):
+                        state.runtime.metrics.rejected("fd_exhausted")
+                        continue
+                    await trio.sleep(ACCEPT_BACKOFF)  # nothing to refuse with: wait
+                    self._reserve.open()
                     break
                 if exhausted:
                     self.log.info("accepting again", listener=state.runtime.config.name)
@@ -434,13 +447,52 @@ class Server:
                 nursery.start_soon(handle_connection, conn, peer, state, self.connections)
 
     def _exhausted(self, state: ListenerState, exc: OSError) -> None:
-        """One log line and one count per episode, however long it lasts."""
-        state.runtime.metrics.rejected("fd_exhausted")
+        """One log line per episode, however long it lasts and however many
+        connections it refuses (each of those is counted)."""
         self.log.error(
             EXHAUSTED_EVENT,
             listener=state.runtime.config.name,
             error=str(exc),
         )
+
+
+class _Reserve:
+    """One spare descriptor (on /dev/null), so that out of descriptors the
+    process can still accept a pending connection, to close it at once: the
+    client learns right away, and is counted, instead of waiting in the backlog
+    for a descriptor that may not come. The accept loops run on one thread and
+    use the reserve synchronously, so one serves every listener.
+    """
+
+    def __init__(self) -> None:
+        self._fd: int | None = None
+
+    def open(self) -> None:
+        """(Re)open the spare; out of descriptors still, try again later."""
+        if self._fd is None:
+            with suppress(OSError):
+                self._fd = os.open(os.devnull, os.O_RDONLY | os.O_CLOEXEC)
+
+    def close(self) -> None:
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
+
+    def refuse_one(self, sock: socket.socket) -> bool:
+        """Accept one pending connection with the spare descriptor and close
+        it; False when there is no spare or no connection could be taken."""
+        if self._fd is None:
+            return False
+        self.close()
+        try:
+            conn, _ = sock.accept()
+        except OSError:  # nothing pending after all, or the descriptor went elsewhere
+            return False
+        else:
+            conn.close()
+            return True
+        finally:
+            self.open()
 
 
 def _release(listener: _Listener) -> None:

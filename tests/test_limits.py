@@ -1,5 +1,6 @@
 """Limits: max_connections enforced at accept, the accept loop surviving fd
-exhaustion without spinning, 500 slowloris clients not starving a normal
+exhaustion without spinning and refusing (and counting) each connection it
+cannot hold, 500 slowloris clients not starving a normal
 one, and no per-connection state left behind after close."""
 
 from __future__ import annotations
@@ -8,7 +9,8 @@ import os
 import resource
 import ssl
 from collections.abc import AsyncIterator, Iterator
-from contextlib import asynccontextmanager
+from contextlib import asynccontextmanager, suppress
+from functools import partial
 from pathlib import Path
 
 import pytest
@@ -29,6 +31,7 @@ from tests.helpers import (
     start_backend,
     start_server,
     tls_connect,
+    until,
 )
 
 
@@ -200,7 +203,23 @@ def _cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
-async def test_fd_exhaustion_backs_off_keeps_serving_and_recovers(
+def _open_descriptors(pid: int) -> int:
+    return len(os.listdir(f"/proc/{pid}/fd"))
+
+
+async def _closed_by_the_proxy(stream: trio.SocketStream, closed: list[trio.SocketStream]) -> None:
+    """Record `stream` once the proxy closes it; a held one waits until cancelled."""
+    with suppress(trio.BrokenResourceError):
+        while await stream.receive_some(1024):
+            pass
+    closed.append(stream)
+
+
+async def _at_least(items: list[trio.SocketStream], count: int) -> bool:
+    return len(items) >= count
+
+
+async def test_fd_exhaustion_refuses_and_counts_each_connection_and_recovers(
     nursery: trio.Nursery, certs: Certs, tmp_path: Path
 ) -> None:
     echo_port = await start_backend(nursery, echo_handler)
@@ -210,22 +229,34 @@ async def test_fd_exhaustion_backs_off_keeps_serving_and_recovers(
     )  # fmt: skip
     async with _limited_daemon(nursery, tmp_path, config) as daemon:
         port, admin_port = await daemon.started()
+        pid = daemon.process.pid
         with trio.fail_after(STEP):
             live = await tls_connect(port, certs.client_context())
+            await _echo(live, b"the backend is connected")
+        # each connection the daemon can still hold takes one descriptor
+        room = DAEMON_NOFILE - _open_descriptors(pid)
+        refusals = EXHAUSTING_CLIENTS - room
+        assert refusals > 0
         idle: list[trio.SocketStream] = []
+        closed: list[trio.SocketStream] = []
         try:
-            with trio.fail_after(STEP):
-                for _ in range(EXHAUSTING_CLIENTS):  # the kernel queues those not accepted
-                    idle.append(await raw_connect(port))
-            await daemon.wait_for(EXHAUSTED)
-            start_cpu, start = _cpu_seconds(daemon.process.pid), trio.current_time()
-            with trio.fail_after(STEP):
-                await _echo(live, b"still served while out of descriptors")
-            await trio.sleep(1.0)  # measuring idle CPU over a second: this sleep is the point
-            busy = (_cpu_seconds(daemon.process.pid) - start_cpu) / (trio.current_time() - start)
-            assert busy < MAX_BACKOFF_CPU, f"accept loop spins: {busy:.2f} CPU s per s"
+            async with trio.open_nursery() as watching:
+                with trio.fail_after(STEP):
+                    for _ in range(EXHAUSTING_CLIENTS):
+                        idle.append(await raw_connect(port))
+                        watching.start_soon(_closed_by_the_proxy, idle[-1], closed)
+                await until(partial(_at_least, closed, refusals))
+                await daemon.wait_for(EXHAUSTED)
+                start_cpu, start = _cpu_seconds(pid), trio.current_time()
+                with trio.fail_after(STEP):
+                    await _echo(live, b"still served while out of descriptors")
+                await trio.sleep(1.0)  # measuring idle CPU over a second: this sleep is the point
+                busy = (_cpu_seconds(pid) - start_cpu) / (trio.current_time() - start)
+                assert busy < MAX_BACKOFF_CPU, f"accept loop spins: {busy:.2f} CPU s per s"
+                assert len(closed) == refusals  # the held ones are still held
+                watching.cancel_scope.cancel()
             backoffs = [e for e in daemon.events if e.get("event") == EXHAUSTED]
-            assert len(backoffs) == 1, "one log line per episode, not one per back-off"
+            assert len(backoffs) == 1, "one log line per episode, not one per refusal"
         finally:
             for stream in idle:
                 await trio.aclose_forcefully(stream)
@@ -233,5 +264,7 @@ async def test_fd_exhaustion_backs_off_keeps_serving_and_recovers(
         await echo_through(port, certs.client_context())
         await daemon.wait_for("accepting again")
         _, text = await scrape(admin_port)
-        assert sample(text, "tlsproxy_connections_rejected_total", reason="fd_exhausted") == 1
-        assert sample(text, "tlsproxy_handshakes_total", outcome="success") >= 2
+        rejected = sample(text, "tlsproxy_connections_rejected_total", reason="fd_exhausted")
+        assert rejected == refusals
+        assert sample(text, "tlsproxy_handshakes_total", outcome="success") == 2
+        assert sample(text, "tlsproxy_handshakes_total", outcome="client_closed") == room
