@@ -302,6 +302,15 @@ class CertificatePair(_Model):
     cert: FilePath
     key: FilePath
     _warnings: tuple[certs.Finding, ...] = PrivateAttr(default=())
+    _material: certs.PairMaterial | None = PrivateAttr(default=None)
+
+    @property
+    def material(self) -> certs.PairMaterial:
+        """The files' bytes as validation read and checked them: a reload
+        serves exactly these, never a later state of the files."""
+        if self._material is None:
+            raise ValueError(f"{self.cert}: certificate files not read (check-config --no-files)")
+        return self._material
 
     @model_validator(mode="after")
     def check_files(self, info: ValidationInfo) -> Self:
@@ -314,6 +323,7 @@ class CertificatePair(_Model):
                 _FILE_ERRORS, "unusable certificate files", {"findings": check.errors}
             )
         self._warnings = tuple(check.warnings)
+        self._material = check.material
         return self
 
 

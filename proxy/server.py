@@ -37,7 +37,7 @@ from proxy.config import Address, Config, ConfigError, addresses_overlap, format
 from proxy.connection import ConnectionSet, ListenerRuntime, ListenerState, handle_connection
 from proxy.log import Logger
 from proxy.metrics import Metrics
-from proxy.runtime import build_runtimes, export_certificates
+from proxy.runtime import Expiries, build_runtimes, certificate_expiries, export_certificates
 
 # Pending connections the kernel queues per listener before refusing SYNs.
 # Matches the Linux default somaxconn of 4096 (since 5.4); HAProxy uses the
@@ -122,7 +122,7 @@ class Server:
         self._drain_requested = trio.Event()
         self._reload_lock = trio.Lock()
         self._runtimes = build_runtimes(config, metrics, log)
-        export_certificates(self._runtimes, metrics)
+        export_certificates(certificate_expiries(config), metrics)
         self._bound: dict[Address, _Listener] = {}
         self._admin_socket: socket.socket | None = None
         self._accepting: trio.Nursery | None = None  # accept loops; None once draining
@@ -271,7 +271,7 @@ class Server:
                 self.log.warning("reload ignored: not serving", trigger=trigger)
                 return False
             try:
-                config, runtimes = await trio.to_thread.run_sync(self._build, load)
+                config, runtimes, expiries = await trio.to_thread.run_sync(self._build, load)
             except ConfigError as exc:
                 self._reload_failed(trigger, list(exc.errors))
                 return False
@@ -285,7 +285,7 @@ class Server:
                 self.log.warning("reload ignored: draining", trigger=trigger)
                 return False
             try:
-                self._swap(config, runtimes)
+                self._swap(config, runtimes, expiries)
             except StartupError as exc:
                 self._reload_failed(trigger, [str(exc)])
                 return False
@@ -296,12 +296,14 @@ class Server:
     def _serving(self) -> bool:
         return self.state is State.SERVING and self._accepting is not None
 
-    def _build(self, load: Callable[[], Config]) -> tuple[Config, list[ListenerRuntime]]:
-        """Runs in a worker thread: file reads and certificate parsing stay off the event loop."""
+    def _build(self, load: Callable[[], Config]) -> tuple[Config, list[ListenerRuntime], Expiries]:
+        """Runs in a worker thread: every file read and all certificate parsing
+        happen here, off the event loop, and each file is read once (by `load`)."""
         config = load()
-        return config, build_runtimes(config, self.metrics, self.log)
+        runtimes = build_runtimes(config, self.metrics, self.log)
+        return config, runtimes, certificate_expiries(config)
 
-    def _swap(self, config: Config, runtimes: list[ListenerRuntime]) -> None:
+    def _swap(self, config: Config, runtimes: list[ListenerRuntime], expiries: Expiries) -> None:
         """Put a built config in place. Binding the new addresses is the one
         step that can fail (StartupError), so it comes first and, failing,
         leaves the listeners as they were; the rest does no I/O."""
@@ -322,7 +324,7 @@ class Server:
             self.log.warning("admin.listen changed; restart to move the admin endpoint")
         self.config = config
         self._runtimes = runtimes
-        export_certificates(runtimes, self.metrics)
+        export_certificates(expiries, self.metrics)
 
     def _bind_added(self, runtimes: list[ListenerRuntime]) -> dict[Address, _Listener]:
         """Bind every address not bound yet (all at start-up); all or none.

@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
+import shutil
 import signal
 import socket
 import ssl
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
 from functools import partial
 from pathlib import Path
+from typing import Any
 
 import pytest
 import trio
@@ -17,8 +20,11 @@ import trustme
 from cryptography import x509
 
 from proxy.config import Config, load_config
+from proxy.connection import ListenerRuntime
+from proxy.runtime import build_runtimes
 from proxy.server import State
 from proxy.watch import watch_files
+from tests import pki
 from tests.daemon import Daemon, config_text, listener_table, run_daemon
 from tests.helpers import (
     STEP,
@@ -558,3 +564,54 @@ async def test_a_move_that_cannot_bind_restores_the_old_address(
     assert await _reloads(proxy) == (0.0, 1.0)
     (error,) = [e for e in proxy.log_events() if e.get("level") == "error"]
     assert f"cannot listen on 0.0.0.0:{port}" in error["error"]
+
+
+async def _expiry(proxy: Running) -> float:
+    _, text = await scrape(proxy.admin_port)
+    return sample(text, "tlsproxy_certificate_expiry_timestamp_seconds", listener="web")
+
+
+def _not_after(leaf: pki.Leaf) -> float:
+    return x509.load_pem_x509_certificate(leaf.cert.read_bytes()).not_valid_after_utc.timestamp()
+
+
+@pytest.mark.parametrize("change", ["replaced", "removed"])
+async def test_a_certificate_file_changing_after_the_build_does_not_change_what_the_reload_serves(
+    nursery: trio.Nursery,
+    tmp_path: Path,
+    echo_port: int,
+    monkeypatch: pytest.MonkeyPatch,
+    change: str,
+) -> None:
+    ca = pki.CA(tmp_path)
+    now = datetime.now(UTC)
+    first, served, later = (
+        ca.issue(stem, "localhost", not_after=now + timedelta(days=days))
+        for stem, days in (("first", 30), ("served", 60), ("later", 90))
+    )
+    config_file = tmp_path / "tlsproxy.toml"
+    config_file.write_text(_config(first.cert, first.key, echo_port))
+    proxy = await start_server(nursery, load_config(config_file))
+    context = pki.client_context(ca)
+    assert await _expiry(proxy) == _not_after(first)
+
+    cert, key = tmp_path / "live.pem", tmp_path / "live.key"
+    shutil.copy(served.cert, cert)
+    shutil.copy(served.key, key)
+    _replace(config_file, _config(cert, key, echo_port))
+
+    def build_then_change(*args: Any) -> list[ListenerRuntime]:
+        """The build thread's last step; the swap is next, on the event loop."""
+        runtimes = build_runtimes(*args)
+        if change == "replaced":
+            shutil.copy(later.cert, cert)
+        else:
+            cert.unlink()
+        return runtimes
+
+    monkeypatch.setattr("proxy.server.build_runtimes", build_then_change)
+    assert await proxy.server.reload(_loader(config_file), trigger="test")
+
+    assert await _serial(proxy.port, context) == served.serial
+    assert await _expiry(proxy) == _not_after(served)
+    assert await _reloads(proxy) == (1.0, 0.0)
