@@ -1,13 +1,16 @@
 """Limits: max_connections enforced at accept, the accept loop surviving fd
 exhaustion without spinning and refusing (and counting) each connection it
-cannot hold, 500 slowloris clients not starving a normal
-one, and no per-connection state left behind after close."""
+cannot hold, 500 slowloris clients not starving a normal one, and no
+per-connection state left behind however a connection ended."""
 
 from __future__ import annotations
 
 import os
 import resource
+import socket
 import ssl
+import struct
+from collections import Counter
 from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager, suppress
 from functools import partial
@@ -16,7 +19,6 @@ from pathlib import Path
 import pytest
 import trio
 
-from proxy.buffers import POOL_KEEP
 from proxy.server import EXHAUSTED_EVENT as EXHAUSTED
 from tests.daemon import PYTHON_M_PROXY, Daemon, echo_through, env_for, spawn, write_config
 from tests.helpers import (
@@ -141,7 +143,63 @@ async def test_500_slowloris_connections_time_out_while_50_handshakes_succeed(
 
 # ---------------------------------------------------------------- no leftovers
 
-CHURN = 50
+# Connections per way of ending, and the short timeouts that end some of them.
+EACH_WAY = 5
+LEFTOVER_TIMEOUT = 1.0
+
+
+async def _ended_by_the_proxy(stream: trio.SocketStream) -> None:
+    """Wait until the proxy closes a raw connection (EOF or reset)."""
+    with suppress(trio.BrokenResourceError):
+        while await stream.receive_some(1024):
+            pass
+    await stream.aclose()
+
+
+async def _clean_close(port: int, certs: Certs) -> None:
+    await echo_through(port, certs.client_context())
+
+
+async def _client_reset(port: int, certs: Certs) -> None:
+    tls = await tls_connect(port, certs.client_context())
+    await _echo(tls, b"then a reset")
+    tls.transport_stream.socket.setsockopt(
+        socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0)
+    )
+    await trio.aclose_forcefully(tls)
+
+
+async def _idle_timeout(port: int, certs: Certs) -> None:
+    tls = await tls_connect(port, certs.client_context())
+    await _echo(tls, b"then nothing")
+    assert await tls.receive_some(100) == b""  # the proxy's close_notify, at idle_timeout
+    await trio.aclose_forcefully(tls)
+
+
+async def _not_tls(port: int, certs: Certs) -> None:
+    stream = await raw_connect(port)
+    await stream.send_all(b"GET / HTTP/1.0\r\n\r\n")
+    await _ended_by_the_proxy(stream)
+
+
+async def _handshake_timeout(port: int, certs: Certs) -> None:
+    await _ended_by_the_proxy(await raw_connect(port))
+
+
+async def _gone_mid_handshake(port: int, certs: Certs) -> None:
+    stream = await raw_connect(port)
+    await stream.send_all(b"\x16\x03\x01\x02\x00\x01")  # a ClientHello begins
+    await stream.aclose()
+
+
+ENDINGS = [
+    (_clean_close, "client_closed"),
+    (_client_reset, "client_reset"),
+    (_idle_timeout, "idle_timeout"),
+    (_not_tls, None),
+    (_handshake_timeout, None),
+    (_gone_mid_handshake, None),
+]
 
 
 def _task_count() -> int:
@@ -156,22 +214,31 @@ def _task_count() -> int:
 async def test_no_per_connection_state_is_left_after_close(
     nursery: trio.Nursery, certs: Certs, echo_port: int
 ) -> None:
-    proxy = await start_server(nursery, build_config(certs, echo_port))
+    config = build_config(
+        certs, echo_port, handshake_timeout=LEFTOVER_TIMEOUT, idle_timeout=LEFTOVER_TIMEOUT
+    )
+    proxy = await start_server(nursery, config)
     await echo_through(proxy.port, certs.client_context())
     await proxy.access_log(1)
     _, text = await scrape(proxy.admin_port)
     series, tasks = len(text.splitlines()), _task_count()
+    connections = proxy.server.connections
     with trio.fail_after(STEP):
         async with trio.open_nursery() as clients:
-            for _ in range(CHURN):
-                clients.start_soon(echo_through, proxy.port, certs.client_context())
-    await proxy.access_log(CHURN + 1)
+            for end, _ in ENDINGS:
+                for _ in range(EACH_WAY):
+                    clients.start_soon(end, proxy.port, certs)
+    lines = (await proxy.access_log(1 + len(ENDINGS) * EACH_WAY))[1:]
+    reasons = Counter(line.get("close_reason") for line in lines)
+    for _, reason in ENDINGS:
+        if reason is not None:
+            assert reasons[reason] == EACH_WAY, reasons
     _, text = await scrape(proxy.admin_port)
     assert len(text.splitlines()) == series  # no new label sets
     assert _task_count() == tasks  # every connection task ended
-    assert proxy.server.connections.live == set()
+    assert connections.live == set()
+    assert len(connections.idle) == 0  # which the idle_timeout ones were watched in
     assert [state.active for state in proxy.server.listeners] == [0]
-    assert len(proxy.server.connections.buffers._free) <= POOL_KEEP
 
 
 # ---------------------------------------------------------------- fd exhaustion
