@@ -48,8 +48,11 @@ from __future__ import annotations
 
 import os
 import ssl
+import tempfile
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
+from pathlib import Path
 
 from cryptography import x509
 
@@ -156,20 +159,36 @@ def _certificate_context(tls: TLSConfig, pair: CertificatePair) -> ssl.SSLContex
 
 
 def _load_pair(context: ssl.SSLContext, material: PairMaterial) -> None:
-    """Give OpenSSL the chain and key from memory.
+    """Give OpenSSL the chain and key that validation read, from memory."""
+    with _pem_file(material.cert_pem + b"\n" + material.key_pem) as path:
+        context.load_cert_chain(path)  # the key follows the chain in the same file
 
-    Python's ssl loads them only from a path, so the bytes go into an
-    anonymous memory file (memfd: no name in any file system, never on a
-    disk, gone when closed) that OpenSSL opens through /proc/self/fd.
+
+@contextmanager
+def _pem_file(pem: bytes) -> Iterator[str]:
+    """A path to `pem` for the duration, since Python's ssl loads a chain and
+    key only from a path.
+
+    On Linux an anonymous memory file (memfd): no name in any file system,
+    never on a disk, gone once closed, and it works on a read-only root; it
+    is opened through /proc/self/fd. Elsewhere, a file readable by us only,
+    in a private temporary directory removed at once.
     """
-    fd = os.memfd_create("tlsproxy-pair", os.MFD_CLOEXEC)
-    try:
-        data = memoryview(material.cert_pem + b"\n" + material.key_pem)
-        while data:
-            data = data[os.write(fd, data) :]
-        context.load_cert_chain(f"/proc/self/fd/{fd}")  # the key follows the chain
-    finally:
-        os.close(fd)
+    if hasattr(os, "memfd_create"):
+        fd = os.memfd_create("tlsproxy-pair", os.MFD_CLOEXEC)
+        try:
+            data = memoryview(pem)
+            while data:
+                data = data[os.write(fd, data) :]
+            yield f"/proc/self/fd/{fd}"
+        finally:
+            os.close(fd)
+    else:
+        with tempfile.TemporaryDirectory(prefix="tlsproxy-") as private:  # mode 0700
+            path = Path(private) / "pair.pem"
+            path.touch(mode=0o600)
+            path.write_bytes(pem)
+            yield str(path)
 
 
 def certificate_names(pair: CertificatePair) -> Iterator[str]:

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import os
 import shutil
 import signal
 import socket
 import ssl
+import tempfile
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -615,3 +617,28 @@ async def test_a_certificate_file_changing_after_the_build_does_not_change_what_
     assert await _serial(proxy.port, context) == served.serial
     assert await _expiry(proxy) == _not_after(served)
     assert await _reloads(proxy) == (1.0, 0.0)
+
+
+async def test_without_memfd_a_pair_is_served_from_a_private_file_removed_at_once(
+    nursery: trio.Nursery,
+    tmp_path: Path,
+    certs: Certs,
+    echo_port: int,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Where there is no memfd (not Linux), start-up and reload still load
+    the pair from the bytes validation read."""
+    monkeypatch.delattr(os, "memfd_create")
+    temporary = tmp_path / "tmp"
+    temporary.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(temporary))
+    config_file = tmp_path / "tlsproxy.toml"
+    config_file.write_text(_config(certs.cert, certs.key, echo_port))
+    proxy = await start_server(nursery, load_config(config_file))
+    context = certs.client_context()
+    await _serial(proxy.port, context)
+    cert, key, serial = issue_leaf(certs.ca, tmp_path, "next")
+    _replace(config_file, _config(cert, key, echo_port))
+    assert await proxy.server.reload(_loader(config_file), trigger="test")
+    assert await _serial(proxy.port, context) == serial
+    assert list(temporary.iterdir()) == []
