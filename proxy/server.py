@@ -423,12 +423,20 @@ class Server:
                         continue
                     if exc.errno not in _RESOURCE_ERRNOS:
                         raise
+                    if exc.errno in _DESCRIPTOR_ERRNOS and self._reserve.ready:
+                        if not self._reserve.refuse_one(sock):
+                            # Nobody was waiting: Linux claims the descriptor
+                            # before it looks at the queue, so an accept after
+                            # the last one was taken says EMFILE regardless.
+                            break
+                        if not exhausted:
+                            self._exhausted(state, exc)
+                            exhausted = True
+                        state.runtime.metrics.rejected("fd_exhausted")
+                        continue
                     if not exhausted:
                         self._exhausted(state, exc)
                         exhausted = True
-                    if exc.errno in _DESCRIPTOR_ERRNOS and self._reserve.refuse_one(sock):
-                        state.runtime.metrics.rejected("fd_exhausted")
-                        continue
                     await trio.sleep(ACCEPT_BACKOFF)  # nothing to refuse with: wait
                     self._reserve.open()
                     break
@@ -469,6 +477,10 @@ class _Reserve:
     def __init__(self) -> None:
         self._fd: int | None = None
 
+    @property
+    def ready(self) -> bool:
+        return self._fd is not None
+
     def open(self) -> None:
         """(Re)open the spare; out of descriptors still, try again later."""
         if self._fd is None:
@@ -482,9 +494,7 @@ class _Reserve:
 
     def refuse_one(self, sock: socket.socket) -> bool:
         """Accept one pending connection with the spare descriptor and close
-        it; False when there is no spare or no connection could be taken."""
-        if self._fd is None:
-            return False
+        it; False when no connection could be taken (none was pending)."""
         self.close()
         try:
             conn, _ = sock.accept()
