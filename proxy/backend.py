@@ -1,20 +1,36 @@
 """Connect to the backend, send the PROXY header, and say in one word why it
 failed when it does.
 
+Theory of operation
+-------------------
+
 The reasons are a metric label (`backend_connect_failures_total{reason}`), so
 the vocabulary is small and fixed: `refused` (nothing listens: the app is
 down or still starting), `timeout` (no answer within `connect_timeout`),
 `unreachable` (no route, or any other socket error), `resolve` (the name
-did not resolve).
+did not resolve), `fd_exhausted` (the proxy is out of file descriptors and
+could not even open the socket: its limit, not the app, is the problem).
+
+An IP literal or a Unix path is worked out once per backend. A name goes
+through `proxy.resolver`, which keeps each answer for a few seconds and
+shares one lookup among the connections that need it meanwhile.
 
 A name may resolve to several addresses (`localhost` is often ::1 and
-127.0.0.1, and the app listens on only one): they are tried in the
-resolver's order, all within the one `connect_timeout`, and the last
-failure is reported.
+127.0.0.1, and the app listens on only one; a name may list an address that
+is down). Trying them strictly in turn lets one silent address (a dropped
+SYN, a dead host) use up the whole `connect_timeout`, so they are raced as
+RFC 8305 (Happy Eyeballs v2) does: the families interleaved, the first
+attempt started at once and each further one `CONNECTION_ATTEMPT_DELAY`
+after the previous one started, or as soon as it failed, while the earlier
+ones go on. The first connection to complete wins; the other attempts are
+cancelled and their sockets closed. The attempts are tasks of one nursery
+under the one `connect_timeout`; when all have failed, the last failure is
+the reason. A single address is connected to directly, with no nursery.
 
-The PROXY header (if any) is written as part of the connect, under the same
-deadline: a backend that accepts but never reads is a backend that did not
-answer.
+The PROXY header (if any) is written to the winner only (a loser's backend
+sees a connection close, never a header without its client), as part of
+the connect, under the same deadline: a backend that accepts but never
+reads is a backend that did not answer.
 """
 
 from __future__ import annotations
@@ -22,16 +38,27 @@ from __future__ import annotations
 import errno
 import functools
 import ipaddress
+import itertools
 import os
 import socket
+import ssl
+from collections.abc import Sequence
 from typing import Any
 
 import trio
 
-from proxy import proxy_protocol
+from proxy import proxy_protocol, resolver
 from proxy.config import Address, format_sockaddr
+from proxy.resolver import Sockaddr, Target
 from proxy.tls import server_name
 from proxy.tlsio import TLSConn
+
+# Seconds an attempt to one address gets before the next address is tried
+# beside it: RFC 8305's recommended Connection Attempt Delay (section 5).
+# Over loopback or a cluster network a connect that works completes in well
+# under a millisecond, so a working first address always wins; a silent one
+# costs a quarter of a second instead of all of `connect_timeout`.
+CONNECTION_ATTEMPT_DELAY = 0.25
 
 # A Unix-socket connect fails at once with these when the socket file exists
 # but nobody accepts (ECONNREFUSED), does not exist yet (ENOENT: the app has
@@ -39,7 +66,19 @@ from proxy.tlsio import TLSConn
 # up). The application is not taking connections in all three cases.
 _REFUSED_ERRNOS = frozenset({errno.ECONNREFUSED, errno.ENOENT, errno.EAGAIN})
 
-Sockaddr = Any  # (host, port[, flowinfo, scope_id]) or a Unix path
+# socket() failing with these: the process (EMFILE) or the whole system
+# (ENFILE) has no descriptor left for the backend socket.
+_FD_ERRNOS = frozenset({errno.EMFILE, errno.ENFILE})
+
+
+# The log line of a failed connect: where to look, by reason. Out of
+# descriptors, the application is fine and the proxy's own limit is what
+# needs raising (or its load lowering).
+BACKEND_DOWN_EVENT = "backend connect failed; is the application listening?"
+FD_EXHAUSTED_EVENT = (
+    "backend connect failed: out of file descriptors; raise the descriptor limit "
+    "(ulimit -n, systemd LimitNOFILE) or lower max_connections"
+)
 
 
 class BackendConnectError(Exception):
@@ -49,6 +88,11 @@ class BackendConnectError(Exception):
         super().__init__(f"{reason}: {detail}")
         self.reason = reason
         self.detail = detail
+
+    @property
+    def event(self) -> str:
+        """The message to log: what to do about it."""
+        return FD_EXHAUSTED_EVENT if self.reason == "fd_exhausted" else BACKEND_DOWN_EVENT
 
 
 async def connect(
@@ -60,14 +104,17 @@ async def connect(
     within `timeout` seconds."""
     with trio.move_on_after(timeout):
         targets = _literal_targets(address) or await _resolve(address)
-        error: BackendConnectError | None = None
-        for family, sockaddr in targets:
-            try:
-                return await _open(family, sockaddr, preamble)
-            except BackendConnectError as exc:
-                error = exc
-        assert error is not None  # getaddrinfo never returns an empty list
-        raise error
+        if len(targets) == 1:
+            family, sockaddr = targets[0]
+            sock = await _open(family, sockaddr)
+        else:
+            sock, sockaddr = await _race(interleave(targets))
+        try:
+            await _send_all(sock, sockaddr, preamble)
+        except BaseException:
+            sock.close()
+            raise
+        return sock
     raise BackendConnectError("timeout", f"no answer from {address} within {timeout:g} s")
 
 
@@ -85,12 +132,36 @@ def proxy_header(version: proxy_protocol.Version, tls: TLSConn, peer: tuple[str,
         cipher=cipher[0] if cipher else None,
         alpn=obj.selected_alpn_protocol(),
         sni=server_name(obj),
+        client_cn=verified_client_cn(obj),
+        resumed=bool(obj.session_reused),
     )
     return proxy_protocol.encode(version, (peer[0], peer[1]), (local[0], local[1]), facts)
 
 
+def verified_client_cn(obj: ssl.SSLObject) -> str | None:
+    """The subject CN of the client's certificate, which OpenSSL has verified
+    against `client_ca` if it is there at all: with `client_auth` optional or
+    require, a certificate that fails verification fails the handshake, so
+    after a successful one a certificate is a verified one (on a resumed
+    session, the one verified when the session began). None without a
+    certificate, or with a certificate that has no CN (the SANs are what
+    name it then, and the TLV has no room for them).
+
+    The first CN of the subject, as HAProxy sends it.
+    """
+    cert = obj.getpeercert()
+    if not cert:
+        return None
+    rdns: Any = cert.get("subject", ())
+    for rdn in rdns:
+        for key, value in rdn:
+            if key == "commonName":
+                return str(value)
+    return None
+
+
 @functools.lru_cache(maxsize=1024)
-def _literal_targets(address: Address) -> tuple[tuple[socket.AddressFamily, Sockaddr], ...]:
+def _literal_targets(address: Address) -> tuple[Target, ...]:
     """Where an address needs no resolver (a path or an IP literal), worked
     out once per backend instead of once per connection; else ()."""
     if address.unix_path is not None:
@@ -104,27 +175,75 @@ def _literal_targets(address: Address) -> tuple[tuple[socket.AddressFamily, Sock
     return ((socket.AF_INET, (address.host, address.port)),)
 
 
-async def _resolve(address: Address) -> list[tuple[socket.AddressFamily, Sockaddr]]:
+async def _resolve(address: Address) -> tuple[Target, ...]:
     try:
-        infos = await trio.socket.getaddrinfo(
-            address.host, address.port, type=socket.SOCK_STREAM, flags=socket.AI_NUMERICSERV
-        )
-    except socket.gaierror as exc:
-        raise BackendConnectError("resolve", f"{address.host}: {exc.strerror}") from exc
-    return [(family, sockaddr) for family, _, _, _, sockaddr in infos]
+        return await resolver.cache().resolve(address.host, address.port)
+    except resolver.ResolveError as exc:
+        raise BackendConnectError("resolve", str(exc)) from exc
 
 
-async def _open(family: socket.AddressFamily, sockaddr: Sockaddr, preamble: bytes) -> socket.socket:
+def interleave(targets: Sequence[Target]) -> list[Target]:
+    """The addresses in the resolver's order, but alternating between address
+    families, starting with the first one's (RFC 8305 section 4): a family
+    that does not work on this host (IPv6 without a route) then delays the
+    other by one attempt, not by all of its addresses."""
+    first = targets[0][0]
+    same = [target for target in targets if target[0] == first]
+    other = [target for target in targets if target[0] != first]
+    out: list[Target] = []
+    for pair in itertools.zip_longest(same, other):
+        out.extend(target for target in pair if target is not None)
+    return out
+
+
+async def _race(targets: Sequence[Target]) -> tuple[socket.socket, Sockaddr]:
+    """The first of `targets` to connect, the attempts staggered by
+    CONNECTION_ATTEMPT_DELAY; raises the last failure if none connects."""
+    winner: tuple[socket.socket, Sockaddr] | None = None
+    error: BackendConnectError | None = None
+
+    async def attempt(family: socket.AddressFamily, sockaddr: Sockaddr, failed: trio.Event) -> None:
+        nonlocal winner, error
+        try:
+            sock = await _open(family, sockaddr)
+        except BackendConnectError as exc:
+            error = exc
+            failed.set()
+            return
+        if winner is None:
+            winner = (sock, sockaddr)
+            nursery.cancel_scope.cancel()
+        else:  # connected in the same scheduler batch as the winner
+            sock.close()
+
+    try:
+        async with trio.open_nursery() as nursery:
+            for family, sockaddr in targets:
+                failed = trio.Event()
+                nursery.start_soon(attempt, family, sockaddr, failed)
+                with trio.move_on_after(CONNECTION_ATTEMPT_DELAY):
+                    await failed.wait()
+    except BaseException:  # the deadline passed just as one connected
+        if winner is not None:
+            winner[0].close()
+        raise
+    if winner is not None:
+        return winner
+    assert error is not None  # every attempt ended, and none connected
+    raise error
+
+
+async def _open(family: socket.AddressFamily, sockaddr: Sockaddr) -> socket.socket:
     try:
         # Non-blocking from birth: no separate system call to make it so.
         sock = socket.socket(family, socket.SOCK_STREAM | socket.SOCK_NONBLOCK)
-    except OSError as exc:  # EMFILE/ENFILE: this connection cannot be served now
-        raise BackendConnectError("unreachable", f"cannot open a socket: {exc.strerror}") from exc
+    except OSError as exc:
+        reason = "fd_exhausted" if exc.errno in _FD_ERRNOS else "unreachable"
+        raise BackendConnectError(reason, f"cannot open a socket: {exc.strerror}") from exc
     try:
         if family != socket.AF_UNIX:
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         await _connect(sock, sockaddr)
-        await _send_all(sock, sockaddr, preamble)
     except BaseException:
         sock.close()
         raise

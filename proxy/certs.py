@@ -51,26 +51,43 @@ class Finding(NamedTuple):
     message: str
 
 
+@dataclass(frozen=True)
+class PairMaterial:
+    """A certificate pair as read and checked, once: what OpenSSL is given
+    and what the expiry metric describes, whatever the files hold later."""
+
+    cert_pem: bytes
+    key_pem: bytes
+    leaf: x509.Certificate  # what clients check and what expires
+
+
 @dataclass
 class CertCheck:
     errors: list[Finding] = field(default_factory=list)
     warnings: list[Finding] = field(default_factory=list)
+    material: PairMaterial | None = None  # when there are no errors
 
 
 def load_leaf(cert: Path) -> x509.Certificate:
     """Raises OSError or ValueError; the leaf is what clients check and what expires."""
-    return _load_chain(cert)[0]
+    return _load_chain(cert)[1][0]
 
 
 def check_pair(cert: Path, key: Path, now: datetime) -> CertCheck:
-    """Everything that would make a handshake with this pair fail, found up front."""
+    """Everything that would make a handshake with this pair fail, found up
+    front; each file is read once, and what was read is kept on success."""
     check = CertCheck()
-    chain = _read(cert, "cert", _load_chain, check)
-    private_key = _read(key, "key", _load_key, check)
-    if chain is not None:
+    cert_read = _read(cert, "cert", _load_chain, check)
+    key_read = _read(key, "key", _load_key, check)
+    if cert_read is not None:
+        cert_pem, chain = cert_read
         _check_chain(chain, cert, now, check)
-        if private_key is not None and not _matches(chain[0], private_key):
-            check.errors.append(Finding("key", f"key does not match certificate {cert}"))
+        if key_read is not None:
+            key_pem, private_key = key_read
+            if not _matches(chain[0], private_key):
+                check.errors.append(Finding("key", f"key does not match certificate {cert}"))
+            elif not check.errors:
+                check.material = PairMaterial(cert_pem, key_pem, chain[0])
     return check
 
 
@@ -103,13 +120,15 @@ def default_state_dir() -> Path:
     return Path(state_home) / "tlsproxy"
 
 
-def _load_chain(cert: Path) -> list[x509.Certificate]:
-    return x509.load_pem_x509_certificates(cert.read_bytes())
+def _load_chain(cert: Path) -> tuple[bytes, list[x509.Certificate]]:
+    pem = cert.read_bytes()
+    return pem, x509.load_pem_x509_certificates(pem)
 
 
-def _load_key(key: Path) -> PrivateKey:
+def _load_key(key: Path) -> tuple[bytes, PrivateKey]:
+    pem = key.read_bytes()
     try:
-        private_key = serialization.load_pem_private_key(key.read_bytes(), password=None)
+        private_key = serialization.load_pem_private_key(pem, password=None)
     except TypeError as exc:  # cryptography's way of saying "needs a password"
         raise _Unusable(
             f"encrypted keys are not supported: {key} "
@@ -117,7 +136,7 @@ def _load_key(key: Path) -> PrivateKey:
         ) from exc
     if not isinstance(private_key, PrivateKey):
         raise _Unusable(f"only RSA and EC keys are supported: {key}")
-    return private_key
+    return pem, private_key
 
 
 class _Unusable(ValueError):

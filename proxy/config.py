@@ -154,6 +154,38 @@ def _coerce_address(value: object) -> Address:
     return parse_address(value)
 
 
+def addresses_overlap(a: Address, b: Address) -> bool:
+    """Whether listening on both at once fails (EADDRINUSE): the same port on
+    the same host, or on a wildcard host that covers the other.
+
+    Port 0 never overlaps (each bind picks a port of its own). Names are
+    compared as written, never resolved: `localhost:P` and `127.0.0.1:P` are
+    not known to collide until bound.
+    """
+    if a.port != b.port or a.port == 0:
+        return False
+    ip_a, ip_b = _ip(a.host), _ip(b.host)
+    if ip_a is None or ip_b is None:
+        return a.host == b.host
+    return ip_a == ip_b or _covers(ip_a, ip_b) or _covers(ip_b, ip_a)
+
+
+def _ip(host: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
+    try:
+        return ipaddress.ip_address(host)
+    except ValueError:
+        return None
+
+
+def _covers(
+    wildcard: ipaddress.IPv4Address | ipaddress.IPv6Address,
+    other: ipaddress.IPv4Address | ipaddress.IPv6Address,
+) -> bool:
+    # [::] takes IPv4 too: Linux binds IPv6 sockets dual-stack unless
+    # IPV6_V6ONLY is set (bindv6only=0), and the proxy never sets it.
+    return wildcard.is_unspecified and (wildcard.version == 6 or other.version == 4)
+
+
 def _not_unix(address: Address) -> Address:
     if address.unix_path is not None:
         raise ValueError("unix sockets can only be a backend; expected host:port")
@@ -182,12 +214,24 @@ BackendAddress = Annotated[Address, AfterValidator(_backend)]
 
 
 def _seconds(value: object) -> float:
+    seconds = _number_of_seconds(value)
+    if not (math.isfinite(seconds) and seconds > 0):
+        raise ValueError(f"must be > 0 (a finite number of seconds), got {_show(value)}")
+    return seconds
+
+
+def _seconds_or_zero(value: object) -> float:
+    seconds = _number_of_seconds(value)
+    if not (math.isfinite(seconds) and seconds >= 0):
+        raise ValueError(f"must be >= 0 (a finite number of seconds), got {_show(value)}")
+    return seconds
+
+
+def _number_of_seconds(value: object) -> float:
     if isinstance(value, bool) or not isinstance(value, int | float):
         raise ValueError(  # noqa: TRY004 - pydantic collects ValueError, not TypeError
             f"expected a number of seconds, got {_show(value)}"
         )
-    if not (math.isfinite(value) and value > 0):
-        raise ValueError(f"must be > 0 (a finite number of seconds), got {_show(value)}")
     return float(value)
 
 
@@ -235,6 +279,7 @@ def _cipher_string(ciphers: str) -> str:
 
 
 Seconds = Annotated[float, PlainValidator(_seconds)]
+SecondsOrZero = Annotated[float, PlainValidator(_seconds_or_zero)]
 FilePath = Annotated[Path, PlainValidator(_file)]
 PositiveInt = Annotated[int, Field(strict=True, gt=0)]
 
@@ -249,15 +294,28 @@ class _Model(BaseModel):
 
 # pydantic error type whose ctx carries certs.Finding values, rendered one per line
 _FILE_ERRORS = "certificate_files"
+# pydantic error type whose ctx carries (TOML location, message) pairs
+_LOCATED_ERRORS = "located"
 
 
 class CertificatePair(_Model):
     cert: FilePath
     key: FilePath
     _warnings: tuple[certs.Finding, ...] = PrivateAttr(default=())
+    _material: certs.PairMaterial | None = PrivateAttr(default=None)
+
+    @property
+    def material(self) -> certs.PairMaterial:
+        """The files' bytes as validation read and checked them: a reload
+        serves exactly these, never a later state of the files."""
+        if self._material is None:
+            raise ValueError(f"{self.cert}: certificate files not read (check-config --no-files)")
+        return self._material
 
     @model_validator(mode="after")
     def check_files(self, info: ValidationInfo) -> Self:
+        if not _checking_files(info):
+            return self
         now: datetime = (info.context or {}).get("now") or datetime.now(UTC)
         check = certs.check_pair(self.cert, self.key, now)
         if check.errors:
@@ -265,11 +323,17 @@ class CertificatePair(_Model):
                 _FILE_ERRORS, "unusable certificate files", {"findings": check.errors}
             )
         self._warnings = tuple(check.warnings)
+        self._material = check.material
         return self
 
 
-def _client_ca(path: Path | None) -> Path | None:
-    if path is not None and (problem := certs.check_ca_bundle(path)):
+def _checking_files(info: ValidationInfo) -> bool:
+    """False for `check-config --no-files`: the schema and values only."""
+    return bool((info.context or {}).get("check_files", True))
+
+
+def _client_ca(path: Path | None, info: ValidationInfo) -> Path | None:
+    if path is not None and _checking_files(info) and (problem := certs.check_ca_bundle(path)):
         raise ValueError(problem)
     return path
 
@@ -349,6 +413,10 @@ class ProcessConfig(_Model):
     # Processes sharing the listeners with SO_REUSEPORT (proxy/workers.py);
     # read at start only.
     workers: PositiveInt = 1
+    # Between /readyz turning 503 and the listeners closing: time for a load
+    # balancer (a Kubernetes Service's endpoints) to stop sending new clients,
+    # which are served normally meanwhile.
+    drain_delay: SecondsOrZero = 0.0
     drain_timeout: Seconds = 30.0
     watch: StrictBool = True
 
@@ -383,6 +451,33 @@ class ConfigFile(_Model):
             first[listener.name] = index
         return listeners
 
+    @model_validator(mode="after")
+    def distinct_addresses(self) -> Self:
+        """Two sockets on one address cannot both listen: found here, with both
+        TOML paths, rather than as "port in use" when the daemon starts."""
+        sockets: list[tuple[tuple[int | str, ...], Address]] = [
+            (("admin", "listen"), self.admin.listen)
+        ]
+        sockets += [(("listeners", i, "listen"), lc.listen) for i, lc in enumerate(self.listeners)]
+        errors: list[tuple[tuple[int | str, ...], str]] = []
+        for j, (loc, address) in enumerate(sockets):
+            for earlier, other in sockets[:j]:
+                if addresses_overlap(other, address):
+                    errors.append((loc, _overlap_message(address, earlier, other)))
+                    break
+        if errors:
+            raise PydanticCustomError(_LOCATED_ERRORS, "addresses overlap", {"errors": errors})
+        return self
+
+
+def _overlap_message(address: Address, loc: tuple[int | str, ...], other: Address) -> str:
+    if address == other:
+        return f"{address} is also {_toml_path(loc)}; each listener needs its own address"
+    return (
+        f"{address} overlaps {_toml_path(loc)} ({other}): a socket on a wildcard "
+        "address (0.0.0.0, [::]) holds the port on every address it covers; use another port"
+    )
+
 
 class Config(ConfigFile):
     """A validated config plus where it came from and what deserves attention."""
@@ -395,7 +490,9 @@ class Config(ConfigFile):
 # Loading
 
 
-def load_config(path: Path) -> Config:
+def load_config(path: Path, *, check_files: bool = True) -> Config:
+    """The validated config in `path`; `check_files=False` leaves the
+    certificate, key and CA files unread (such a config cannot be served)."""
     try:
         data = tomllib.loads(path.read_text(encoding="utf-8"))
     except FileNotFoundError as exc:
@@ -406,11 +503,19 @@ def load_config(path: Path) -> Config:
         raise ConfigError([f"{path}: not UTF-8 text ({exc.reason} at byte {exc.start})"]) from exc
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError([f"{path}: invalid TOML: {exc}"]) from exc
-    return parse_config(data, base_dir=path.absolute().parent, source=path.absolute())
+    return parse_config(
+        data, base_dir=path.absolute().parent, source=path.absolute(), check_files=check_files
+    )
 
 
-def parse_config(data: Mapping[str, Any], base_dir: Path, source: Path | None = None) -> Config:
-    context = {"base_dir": base_dir, "now": datetime.now(UTC)}
+def parse_config(
+    data: Mapping[str, Any],
+    base_dir: Path,
+    source: Path | None = None,
+    *,
+    check_files: bool = True,
+) -> Config:
+    context = {"base_dir": base_dir, "now": datetime.now(UTC), "check_files": check_files}
     try:
         parsed = ConfigFile.model_validate(dict(data), context=context)
     except ValidationError as exc:
@@ -484,6 +589,9 @@ def _render(error: ErrorDetails) -> Iterator[str]:
     if error["type"] == _FILE_ERRORS:
         for finding in ctx["findings"]:
             yield f"{_toml_path((*loc, finding.file))}: {finding.message}"
+    elif error["type"] == _LOCATED_ERRORS:
+        for where, message in ctx["errors"]:
+            yield f"{_toml_path((*loc, *where))}: {message}"
     else:
         yield f"{_toml_path(loc)}: {_describe(error['type'], loc, ctx, error['input'])}"
 

@@ -282,7 +282,7 @@ class _Connection:
             lm.connect_failed(exc.reason)
             self.close_reason = f"backend_{exc.reason}"
             runtime.log.warning(
-                "backend connect failed; is the application listening?",
+                exc.event,
                 backend=str(address),
                 reason=exc.reason,
                 detail=exc.detail,

@@ -21,6 +21,8 @@ The TLVs carry what the TLS handshake taught us: ALPN (0x01), the authority
 (0x02, the SNI the client asked for) and the SSL TLV (0x20):
 
          client   uint8     PP2_CLIENT_SSL | PP2_CLIENT_CERT_CONN | ..._SESS
+                            (CERT_SESS alone on a resumed session: the
+                            certificate came with an earlier connection)
          verify   uint32    0 only when a client certificate was verified
          sub-TLVs           version (0x21), CN (0x22), cipher (0x23)
 
@@ -75,6 +77,9 @@ class TLSFacts:
     alpn: str | None = None  # the negotiated protocol, "h2"
     sni: str | None = None  # the server name the client asked for
     client_cn: str | None = None  # CN of a client certificate that was verified
+    # The session was resumed: the verified certificate (if any) was presented
+    # on an earlier connection of this TLS session, not on this one.
+    resumed: bool = False
 
 
 def encode(
@@ -118,7 +123,9 @@ def ssl_value(tls: TLSFacts) -> bytes:
     verified = tls.client_cn is not None
     client = PP2_CLIENT_SSL
     if verified:
-        client |= PP2_CLIENT_CERT_CONN | PP2_CLIENT_CERT_SESS
+        client |= PP2_CLIENT_CERT_SESS
+        if not tls.resumed:
+            client |= PP2_CLIENT_CERT_CONN
     out = struct.pack("!BI", client, VERIFY_OK if verified else VERIFY_NONE)
     if tls.version:
         out += tlv(PP2_SUBTYPE_SSL_VERSION, tls.version.encode("ascii"))

@@ -3,12 +3,12 @@
 Start-up and reload share this code: reload builds a complete new set of
 runtimes (every SSLContext, every certificate read and checked) before
 anything is swapped, so a failure anywhere leaves the running set untouched.
-Certificates are parsed here, once, never per handshake.
+Certificates are parsed when the config is validated (which reads each file
+once) and handed to OpenSSL here, never per handshake.
 """
 
 from __future__ import annotations
 
-from proxy.certs import load_leaf
 from proxy.config import Config, ListenerConfig
 from proxy.connection import ListenerRuntime
 from proxy.log import Logger
@@ -33,19 +33,29 @@ def build_runtimes(config: Config, metrics: Metrics, log: Logger) -> list[Listen
     return [build_runtime(lc, config, metrics, log) for lc in config.listeners]
 
 
-def export_certificates(runtimes: list[ListenerRuntime], metrics: Metrics) -> None:
-    """Publish the expiry of exactly the certificates now in use.
+# (listener, certificate subject) -> the earliest expiry, a Unix timestamp
+Expiries = dict[tuple[str, str], float]
+
+
+def certificate_expiries(config: Config) -> Expiries:
+    """The expiry of exactly the certificates `config` serves, from what its
+    validation read (no I/O): computed with the build, published by the swap.
 
     Two certificates can share a subject (an RSA and an ECDSA one for the
     same name): the series shows the earlier expiry, the one to act on.
     """
-    earliest: dict[tuple[str, str], float] = {}
-    for runtime in runtimes:
-        for pair in runtime.config.tls.certificates:
-            leaf = load_leaf(pair.cert)
-            labels = (runtime.config.name, leaf.subject.rfc4514_string())
+    earliest: Expiries = {}
+    for lc in config.listeners:
+        for pair in lc.tls.certificates:
+            leaf = pair.material.leaf
+            labels = (lc.name, leaf.subject.rfc4514_string())
             expiry = leaf.not_valid_after_utc.timestamp()
             earliest[labels] = min(expiry, earliest.get(labels, expiry))
+    return earliest
+
+
+def export_certificates(expiries: Expiries, metrics: Metrics) -> None:
+    """Publish the expiries of the certificates now in use, and only those."""
     metrics.certificate_expiry.clear()
-    for labels, expiry in earliest.items():
+    for labels, expiry in expiries.items():
         metrics.certificate_expiry.labels(*labels).set(expiry)

@@ -91,6 +91,9 @@ class IdleWatch:
     def forget(self, splice: Splice) -> None:
         self._splices.discard(splice)
 
+    def __len__(self) -> int:
+        return len(self._splices)
+
     async def run(self) -> None:
         while True:
             await trio.sleep(self._interval)

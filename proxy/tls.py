@@ -3,12 +3,16 @@
 Theory of operation
 -------------------
 
-`build_context(tls)` is a pure function of the `[listeners.tls]` table (it
-reads the files the table names) and is the only place certificates, keys and
-cipher strings are parsed: once per listener at start-up or reload, never per
-handshake. It builds one complete `SSLContext` per configured certificate,
-all with the same policy (versions, ciphers, ALPN, client CA, tickets), and
-returns the first one, the default, which every connection is wrapped with.
+`build_context(tls)` is a pure function of the `[listeners.tls]` table and
+of the certificate and key bytes that validating it read
+(`CertificatePair.material`): OpenSSL gets those very bytes, so what is
+served is what was checked, and what the expiry metric shows, even if the
+files change on disk meanwhile (the client CA bundle is read from its file
+here). It is the only place OpenSSL parses certificates, keys and cipher
+strings: once per listener at start-up or reload, never per handshake. It
+builds one complete `SSLContext` per configured certificate, all with the
+same policy (versions, ciphers, ALPN, client CA, tickets), and returns the
+first one, the default, which every connection is wrapped with.
 
 SNI selection happens in that context's `sni_callback`, which OpenSSL calls
 once per handshake right after reading the ClientHello (with `None` when the
@@ -42,12 +46,17 @@ travel on the SSL socket as a `HandshakeNotes`, set before the handshake by
 
 from __future__ import annotations
 
+import os
 import ssl
+import tempfile
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
+from pathlib import Path
 
 from cryptography import x509
 
+from proxy.certs import PairMaterial
 from proxy.clienthello import ClientHello
 from proxy.config import CertificatePair, TLSConfig
 from proxy.outcome import Outcome
@@ -135,7 +144,7 @@ def _certificate_context(tls: TLSConfig, pair: CertificatePair) -> ssl.SSLContex
     context.options |= (
         ssl.OP_NO_RENEGOTIATION | ssl.OP_NO_COMPRESSION | ssl.OP_CIPHER_SERVER_PREFERENCE
     )
-    context.load_cert_chain(str(pair.cert), str(pair.key))
+    _load_pair(context, pair.material)
     if tls.alpn:
         context.set_alpn_protocols(list(tls.alpn))
     context.verify_mode = _VERIFY_MODES[tls.client_auth]
@@ -149,9 +158,42 @@ def _certificate_context(tls: TLSConfig, pair: CertificatePair) -> ssl.SSLContex
     return context
 
 
+def _load_pair(context: ssl.SSLContext, material: PairMaterial) -> None:
+    """Give OpenSSL the chain and key that validation read, from memory."""
+    with _pem_file(material.cert_pem + b"\n" + material.key_pem) as path:
+        context.load_cert_chain(path)  # the key follows the chain in the same file
+
+
+@contextmanager
+def _pem_file(pem: bytes) -> Iterator[str]:
+    """A path to `pem` for the duration, since Python's ssl loads a chain and
+    key only from a path.
+
+    On Linux an anonymous memory file (memfd): no name in any file system,
+    never on a disk, gone once closed, and it works on a read-only root; it
+    is opened through /proc/self/fd. Elsewhere, a file readable by us only,
+    in a private temporary directory removed at once.
+    """
+    if hasattr(os, "memfd_create"):
+        fd = os.memfd_create("tlsproxy-pair", os.MFD_CLOEXEC)
+        try:
+            data = memoryview(pem)
+            while data:
+                data = data[os.write(fd, data) :]
+            yield f"/proc/self/fd/{fd}"
+        finally:
+            os.close(fd)
+    else:
+        with tempfile.TemporaryDirectory(prefix="tlsproxy-") as private:  # mode 0700
+            path = Path(private) / "pair.pem"
+            path.touch(mode=0o600)
+            path.write_bytes(pem)
+            yield str(path)
+
+
 def certificate_names(pair: CertificatePair) -> Iterator[str]:
     """The DNS names of a certificate's leaf (its SAN), what SNI selects on."""
-    leaf = x509.load_pem_x509_certificate(pair.cert.read_bytes())
+    leaf = pair.material.leaf
     try:
         san = leaf.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
     except x509.ExtensionNotFound:

@@ -40,13 +40,16 @@ def config_text(
     key: object,
     *,
     backend_port: int = 1,
+    backend: str | None = None,
     listen: str = "127.0.0.1:0",
     drain_timeout: float = 30.0,
     process_lines: str = "",
     listener_lines: str = "",
     more_listeners: str = "",
 ) -> str:
-    """One listener named "web"; `more_listeners` from `listener_table`."""
+    """One listener named "web" (its backend `backend`, else 127.0.0.1 at
+    `backend_port`); `more_listeners` from `listener_table`."""
+    backend = backend or f"127.0.0.1:{backend_port}"
     return f"""\
 [admin]
 listen = "127.0.0.1:0"
@@ -58,7 +61,7 @@ drain_timeout = {drain_timeout}
 [[listeners]]
 name = "web"
 listen = "{listen}"
-backend = "127.0.0.1:{backend_port}"
+backend = "{backend}"
 {listener_lines}
 
 [listeners.tls]

@@ -17,6 +17,7 @@ import subprocess
 import sys
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from functools import partial
 from pathlib import Path
 
 import pytest
@@ -31,6 +32,8 @@ from tests.daemon import (
     config_text,
     echo_through,
     env_for,
+    listener_table,
+    poll_status,
     run_daemon,
     transfer_across_sigterm,
     write_config,
@@ -44,6 +47,7 @@ from tests.helpers import (
     scrape,
     start_backend,
     tls_connect,
+    until,
 )
 
 CONSOLE_SCRIPT = Path(sys.executable).parent / "tlsproxy"
@@ -204,6 +208,57 @@ async def test_check_config_prints_every_error_with_its_toml_path_and_exits_1(
     assert len(errors) == len(expected), result
     assert f"{len(expected)} error(s)" in result.stderr, result
     assert result.stdout == "", result
+
+
+async def test_check_config_rejects_two_listeners_on_one_port_naming_both(
+    tmp_path: Path, certs: Certs
+) -> None:
+    config = tmp_path / "overlap.toml"
+    second = listener_table("api", "0.0.0.0:18443", 1, certs.cert, certs.key)
+    config.write_text(
+        config_text(certs.cert, certs.key, listen="127.0.0.1:18443", more_listeners=second),
+        encoding="utf-8",
+    )
+
+    result = await _cli("check-config", config, cwd=tmp_path)
+
+    assert result.returncode == 1, result
+    assert result.stderr.startswith(
+        "error: listeners[1].listen: 0.0.0.0:18443 overlaps listeners[0].listen (127.0.0.1:18443): "
+    ), result
+    assert "1 error(s)" in result.stderr, result
+
+
+EXAMPLES = sorted((Path(__file__).parent.parent / "config").glob("*.toml"))
+
+
+@pytest.mark.parametrize("example", EXAMPLES, ids=lambda path: path.name)
+async def test_check_config_no_files_accepts_every_example_on_a_clean_tree(
+    tmp_path: Path, example: Path
+) -> None:
+    config = tmp_path / example.name  # a copy, without any of the files it names
+    await trio.Path(config).write_bytes(await trio.Path(example).read_bytes())
+
+    result = await _cli("check-config", "--no-files", config, cwd=tmp_path)
+
+    assert result.returncode == 0, result
+    assert result.stderr == "", result
+    assert result.stdout.startswith(f"{config}: ok ("), result
+    assert "files not checked (--no-files)" in result.stdout, result
+
+
+async def test_check_config_without_no_files_still_reports_a_missing_key(
+    tmp_path: Path, certs: Certs
+) -> None:
+    config = tmp_path / "proxy.toml"
+    config.write_text(config_text(certs.cert, tmp_path / "missing.key"), encoding="utf-8")
+
+    checked = await _cli("check-config", config, cwd=tmp_path)
+    unchecked = await _cli("check-config", "--no-files", config, cwd=tmp_path)
+
+    assert checked.returncode == 1, checked
+    assert "error: listeners[0].tls.certificates[0].key: file not found" in checked.stderr
+    assert unchecked.returncode == 0, unchecked
 
 
 async def test_check_config_reports_toml_syntax_error_with_line_and_exits_1(
@@ -448,3 +503,53 @@ async def test_run_on_a_port_in_use_exits_2_naming_the_address(
     assert errors, result
     assert any(address in line for line in errors), f"the error does not name {address}:\n{result}"
     assert any("already in use" in line for line in errors), result
+
+
+# ---------------------------------------------------------------- run: drain_delay
+
+# Long enough for a /readyz poll and a handshake on a loaded machine.
+DRAIN_DELAY = 3.0
+# How late the listeners may close after drain_delay: a SIGTERM's delivery,
+# and with workers every worker's.
+DRAIN_DELAY_SLACK = 5.0
+
+
+async def _refused(port: int) -> bool:
+    try:
+        stream = await trio.open_tcp_stream("127.0.0.1", port)
+    except OSError:
+        return True
+    await stream.aclose()
+    return False
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+async def test_drain_delay_keeps_serving_new_clients_while_readyz_is_503(
+    tmp_path: Path, certs: Certs, nursery: trio.Nursery, workers: int
+) -> None:
+    echo_port = await start_backend(nursery, echo_handler)
+    config = write_config(
+        tmp_path / "proxy.toml",
+        certs,
+        backend_port=echo_port,
+        process_lines=f"drain_delay = {DRAIN_DELAY}\nworkers = {workers}",
+    )
+    async with run_daemon(nursery, tmp_path, "--config", config) as daemon:
+        if workers > 1:
+            await daemon.wait_for("workers ready")
+        port, admin_port = await daemon.started()
+        assert (await scrape(admin_port, "/readyz"))[0] == 200
+        start = trio.current_time()
+        daemon.signal(signal.SIGTERM)
+        await poll_status(admin_port, "/readyz", 503)
+        for _ in range(2 * workers):  # with workers, likely reaching each of them
+            await echo_through(port, certs.client_context())
+        served_by = trio.current_time()
+        await until(partial(_refused, port))
+        refused_after = trio.current_time() - start
+        assert await daemon.exit_code() == 0, daemon.output()
+    assert served_by - start < DRAIN_DELAY, "the clients were served after drain_delay"
+    assert DRAIN_DELAY * 0.95 <= refused_after <= DRAIN_DELAY + DRAIN_DELAY_SLACK
+    # the connections echo_through made, not the probes (which sent no ClientHello)
+    served = [e for e in daemon.events if e.get("event") == "connection" and "ja4" in e]
+    assert [e["outcome"] for e in served] == ["success"] * (2 * workers)

@@ -16,6 +16,7 @@ from proxy.config import (
     Address,
     Config,
     ConfigError,
+    addresses_overlap,
     default_config,
     load_config,
     parse_address,
@@ -108,6 +109,9 @@ BAD_VALUES = [
     ("listeners.0.idle_timeout", -1, "must be > 0"),
     ("listeners.0.connect_timeout", 0, "must be > 0"),
     ("process.drain_timeout", float("inf"), "must be > 0 (a finite number"),
+    ("process.drain_delay", -1, "must be >= 0 (a finite number of seconds), got -1"),
+    ("process.drain_delay", float("nan"), "must be >= 0 (a finite number"),
+    ("process.drain_delay", "5s", "expected a number of seconds, got '5s'"),
     ("listeners.0.listen", "127.0.0.1", "missing port in '127.0.0.1'"),
     ("listeners.0.listen", "127.0.0.1:70000", "port 70000 in '127.0.0.1:70000' is out of range"),
     ("listeners.0.listen", "localhost:https", "port 'https' in 'localhost:https' is not a number"),
@@ -175,6 +179,51 @@ def test_duplicate_listener_names(tmp_path: Path) -> None:
     data["listeners"] += [{**second, "name": "api"}, second]
     (error,) = errors_of(data, tmp_path)
     assert error.startswith("listeners: listeners[0] and listeners[2] are both named 'web'")
+
+
+@pytest.mark.usefixtures("pair")
+def test_two_listeners_on_one_address_are_reported_at_both_paths(tmp_path: Path) -> None:
+    data = document()
+    data["listeners"].append({**data["listeners"][0], "name": "api"})
+    assert errors_of(data, tmp_path) == (
+        "listeners[1].listen: 127.0.0.1:8443 is also listeners[0].listen; "
+        "each listener needs its own address",
+    )
+
+
+@pytest.mark.usefixtures("pair")
+def test_a_listener_on_the_admin_address_is_reported_at_both_paths(tmp_path: Path) -> None:
+    data = document(**{"admin.listen": "0.0.0.0:8443"})
+    assert errors_of(data, tmp_path) == (
+        "listeners[0].listen: 127.0.0.1:8443 overlaps admin.listen (0.0.0.0:8443): a socket "
+        "on a wildcard address (0.0.0.0, [::]) holds the port on every address it covers; "
+        "use another port",
+    )
+
+
+# (one address, another, whether both can listen at once)
+OVERLAPS = [
+    ("127.0.0.1:8443", "127.0.0.1:8443", True),
+    ("0.0.0.0:8443", "127.0.0.1:8443", True),
+    ("127.0.0.1:8443", "0.0.0.0:8443", True),
+    ("[::]:8443", "127.0.0.1:8443", True),  # Linux binds [::] dual-stack by default
+    ("[::]:8443", "0.0.0.0:8443", True),
+    ("[::]:8443", "[::1]:8443", True),
+    ("[::0]:8443", "[::]:8443", True),
+    ("localhost:8443", "localhost:8443", True),
+    ("127.0.0.1:8443", "127.0.0.2:8443", False),
+    ("127.0.0.1:8443", "127.0.0.1:8444", False),
+    ("0.0.0.0:8443", "[::1]:8443", False),
+    ("127.0.0.1:0", "127.0.0.1:0", False),  # each gets an ephemeral port of its own
+    ("localhost:8443", "127.0.0.1:8443", False),  # names are not resolved here
+]
+
+
+@pytest.mark.parametrize(("one", "other", "overlap"), OVERLAPS)
+def test_addresses_overlap(one: str, other: str, overlap: bool) -> None:
+    a, b = parse_address(one), parse_address(other)
+    assert addresses_overlap(a, b) is overlap
+    assert addresses_overlap(b, a) is overlap
 
 
 def test_missing_file(tmp_path: Path, pair: tuple[Path, Path]) -> None:
@@ -349,6 +398,7 @@ def test_defaults_are_filled_in(tmp_path: Path) -> None:
     assert config.warnings == ()
     assert str(config.admin.listen) == "127.0.0.1:9090"
     assert (config.process.workers, config.process.drain_timeout) == (1, 30.0)
+    assert config.process.drain_delay == 0.0
     assert config.process.watch is True
     assert (config.log.level, config.log.format, config.log.access_log) == ("info", "json", True)
     listener = config.listeners[0]
@@ -359,6 +409,12 @@ def test_defaults_are_filled_in(tmp_path: Path) -> None:
     tls = listener.tls
     assert (tls.min_version, tls.ciphers, tls.alpn) == ("TLSv1.2", "", ())
     assert (tls.client_auth, tls.client_ca, tls.session_tickets) == ("none", None, True)
+
+
+@pytest.mark.usefixtures("pair")
+def test_a_drain_delay_of_zero_is_accepted(tmp_path: Path) -> None:
+    assert parse_config(document(**{"process.drain_delay": 0}), tmp_path).process.drain_delay == 0
+    assert parse_config(document(**{"process.drain_delay": 5}), tmp_path).process.drain_delay == 5
 
 
 @pytest.mark.usefixtures("pair")

@@ -1,20 +1,24 @@
 """Limits: max_connections enforced at accept, the accept loop surviving fd
-exhaustion without spinning, 500 slowloris clients not starving a normal
-one, and no per-connection state left behind after close."""
+exhaustion without spinning and refusing (and counting) each connection it
+cannot hold, 500 slowloris clients not starving a normal one, and no
+per-connection state left behind however a connection ended."""
 
 from __future__ import annotations
 
 import os
 import resource
+import socket
 import ssl
+import struct
+from collections import Counter
 from collections.abc import AsyncIterator, Iterator
-from contextlib import asynccontextmanager
+from contextlib import asynccontextmanager, suppress
+from functools import partial
 from pathlib import Path
 
 import pytest
 import trio
 
-from proxy.buffers import POOL_KEEP
 from proxy.server import EXHAUSTED_EVENT as EXHAUSTED
 from tests.daemon import PYTHON_M_PROXY, Daemon, echo_through, env_for, spawn, write_config
 from tests.helpers import (
@@ -29,6 +33,7 @@ from tests.helpers import (
     start_backend,
     start_server,
     tls_connect,
+    until,
 )
 
 
@@ -138,7 +143,63 @@ async def test_500_slowloris_connections_time_out_while_50_handshakes_succeed(
 
 # ---------------------------------------------------------------- no leftovers
 
-CHURN = 50
+# Connections per way of ending, and the short timeouts that end some of them.
+EACH_WAY = 5
+LEFTOVER_TIMEOUT = 1.0
+
+
+async def _ended_by_the_proxy(stream: trio.SocketStream) -> None:
+    """Wait until the proxy closes a raw connection (EOF or reset)."""
+    with suppress(trio.BrokenResourceError):
+        while await stream.receive_some(1024):
+            pass
+    await stream.aclose()
+
+
+async def _clean_close(port: int, certs: Certs) -> None:
+    await echo_through(port, certs.client_context())
+
+
+async def _client_reset(port: int, certs: Certs) -> None:
+    tls = await tls_connect(port, certs.client_context())
+    await _echo(tls, b"then a reset")
+    tls.transport_stream.socket.setsockopt(
+        socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0)
+    )
+    await trio.aclose_forcefully(tls)
+
+
+async def _idle_timeout(port: int, certs: Certs) -> None:
+    tls = await tls_connect(port, certs.client_context())
+    await _echo(tls, b"then nothing")
+    assert await tls.receive_some(100) == b""  # the proxy's close_notify, at idle_timeout
+    await trio.aclose_forcefully(tls)
+
+
+async def _not_tls(port: int, certs: Certs) -> None:
+    stream = await raw_connect(port)
+    await stream.send_all(b"GET / HTTP/1.0\r\n\r\n")
+    await _ended_by_the_proxy(stream)
+
+
+async def _handshake_timeout(port: int, certs: Certs) -> None:
+    await _ended_by_the_proxy(await raw_connect(port))
+
+
+async def _gone_mid_handshake(port: int, certs: Certs) -> None:
+    stream = await raw_connect(port)
+    await stream.send_all(b"\x16\x03\x01\x02\x00\x01")  # a ClientHello begins
+    await stream.aclose()
+
+
+ENDINGS = [
+    (_clean_close, "client_closed"),
+    (_client_reset, "client_reset"),
+    (_idle_timeout, "idle_timeout"),
+    (_not_tls, None),
+    (_handshake_timeout, None),
+    (_gone_mid_handshake, None),
+]
 
 
 def _task_count() -> int:
@@ -153,22 +214,31 @@ def _task_count() -> int:
 async def test_no_per_connection_state_is_left_after_close(
     nursery: trio.Nursery, certs: Certs, echo_port: int
 ) -> None:
-    proxy = await start_server(nursery, build_config(certs, echo_port))
+    config = build_config(
+        certs, echo_port, handshake_timeout=LEFTOVER_TIMEOUT, idle_timeout=LEFTOVER_TIMEOUT
+    )
+    proxy = await start_server(nursery, config)
     await echo_through(proxy.port, certs.client_context())
     await proxy.access_log(1)
     _, text = await scrape(proxy.admin_port)
     series, tasks = len(text.splitlines()), _task_count()
+    connections = proxy.server.connections
     with trio.fail_after(STEP):
         async with trio.open_nursery() as clients:
-            for _ in range(CHURN):
-                clients.start_soon(echo_through, proxy.port, certs.client_context())
-    await proxy.access_log(CHURN + 1)
+            for end, _ in ENDINGS:
+                for _ in range(EACH_WAY):
+                    clients.start_soon(end, proxy.port, certs)
+    lines = (await proxy.access_log(1 + len(ENDINGS) * EACH_WAY))[1:]
+    reasons = Counter(line.get("close_reason") for line in lines)
+    for _, reason in ENDINGS:
+        if reason is not None:
+            assert reasons[reason] == EACH_WAY, reasons
     _, text = await scrape(proxy.admin_port)
     assert len(text.splitlines()) == series  # no new label sets
     assert _task_count() == tasks  # every connection task ended
-    assert proxy.server.connections.live == set()
+    assert connections.live == set()
+    assert len(connections.idle) == 0  # which the idle_timeout ones were watched in
     assert [state.active for state in proxy.server.listeners] == [0]
-    assert len(proxy.server.connections.buffers._free) <= POOL_KEEP
 
 
 # ---------------------------------------------------------------- fd exhaustion
@@ -200,7 +270,23 @@ def _cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
-async def test_fd_exhaustion_backs_off_keeps_serving_and_recovers(
+def _open_descriptors(pid: int) -> int:
+    return len(os.listdir(f"/proc/{pid}/fd"))
+
+
+async def _closed_by_the_proxy(stream: trio.SocketStream, closed: list[trio.SocketStream]) -> None:
+    """Record `stream` once the proxy closes it; a held one waits until cancelled."""
+    with suppress(trio.BrokenResourceError):
+        while await stream.receive_some(1024):
+            pass
+    closed.append(stream)
+
+
+async def _at_least(items: list[trio.SocketStream], count: int) -> bool:
+    return len(items) >= count
+
+
+async def test_fd_exhaustion_refuses_and_counts_each_connection_and_recovers(
     nursery: trio.Nursery, certs: Certs, tmp_path: Path
 ) -> None:
     echo_port = await start_backend(nursery, echo_handler)
@@ -210,22 +296,34 @@ async def test_fd_exhaustion_backs_off_keeps_serving_and_recovers(
     )  # fmt: skip
     async with _limited_daemon(nursery, tmp_path, config) as daemon:
         port, admin_port = await daemon.started()
+        pid = daemon.process.pid
         with trio.fail_after(STEP):
             live = await tls_connect(port, certs.client_context())
+            await _echo(live, b"the backend is connected")
+        # each connection the daemon can still hold takes one descriptor
+        room = DAEMON_NOFILE - _open_descriptors(pid)
+        refusals = EXHAUSTING_CLIENTS - room
+        assert refusals > 0
         idle: list[trio.SocketStream] = []
+        closed: list[trio.SocketStream] = []
         try:
-            with trio.fail_after(STEP):
-                for _ in range(EXHAUSTING_CLIENTS):  # the kernel queues those not accepted
-                    idle.append(await raw_connect(port))
-            await daemon.wait_for(EXHAUSTED)
-            start_cpu, start = _cpu_seconds(daemon.process.pid), trio.current_time()
-            with trio.fail_after(STEP):
-                await _echo(live, b"still served while out of descriptors")
-            await trio.sleep(1.0)  # measuring idle CPU over a second: this sleep is the point
-            busy = (_cpu_seconds(daemon.process.pid) - start_cpu) / (trio.current_time() - start)
-            assert busy < MAX_BACKOFF_CPU, f"accept loop spins: {busy:.2f} CPU s per s"
+            async with trio.open_nursery() as watching:
+                with trio.fail_after(STEP):
+                    for _ in range(EXHAUSTING_CLIENTS):
+                        idle.append(await raw_connect(port))
+                        watching.start_soon(_closed_by_the_proxy, idle[-1], closed)
+                await until(partial(_at_least, closed, refusals))
+                await daemon.wait_for(EXHAUSTED)
+                start_cpu, start = _cpu_seconds(pid), trio.current_time()
+                with trio.fail_after(STEP):
+                    await _echo(live, b"still served while out of descriptors")
+                await trio.sleep(1.0)  # measuring idle CPU over a second: this sleep is the point
+                busy = (_cpu_seconds(pid) - start_cpu) / (trio.current_time() - start)
+                assert busy < MAX_BACKOFF_CPU, f"accept loop spins: {busy:.2f} CPU s per s"
+                assert len(closed) == refusals  # the held ones are still held
+                watching.cancel_scope.cancel()
             backoffs = [e for e in daemon.events if e.get("event") == EXHAUSTED]
-            assert len(backoffs) == 1, "one log line per episode, not one per back-off"
+            assert len(backoffs) == 1, "one log line per episode, not one per refusal"
         finally:
             for stream in idle:
                 await trio.aclose_forcefully(stream)
@@ -233,5 +331,7 @@ async def test_fd_exhaustion_backs_off_keeps_serving_and_recovers(
         await echo_through(port, certs.client_context())
         await daemon.wait_for("accepting again")
         _, text = await scrape(admin_port)
-        assert sample(text, "tlsproxy_connections_rejected_total", reason="fd_exhausted") == 1
-        assert sample(text, "tlsproxy_handshakes_total", outcome="success") >= 2
+        rejected = sample(text, "tlsproxy_connections_rejected_total", reason="fd_exhausted")
+        assert rejected == refusals
+        assert sample(text, "tlsproxy_handshakes_total", outcome="success") == 2
+        assert sample(text, "tlsproxy_handshakes_total", outcome="client_closed") == room

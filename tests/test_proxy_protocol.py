@@ -1,7 +1,9 @@
 """PROXY protocol headers: the pure encoder against the spec's byte layout and
 an independent parser (PyPI `proxy-protocol`), then end to end through the
-proxy to a backend that parses the header, and to a real HAProxy with
-`accept-proxy` that logs the client address it parsed."""
+proxy to a backend that parses the header (with mTLS: `verify` is 0 and the
+CN is sent only for a verified client certificate), and to a real HAProxy
+with `accept-proxy` that logs the client address it parsed (HAProxy 2.6 has
+no fetch for the SSL TLV, so the CN is checked with the parser only)."""
 
 from __future__ import annotations
 
@@ -10,8 +12,10 @@ import os
 import shutil
 import signal
 import socket
+import ssl
 import struct
 import subprocess
+from functools import partial
 from pathlib import Path
 
 import pytest
@@ -21,8 +25,10 @@ from proxyprotocol.v1 import ProxyProtocolV1
 from proxyprotocol.v2 import ProxyProtocolV2
 
 from proxy import proxy_protocol as pp
+from proxy.config import Config, parse_config
 from proxy.proxy_protocol import TLSFacts
 from tests.helpers import STEP, Certs, build_config, echo_handler, start_backend, start_server
+from tests.pki import CA, Leaf, client_context, handshake
 
 SIG = b"\r\n\r\n\x00\r\nQUIT\n"
 FACTS = TLSFacts(
@@ -96,6 +102,13 @@ def test_v2_ssl_tlv_with_a_verified_client_certificate_carries_cn_and_flags() ->
     assert value[5:] == (
         b"\x21\x00\x07TLSv1.2" + b"\x22\x00\x05alice" + b"\x23\x00\x1bECDHE-RSA-AES128-GCM-SHA256"
     )
+
+
+def test_v2_ssl_tlv_on_a_resumed_session_flags_the_session_not_the_connection() -> None:
+    value = pp.ssl_value(TLSFacts(client_cn="alice", resumed=True))
+    assert value[0] == pp.PP2_CLIENT_SSL | pp.PP2_CLIENT_CERT_SESS
+    assert value[1:5] == b"\x00\x00\x00\x00"
+    assert value[5:] == b"\x22\x00\x05alice"
 
 
 def test_v2_without_alpn_or_sni_sends_only_the_ssl_tlv() -> None:
@@ -328,3 +341,89 @@ async def _wait_listening(port: int) -> None:
             else:
                 await stream.aclose()
                 return
+
+
+# ---------------------------------------------------------------- with mTLS
+
+
+@pytest.fixture(scope="module")
+def mtls(tmp_path_factory: pytest.TempPathFactory) -> tuple[CA, CA, Leaf, Leaf]:
+    """Server CA, client CA, the server's leaf and a client's leaf (CN billing.test)."""
+    directory = tmp_path_factory.mktemp("pp-mtls")
+    servers, clients = CA(directory, "server CA"), CA(directory, "client CA")
+    server = servers.issue("server", "localhost")
+    client = clients.issue("billing", "billing.test", client=True)
+    return servers, clients, server, client
+
+
+def _mtls_config(mtls: tuple[CA, CA, Leaf, Leaf], backend: int, client_auth: str) -> Config:
+    _, clients, server, _ = mtls
+    listener = {
+        "name": "web",
+        "listen": "127.0.0.1:0",
+        "backend": f"127.0.0.1:{backend}",
+        "proxy_protocol": "v2",
+        "tls": {
+            "certificates": [server.pair()],
+            "client_auth": client_auth,
+            "client_ca": str(clients.ca_file),
+        },
+    }
+    return parse_config({"admin": {"listen": "127.0.0.1:0"}, "listeners": [listener]}, Path())
+
+
+@pytest.mark.parametrize(
+    ("client_auth", "present", "cn"),
+    [
+        pytest.param("require", True, "billing.test", id="require"),
+        pytest.param("optional", True, "billing.test", id="optional-with-certificate"),
+        pytest.param("optional", False, None, id="optional-without-certificate"),
+    ],
+)
+async def test_v2_says_whether_the_client_certificate_was_verified_and_its_cn(
+    nursery: trio.Nursery,
+    mtls: tuple[CA, CA, Leaf, Leaf],
+    client_auth: str,
+    present: bool,
+    cn: str | None,
+) -> None:
+    servers, _, _, client = mtls
+    backend = _HeaderBackend()
+    port = await start_backend(nursery, backend.handler)
+    proxy = await start_server(nursery, _mtls_config(mtls, port, client_auth))
+    context = client_context(servers, client if present else None)
+    with trio.fail_after(STEP):
+        seen = await trio.to_thread.run_sync(partial(handshake, proxy.port, context))
+    assert seen.reply == b"ping"
+    (header,) = backend.headers
+    tls = ProxyProtocolV2().unpack(header).tlv.ssl
+    assert tls.has_ssl
+    assert tls.cn == cn
+    assert tls.verified is present  # verify == 0 only for a verified certificate
+    assert tls.has_cert_conn is present
+    assert tls.has_cert_sess is present
+
+
+@pytest.mark.parametrize(
+    "version", [ssl.TLSVersion.TLSv1_2, ssl.TLSVersion.TLSv1_3], ids=["TLSv1.2", "TLSv1.3"]
+)
+async def test_v2_on_a_resumed_session_says_the_certificate_came_with_the_session(
+    nursery: trio.Nursery, mtls: tuple[CA, CA, Leaf, Leaf], version: ssl.TLSVersion
+) -> None:
+    servers, _, _, client = mtls
+    backend = _HeaderBackend()
+    port = await start_backend(nursery, backend.handler)
+    proxy = await start_server(nursery, _mtls_config(mtls, port, "require"))
+    context = client_context(servers, client)
+    context.minimum_version = context.maximum_version = version
+    with trio.fail_after(STEP):
+        first = await trio.to_thread.run_sync(partial(handshake, proxy.port, context))
+        second = await trio.to_thread.run_sync(
+            partial(handshake, proxy.port, context, session=first.session)
+        )
+    assert (first.reused, second.reused) == (False, True)
+    full, resumed = (ProxyProtocolV2().unpack(h).tlv.ssl for h in backend.headers)
+    assert (full.has_cert_conn, full.has_cert_sess) == (True, True)
+    assert (resumed.has_cert_conn, resumed.has_cert_sess) == (False, True)
+    assert resumed.verified
+    assert resumed.cn == full.cn == "billing.test"

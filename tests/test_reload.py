@@ -2,11 +2,19 @@
 
 from __future__ import annotations
 
+import os
+import shutil
 import signal
 import socket
 import ssl
+import tempfile
+import threading
 from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from functools import partial
 from pathlib import Path
+from typing import Any
 
 import pytest
 import trio
@@ -14,8 +22,12 @@ import trustme
 from cryptography import x509
 
 from proxy.config import Config, load_config
+from proxy.connection import ListenerRuntime
+from proxy.runtime import build_runtimes
+from proxy.server import State
 from proxy.watch import watch_files
-from tests.daemon import config_text, listener_table, run_daemon
+from tests import pki
+from tests.daemon import Daemon, config_text, listener_table, run_daemon
 from tests.helpers import (
     STEP,
     Certs,
@@ -282,72 +294,351 @@ async def test_sighup_reloads_the_daemon_and_keeps_connections(
         assert await daemon.exit_code() == 0
 
 
-# The reload-under-load test: bounded in time and clients, on loopback only.
-LOAD_SECONDS = 20.0
-LOAD_CLIENTS = 20
-HUP_EVERY = 0.5
+# The reload-under-load test: bounded in reloads and clients, on loopback only.
+LOAD_RELOADS = 10
+LOAD_CLIENTS = 10
+
+
+@dataclass(frozen=True)
+class _Request:
+    """One client connection, placed among the reloads by what the daemon had
+    logged when it started and when it ended."""
+
+    hups_before: int  # SIGHUPs sent when it started
+    reloads_before: int  # "config reloaded" lines seen when it started
+    hups_after: int  # SIGHUPs sent when it ended
+    serial: int  # the certificate it was served
 
 
 async def test_reload_under_load_fails_no_client_connection(
     nursery: trio.Nursery, certs: Certs, tmp_path: Path, echo_port: int
 ) -> None:
-    pairs = [issue_leaf(certs.ca, tmp_path, f"alt{i}")[:2] for i in range(2)]
-    configs = [_config(cert, key, echo_port) for cert, key in pairs]
+    leaves = [issue_leaf(certs.ca, tmp_path, f"alt{i}") for i in range(2)]
+    configs = [_config(cert, key, echo_port) for cert, key, _ in leaves]
     config_file = tmp_path / "tlsproxy.toml"
     config_file.write_text(configs[0])
     context = certs.client_context()
-    attempts = 0
-    failures: list[str] = []
-    latencies: dict[bool, list[float]] = {False: [], True: []}
-    reloading = False
+    requests: list[_Request] = []
+    hups = 0
+    progress = trio.Event()  # set, and replaced, as each request completes
+
+    def reloads() -> int:
+        return sum(1 for e in daemon.events if e.get("event") == "config reloaded")
+
+    def reloaded(count: int) -> bool:
+        return reloads() >= count
 
     async def client() -> None:
-        nonlocal attempts
-        while True:
-            attempts += 1
-            start = trio.current_time()
-            phase = reloading
-            try:
-                with trio.fail_after(STEP):
-                    tls = await tls_connect(port, context)
-                    latencies[phase].append(trio.current_time() - start)
-                    try:
-                        await echo_on(tls, b"x" * 64)
-                    finally:
-                        await trio.aclose_forcefully(tls)
-            except (OSError, trio.BrokenResourceError, trio.TooSlowError, AssertionError) as exc:
-                failures.append(repr(exc))
+        while True:  # any failure fails the test: the load nursery re-raises it
+            hups_before, reloads_before = hups, reloads()
+            with trio.fail_after(STEP):
+                tls = await tls_connect(port, context)
+                try:
+                    der = tls.getpeercert(binary_form=True)
+                    await echo_on(tls, b"x" * 64)
+                finally:
+                    await trio.aclose_forcefully(tls)
+            assert der is not None
+            serial = x509.load_der_x509_certificate(der).serial_number
+            requests.append(_Request(hups_before, reloads_before, hups, serial))
+            nonlocal progress
+            progress.set()
+            progress = trio.Event()
+
+    async def served_after(reload: int) -> None:
+        """Let the load run on until LOAD_CLIENTS requests that started once
+        reload `reload` was logged have completed."""
+        with trio.fail_after(STEP):
+            while sum(r.reloads_before == reload for r in requests) < LOAD_CLIENTS:
+                await progress.wait()
 
     async with run_daemon(nursery, tmp_path, "--config", config_file) as daemon:
         port, _ = await daemon.started()
         async with trio.open_nursery() as load:
             for _ in range(LOAD_CLIENTS):
                 load.start_soon(client)
-            await trio.sleep(LOAD_SECONDS / 4)  # a baseline without reloads
-            reloading = True
-            sent = 0
-            with trio.move_on_after(LOAD_SECONDS):
-                while True:
-                    sent += 1
-                    _replace(config_file, configs[sent % 2])
-                    daemon.signal(signal.SIGHUP)
-                    await trio.sleep(HUP_EVERY)
+            await served_after(0)  # a baseline without reloads
+            for reload in range(1, LOAD_RELOADS + 1):
+                _replace(config_file, configs[reload % 2])
+                hups += 1
+                daemon.signal(signal.SIGHUP)
+                await daemon.wait_until(partial(reloaded, reload), f"reload {reload}")
+                await served_after(reload)
             load.cancel_scope.cancel()
-        await daemon.wait_for("config reloaded", trigger="SIGHUP")
         daemon.signal(signal.SIGTERM)
         assert await daemon.exit_code() == 0
-    reloads = [e for e in daemon.events if e.get("event") == "config reloaded"]
-    print(
-        f"\nreload under load: {attempts} connections attempted, {len(failures)} failed, "
-        f"{sent} SIGHUPs, {len(reloads)} reloads; handshake p99 "
-        f"{_p99(latencies[False]) * 1000:.1f} ms without reloads, "
-        f"{_p99(latencies[True]) * 1000:.1f} ms during reloads"
+    assert reloads() == LOAD_RELOADS  # one reload per SIGHUP, none rejected
+    assert daemon.find("reload rejected; the previous config keeps serving") is None
+    _each_settled_request_got_its_certificate(requests, [serial for _, _, serial in leaves])
+    overlapping = [r for r in requests if r.reloads_before < r.hups_before]
+    assert overlapping, "no request was in flight while a reload was being built"
+
+
+def _each_settled_request_got_its_certificate(requests: list[_Request], serials: list[int]) -> None:
+    for reload in range(LOAD_RELOADS + 1):
+        # between reload `reload` being logged and the next SIGHUP: served the
+        # certificate that reload put in place, every one of them
+        settled = {r.serial for r in requests if r.reloads_before == r.hups_after == reload}
+        assert settled == {serials[reload % 2]}, f"after reload {reload}"
+
+
+# Certificate pairs in the overlap test's config: enough to make a reload's
+# build take tens of milliseconds, so that a SIGTERM sent as soon as the
+# daemon logs the SIGHUP lands while the build is still running.
+OVERLAP_CERTIFICATES = 40
+OVERLAP_TRIES = 4
+OVERLAP_CLIENTS = 4
+OVERLAP_ECHOES = 3
+
+
+async def _overlap_sighup_with_sigterm(
+    nursery: trio.Nursery, directory: Path, certs: Certs, echo_port: int
+) -> Daemon:
+    """SIGHUP, then SIGTERM the moment the daemon says it is reloading, with
+    clients busy; returns the exited daemon. A connection that completed its
+    handshake must finish its exchange; only new ones may fail once stopping."""
+    await trio.Path(directory).mkdir()
+    text = config_text(certs.cert, certs.key, backend_port=echo_port, drain_timeout=STEP)
+    pair = text.partition("certificates = [")[2].partition("]")[0]
+    config_file = directory / "tlsproxy.toml"
+    await trio.Path(config_file).write_text(
+        text.replace(pair, ", ".join([pair] * OVERLAP_CERTIFICATES))
     )
-    assert failures == []
-    assert attempts > LOAD_CLIENTS * 10
-    assert len(reloads) >= sent // 2  # coalesced signals aside, reloads really happened
+    context = certs.client_context()
+    stopping = False
+    served = 0
+
+    async def client() -> None:
+        nonlocal served
+        while not stopping:
+            try:
+                with trio.fail_after(STEP):
+                    tls = await tls_connect(port, context)
+            except (OSError, ssl.SSLError, trio.BrokenResourceError):
+                if stopping:
+                    return  # refused, or reset in the closed listener's queue
+                raise
+            try:
+                with trio.fail_after(STEP):
+                    for _ in range(OVERLAP_ECHOES):  # in flight: must never fail
+                        await echo_on(tls, b"y" * 64)
+            finally:
+                await trio.aclose_forcefully(tls)
+            served += 1
+
+    async with run_daemon(nursery, directory, "--config", config_file) as daemon:
+        port, _ = await daemon.started()
+        async with trio.open_nursery() as load:
+            for _ in range(OVERLAP_CLIENTS):
+                load.start_soon(client)
+            await daemon.wait_until(lambda: served >= OVERLAP_CLIENTS, "some load")
+            daemon.signal(signal.SIGHUP)
+            await daemon.wait_for("SIGHUP received; reloading")
+            stopping = True
+            daemon.signal(signal.SIGTERM)
+        assert await daemon.exit_code() == 0, daemon.output()
+    return daemon
 
 
-def _p99(values: list[float]) -> float:
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, int(len(ordered) * 0.99))] if ordered else 0.0
+async def test_sigterm_during_a_reload_drains_and_exits_0(
+    nursery: trio.Nursery, certs: Certs, tmp_path: Path, echo_port: int
+) -> None:
+    overlapped = 0
+    for attempt in range(OVERLAP_TRIES):
+        daemon = await _overlap_sighup_with_sigterm(
+            nursery, tmp_path / f"try{attempt}", certs, echo_port
+        )
+        assert daemon.find("stopped") is not None
+        overlapped += daemon.find("reload ignored: draining") is not None
+    # the point of the test: the build was under way when the drain began
+    assert overlapped > 0, "no SIGTERM arrived while a reload was being built"
+
+
+async def _drained(proxy: Running) -> bool:
+    return proxy.server.state is State.STOPPED
+
+
+async def test_a_reload_that_finds_the_daemon_draining_is_ignored_and_the_drain_completes(
+    proxy: Running, config_file: Path, certs: Certs
+) -> None:
+    entered, release = threading.Event(), threading.Event()
+
+    def blocking_load() -> Config:
+        entered.set()
+        release.wait(STEP)
+        return load_config(config_file)
+
+    results: list[bool] = []
+
+    async def reload() -> None:
+        results.append(await proxy.server.reload(blocking_load, trigger="test"))
+
+    with trio.fail_after(STEP):
+        held = await tls_connect(proxy.port, certs.client_context())
+        await echo_on(held, b"before")
+    async with trio.open_nursery() as reloading:
+        reloading.start_soon(reload)
+        assert await trio.to_thread.run_sync(entered.wait, STEP)  # the build is under way
+        proxy.server.request_drain()
+        await until(lambda: _logged(proxy, "draining"))
+        release.set()
+    assert results == [False]
+    assert proxy.log_events("reload ignored: draining")
+    with trio.fail_after(STEP):
+        await echo_on(held, b"the drain goes on")  # the drain was not aborted
+        await held.aclose()
+    await until(lambda: _drained(proxy))
+    assert proxy.log_events("stopped")
+    assert not [e for e in proxy.log_events() if e.get("level") == "error"]
+
+
+async def _logged(proxy: Running, event: str) -> bool:
+    return bool(proxy.log_events(event))
+
+
+async def test_a_load_that_raises_something_unexpected_is_a_failed_reload(
+    proxy: Running, certs: Certs
+) -> None:
+    def broken_load() -> Config:
+        raise RuntimeError("a bug in the loader")
+
+    serial = await _serial(proxy.port, certs.client_context())
+    assert not await proxy.server.reload(broken_load, trigger="test")
+    assert await _reloads(proxy) == (0.0, 1.0)
+    assert await _serial(proxy.port, certs.client_context()) == serial
+    (error,) = [e for e in proxy.log_events() if e.get("level") == "error"]
+    assert "a bug in the loader" in error["exception"]
+
+
+def _free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return int(probe.getsockname()[1])
+
+
+def _listening_on(proxy: Running) -> list[str]:
+    return [e["address"] for e in proxy.log_events("listening")]
+
+
+async def test_reload_moves_a_listener_to_another_host_on_the_same_port(
+    nursery: trio.Nursery, tmp_path: Path, certs: Certs, echo_port: int
+) -> None:
+    port = _free_port()
+    config_file = tmp_path / "tlsproxy.toml"
+    text = config_text(certs.cert, certs.key, backend_port=echo_port, listen=f"127.0.0.1:{port}")
+    config_file.write_text(text)
+    proxy = await start_server(nursery, load_config(config_file))
+    context = certs.client_context()
+    with trio.fail_after(STEP):
+        established = await tls_connect(port, context)
+        await echo_on(established, b"before the move")
+
+    _replace(config_file, text.replace(f"127.0.0.1:{port}", f"0.0.0.0:{port}"))
+    assert await proxy.server.reload(_loader(config_file), trigger="test")
+
+    assert _listening_on(proxy) == [f"127.0.0.1:{port}", f"0.0.0.0:{port}"]
+    await _serial(port, context)  # the new socket accepts
+    with trio.fail_after(STEP):
+        await echo_on(established, b"after the move")  # an accepted connection stays
+        await established.aclose()
+    assert await _reloads(proxy) == (1.0, 0.0)
+
+
+async def test_a_move_that_cannot_bind_restores_the_old_address(
+    nursery: trio.Nursery, tmp_path: Path, certs: Certs, echo_port: int
+) -> None:
+    port = _free_port()
+    config_file = tmp_path / "tlsproxy.toml"
+    text = config_text(certs.cert, certs.key, backend_port=echo_port, listen=f"127.0.0.1:{port}")
+    config_file.write_text(text)
+    proxy = await start_server(nursery, load_config(config_file))
+    context = certs.client_context()
+    serial = await _serial(port, context)
+    with socket.socket() as busy:  # someone else holds the port on another address
+        busy.bind(("127.0.0.2", port))
+        busy.listen()
+        _replace(config_file, text.replace(f"127.0.0.1:{port}", f"0.0.0.0:{port}"))
+        assert not await proxy.server.reload(_loader(config_file), trigger="test")
+
+    assert await _serial(port, context) == serial  # the old address serves again
+    # released for the new address, then bound again when that failed
+    assert _listening_on(proxy) == [f"127.0.0.1:{port}"] * 2
+    assert await _reloads(proxy) == (0.0, 1.0)
+    (error,) = [e for e in proxy.log_events() if e.get("level") == "error"]
+    assert f"cannot listen on 0.0.0.0:{port}" in error["error"]
+
+
+async def _expiry(proxy: Running) -> float:
+    _, text = await scrape(proxy.admin_port)
+    return sample(text, "tlsproxy_certificate_expiry_timestamp_seconds", listener="web")
+
+
+def _not_after(leaf: pki.Leaf) -> float:
+    return x509.load_pem_x509_certificate(leaf.cert.read_bytes()).not_valid_after_utc.timestamp()
+
+
+@pytest.mark.parametrize("change", ["replaced", "removed"])
+async def test_a_certificate_file_changing_after_the_build_does_not_change_what_the_reload_serves(
+    nursery: trio.Nursery,
+    tmp_path: Path,
+    echo_port: int,
+    monkeypatch: pytest.MonkeyPatch,
+    change: str,
+) -> None:
+    ca = pki.CA(tmp_path)
+    now = datetime.now(UTC)
+    first, served, later = (
+        ca.issue(stem, "localhost", not_after=now + timedelta(days=days))
+        for stem, days in (("first", 30), ("served", 60), ("later", 90))
+    )
+    config_file = tmp_path / "tlsproxy.toml"
+    config_file.write_text(_config(first.cert, first.key, echo_port))
+    proxy = await start_server(nursery, load_config(config_file))
+    context = pki.client_context(ca)
+    assert await _expiry(proxy) == _not_after(first)
+
+    cert, key = tmp_path / "live.pem", tmp_path / "live.key"
+    shutil.copy(served.cert, cert)
+    shutil.copy(served.key, key)
+    _replace(config_file, _config(cert, key, echo_port))
+
+    def build_then_change(*args: Any) -> list[ListenerRuntime]:
+        """The build thread's last step; the swap is next, on the event loop."""
+        runtimes = build_runtimes(*args)
+        if change == "replaced":
+            shutil.copy(later.cert, cert)
+        else:
+            cert.unlink()
+        return runtimes
+
+    monkeypatch.setattr("proxy.server.build_runtimes", build_then_change)
+    assert await proxy.server.reload(_loader(config_file), trigger="test")
+
+    assert await _serial(proxy.port, context) == served.serial
+    assert await _expiry(proxy) == _not_after(served)
+    assert await _reloads(proxy) == (1.0, 0.0)
+
+
+async def test_without_memfd_a_pair_is_served_from_a_private_file_removed_at_once(
+    nursery: trio.Nursery,
+    tmp_path: Path,
+    certs: Certs,
+    echo_port: int,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Where there is no memfd (not Linux), start-up and reload still load
+    the pair from the bytes validation read."""
+    monkeypatch.delattr(os, "memfd_create")
+    temporary = tmp_path / "tmp"
+    temporary.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(temporary))
+    config_file = tmp_path / "tlsproxy.toml"
+    config_file.write_text(_config(certs.cert, certs.key, echo_port))
+    proxy = await start_server(nursery, load_config(config_file))
+    context = certs.client_context()
+    await _serial(proxy.port, context)
+    cert, key, serial = issue_leaf(certs.ca, tmp_path, "next")
+    _replace(config_file, _config(cert, key, echo_port))
+    assert await proxy.server.reload(_loader(config_file), trigger="test")
+    assert await _serial(proxy.port, context) == serial
+    assert list(temporary.iterdir()) == []
