@@ -119,7 +119,8 @@ async def run_handshake(
         except BaseException:
             sock.close()  # cancelled from outside: nobody else will close it
             if not deadline.cancel_called:  # not our timeout: cut from outside
-                # EOF reaches OpenSSL (and ends the loop) before any wait
+                # Had the client's EOF reached OpenSSL? (It ends the loop
+                # before the next wait, so in practice a cut is a timeout.)
                 saw_eof = loop.tls is not None and loop.tls.incoming.eof
                 on_cut(result(cut_outcome(saw_eof)))
             raise
