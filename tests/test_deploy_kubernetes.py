@@ -21,45 +21,20 @@ import kubernetes_validate  # type: ignore[import-untyped]  # ships no type hint
 import pytest
 import yaml
 
+from tests.deploy.kustomize import (
+    BASE,
+    OVERLAYS,
+    by_kind,
+    container,
+    pod_spec,
+    render,
+    rendered_sidecar_config,
+)
 from tests.helpers import STEP, write_certs
 
 REPO = Path(__file__).resolve().parent.parent
-KUBERNETES = REPO / "deploy" / "kubernetes"
-BASE = KUBERNETES / "base"
-OVERLAYS = [KUBERNETES / "overlays" / "cert-manager"]
 KUBERNETES_VERSION = "1.37.0"  # the newest schema kubernetes-validate bundles
 OPERATOR_KINDS = {"PodMonitor", "PrometheusRule", "Certificate"}
-
-
-def render(kustomization: Path) -> list[dict[str, Any]]:
-    kubectl = shutil.which("kubectl")
-    assert kubectl, "kubectl (with its built-in kustomize) is not installed"
-    result = subprocess.run(
-        [kubectl, "kustomize", str(kustomization)],
-        capture_output=True,
-        text=True,
-        timeout=STEP,
-        check=False,
-    )
-    assert result.returncode == 0, result.stderr
-    return [doc for doc in yaml.safe_load_all(result.stdout) if doc]
-
-
-def by_kind(resources: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
-    return {resource["kind"]: resource for resource in resources}
-
-
-def pod_spec(resources: list[dict[str, Any]]) -> dict[str, Any]:
-    spec: dict[str, Any] = by_kind(resources)["Deployment"]["spec"]["template"]["spec"]
-    return spec
-
-
-def container(resources: list[dict[str, Any]], name: str) -> dict[str, Any]:
-    matches: list[dict[str, Any]] = [
-        c for c in pod_spec(resources)["containers"] if c["name"] == name
-    ]
-    assert len(matches) == 1, name
-    return matches[0]
 
 
 def sidecar_toml() -> dict[str, Any]:
@@ -80,6 +55,14 @@ def test_kustomize_output_is_valid_against_the_kubernetes_schemas(kustomization:
                 kubernetes_validate.validate(resource, KUBERNETES_VERSION, strict=True)
         else:
             kubernetes_validate.validate(resource, KUBERNETES_VERSION, strict=True)
+
+
+@pytest.mark.parametrize("kustomization", [BASE, *OVERLAYS], ids=lambda p: p.name)
+def test_the_rendered_sidecar_config_watches_its_files(kustomization: Path) -> None:
+    # cert-manager renews the Secret and the kubelet swaps the projected
+    # files; nothing in a pod sends SIGHUP, so only the watch picks them up
+    config = tomllib.loads(rendered_sidecar_config(render(kustomization)))
+    assert config["process"]["watch"] is True
 
 
 def test_the_schema_validation_rejects_a_misspelled_field() -> None:
