@@ -4,8 +4,9 @@
 #   docker run --read-only --tmpfs /run/tlsproxy:uid=65532,gid=65532 \
 #     -v "$PWD/certs:/etc/tlsproxy/tls:ro" -p 8443:8443 -p 9090:9090 tlsproxy
 #
-# BASE_IMAGE is any Debian bookworm image; deploy/docker/README.md shows how
-# to build one from Debian's packages where no registry is reachable.
+# BASE_IMAGE is any Debian bookworm image, for the build stage only (the
+# runtime stage starts from scratch); deploy/README.md shows how to build one
+# from Debian's packages where no registry is reachable.
 ARG BASE_IMAGE=docker.io/library/debian:bookworm-slim
 
 # ---------------------------------------------------------------- build
@@ -20,27 +21,25 @@ RUN apt-get update \
 
 COPY pyproject.toml README.md /src/
 COPY proxy/ /src/proxy/
-COPY deploy/docker/install-venv.sh /usr/local/bin/install-venv.sh
-RUN /usr/local/bin/install-venv.sh /src /opt/tlsproxy
+COPY deploy/docker/install-venv.sh deploy/docker/runtime-tree.sh /usr/local/bin/
+# /runtime: the interpreter, its trimmed stdlib and exactly the shared
+# libraries it loads; /opt/tlsproxy: the venv, without pip.
+RUN /usr/local/bin/install-venv.sh /src /opt/tlsproxy \
+ && /usr/local/bin/runtime-tree.sh /opt/tlsproxy /runtime
 
 # ---------------------------------------------------------------- runtime
-FROM ${BASE_IMAGE}
+FROM scratch
 
 ARG VERSION=0.1.0
 LABEL org.opencontainers.image.title="tlsproxy" \
       org.opencontainers.image.description="TLS-terminating sidecar proxy on Trio that tells Prometheus how every handshake ended" \
       org.opencontainers.image.version="${VERSION}" \
-      org.opencontainers.image.licenses="Apache-2.0" \
-      org.opencontainers.image.base.name="${BASE_IMAGE}"
+      org.opencontainers.image.licenses="Apache-2.0"
 
-# Only the interpreter: no pip, no compiler, no apt lists.
-# hadolint ignore=DL3008
-RUN apt-get update \
- && apt-get install -y --no-install-recommends python3 \
- && rm -rf /var/lib/apt/lists/* \
- && mkdir -p /etc/tlsproxy/tls /run/tlsproxy/state /run/tlsproxy/metrics \
- && chown -R 65532:65532 /run/tlsproxy
-
+# No base image: the tree runtime-tree.sh assembled (no shell, no package
+# manager, no compiler) and the venv, each one layer (buildah --layers=false,
+# as `make image` runs it, commits the stage as one).
+COPY --from=build /runtime/ /
 COPY --from=build /opt/tlsproxy /opt/tlsproxy
 # The sidecar config of deploy/kubernetes: certificates from ./tls/ beside it.
 # A ConfigMap (or -v) mounted on /etc/tlsproxy replaces it.
@@ -55,7 +54,7 @@ COPY config/openssl-groups.cnf /opt/tlsproxy/openssl-groups.cnf
 # read-only. TLSPROXY_STATE_DIR holds the self-signed default certificate
 # (only used without --config). TLSPROXY_METRICS_DIR holds the workers'
 # multiprocess metrics files when workers > 1 (emptied at start).
-ENV PATH=/opt/tlsproxy/bin:$PATH \
+ENV PATH=/opt/tlsproxy/bin:/usr/bin \
     PYTHONDONTWRITEBYTECODE=1 \
     PYTHONUNBUFFERED=1 \
     TLSPROXY_STATE_DIR=/run/tlsproxy/state \

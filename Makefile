@@ -7,7 +7,7 @@ TEST_DEBS := openssl curl haproxy
 # deploy/ checks: promtool and a real Prometheus server; systemd-analyze.
 TEST_DEBS += prometheus systemd
 
-.PHONY: run test lint typecheck pytest system-deps bench soak scale workers instructions clean
+.PHONY: run test lint typecheck pytest system-deps bench soak scale workers instructions clean image image-test
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -99,3 +99,9 @@ clean:
 image:
 	$(MAKE) system-deps TEST_DEBS="buildah debootstrap"
 	deploy/docker/build-offline.sh localhost/tlsproxy:dev
+
+# Build the image, then run it: its own root filesystem, read-only, as PID 1
+# and its user, serving TLS and draining on SIGTERM (root; not part of
+# `make test`).
+image-test: image $(VENV)/.installed-dev
+	TLSPROXY_IMAGE=localhost/tlsproxy:dev $(BIN)/pytest -p no:cacheprovider tests/test_deploy_image.py

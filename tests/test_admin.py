@@ -1,19 +1,31 @@
-"""The admin endpoints and the published metric names, over real HTTP."""
+"""The admin endpoints and the published metric names, over real HTTP; the
+admin port's bounds (connections, request deadline) against hostile clients."""
 
 from __future__ import annotations
 
+import resource
+import socket
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
 import trio
+from cryptography import x509
 from prometheus_client.parser import text_string_to_metric_families
 
+from proxy.admin import MAX_CONNECTIONS, REQUEST_TIMEOUT
+from tests.daemon import PYTHON_M_PROXY, echo_through, env_for, spawn, write_config
 from tests.helpers import (
     STEP,
     Certs,
     Running,
     build_config,
+    raw_connect,
     sample,
     scrape,
     start_server,
     tls_connect,
+    until,
 )
 
 # The README's metrics table: dashboards and alerts depend on these names.
@@ -56,7 +68,8 @@ async def test_certificate_expiry_is_exported_for_the_loaded_certificate(
     ]
     (series,) = family.samples
     assert series.labels["listener"] == "web"
-    assert series.value > trio.current_time()  # far in the future, as a Unix time
+    cert = x509.load_pem_x509_certificate(certs.cert.read_bytes())
+    assert series.value == cert.not_valid_after_utc.timestamp()
 
 
 async def test_healthz_and_readyz_are_200_while_serving(proxy: Running) -> None:
@@ -94,3 +107,125 @@ async def test_connections_over_max_connections_are_closed_and_counted(
             await tls.aclose()
     _, text = await scrape(proxy.admin_port)
     assert sample(text, "tlsproxy_connections_rejected_total", reason="max_connections") == 1
+
+
+# ---------------------------------------------------------------- admin bounds
+
+# A request head cut short: a slowloris sends the rest one byte at a time.
+PARTIAL_HEAD = b"GET /metrics HTTP/1.1\r\nHost: x\r\n"
+FULL_REQUEST = b"GET /healthz HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
+# Seconds between a slowloris's bytes: each arrives long before any
+# per-read timeout, so only a deadline on the whole request cuts it.
+TRICKLE = 1.0
+
+
+async def _read_to_eof(stream: trio.SocketStream) -> bytes:
+    received = b""
+    while chunk := await stream.receive_some(65536):
+        received += chunk
+    return received
+
+
+async def test_admin_connections_beyond_the_limit_are_closed_at_once_and_a_slowloris_is_cut(
+    proxy: Running,
+) -> None:
+    # every slot held by a slowloris that keeps sending, a byte at a time
+    held = [await raw_connect(proxy.admin_port) for _ in range(MAX_CONNECTIONS)]
+    cut_after: list[float] = []
+    try:
+        for stream in held:
+            await stream.send_all(PARTIAL_HEAD)
+        started = trio.current_time()
+        with trio.fail_after(STEP):
+            extra = await raw_connect(proxy.admin_port)
+            await extra.send_all(FULL_REQUEST)
+            # no slot: closed without an answer, while the slowlorises still hold theirs
+            assert await _read_to_eof(extra) == b""
+            await extra.aclose()
+
+        async def trickle_until_cut(stream: trio.SocketStream) -> None:
+            with trio.move_on_after(TRICKLE) as idle:
+                await stream.receive_some(1)  # an answer or EOF, whichever comes
+            while idle.cancelled_caught:
+                try:
+                    await stream.send_all(b"X")
+                except trio.BrokenResourceError:
+                    break  # the server closed while the byte was on its way
+                with trio.move_on_after(TRICKLE) as idle:
+                    await stream.receive_some(1)
+            cut_after.append(trio.current_time() - started)
+
+        with trio.fail_after(REQUEST_TIMEOUT + STEP):
+            async with trio.open_nursery() as trickling:
+                for stream in held:
+                    trickling.start_soon(trickle_until_cut, stream)
+    finally:
+        for stream in held:
+            await trio.aclose_forcefully(stream)
+    assert len(cut_after) == MAX_CONNECTIONS
+    # cut by the deadline on the whole request: not before it, and the slots
+    # are free again for a new client
+    assert min(cut_after) >= REQUEST_TIMEOUT - TRICKLE
+    assert (await scrape(proxy.admin_port, "/healthz"))[0] == 200
+
+
+# The daemon's descriptor limit: the shipped container's soft limit is often
+# 1024. Without a bound on the admin port, held admin connections take all
+# of it and the TLS port can no longer accept.
+DAEMON_NOFILE = 1024
+HELD_ADMIN_CONNECTIONS = 2000
+
+
+def _still_open(stream: trio.SocketStream) -> bool:
+    """Whether the server has not closed this connection yet (no EOF queued)."""
+    with socket.fromfd(stream.socket.fileno(), socket.AF_INET, socket.SOCK_STREAM) as peek:
+        try:
+            return peek.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT) != b""
+        except BlockingIOError:
+            return True  # open, nothing to read
+        except ConnectionResetError:
+            return False
+
+
+@pytest.fixture
+def _descriptors_for_the_clients() -> Iterator[None]:
+    """This process holds every client socket of the flood."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    need = HELD_ADMIN_CONNECTIONS + 1024
+    if hard < need:
+        pytest.skip(f"the descriptor hard limit {hard} cannot hold {need} client sockets")
+    resource.setrlimit(resource.RLIMIT_NOFILE, (max(soft, need), hard))
+    yield
+    resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+
+
+@pytest.mark.usefixtures("_descriptors_for_the_clients")
+async def test_a_flood_of_held_admin_connections_does_not_starve_the_tls_port(
+    nursery: trio.Nursery, certs: Certs, tmp_path: Path, echo_port: int
+) -> None:
+    def limit() -> None:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (DAEMON_NOFILE, DAEMON_NOFILE))
+
+    config = write_config(tmp_path / "tlsproxy.toml", certs, backend_port=echo_port)
+    argv = [*PYTHON_M_PROXY, "run", "--config", str(config)]
+    env = env_for(tmp_path / "state")
+    async with spawn(nursery, argv, env=env, cwd=tmp_path, preexec_fn=limit) as daemon:
+        port, admin_port = await daemon.started()
+        held: list[trio.SocketStream] = []
+        try:
+            with trio.fail_after(STEP):
+                for _ in range(HELD_ADMIN_CONNECTIONS):
+                    held.append(await raw_connect(admin_port))
+            await echo_through(port, certs.client_context())
+            # served while the admin port kept no more than its slots open
+            assert sum(map(_still_open, held)) <= MAX_CONNECTIONS
+        finally:
+            for stream in held:
+                await trio.aclose_forcefully(stream)
+
+        async def metrics_answer() -> bool:
+            status, text = await scrape(admin_port)
+            return status == 200 and "tlsproxy_handshakes_total" in text
+
+        await until(metrics_answer)
+    # spawn: and no error line, i.e. the daemon never ran out of descriptors

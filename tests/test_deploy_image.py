@@ -1,8 +1,9 @@
 """The Dockerfile, its install steps, and the systemd unit.
 
 Building the image needs a container builder and a base image: there is no
-registry here, and a buildah build from a debootstrapped base takes about
-two minutes, so it is opt-in (`make image-test`). Always run: hadolint on
+registry here, and a buildah build from a debootstrapped base takes a few
+minutes, so running the built image is opt-in (`make image-test`: its own
+root filesystem, read-only, as PID 1 and the image's user). Always run: hadolint on
 the Dockerfile, and the image's own install script run as the image's user
 (uid 65532) from a read-only source tree, then the daemon started from that
 install the way the image runs it: PID 1 of its own PID namespace, on a
@@ -11,6 +12,7 @@ read-only root filesystem with only a tmpfs writable, where SIGTERM drains.
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import shutil
@@ -19,13 +21,14 @@ import subprocess
 import sys
 import tempfile
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
 import trio
 
 from tests.daemon import spawn
-from tests.helpers import STEP, echo_handler, start_backend, tls_connect, write_certs
+from tests.helpers import STEP, Certs, echo_handler, start_backend, tls_connect, write_certs
 
 REPO = Path(__file__).resolve().parent.parent
 DOCKERFILE = REPO / "Dockerfile"
@@ -149,14 +152,7 @@ async def test_image_install_runs_unprivileged_and_the_daemon_drains_as_pid_1_on
     assert install.returncode == 0, install.stderr.decode()
     assert not list(context.rglob("*.egg-info")), "the install wrote into the source tree"
 
-    # /etc/tlsproxy as the image has it: the shipped config, certificates in tls/
-    etc = tmp_path / "etc"
-    (etc / "tls").mkdir(parents=True)
-    shutil.copy(context / "deploy/kubernetes/base/tlsproxy.toml", etc / "tlsproxy.toml")
-    certs = write_certs(etc / "tls")
-    certs.cert.rename(etc / "tls" / "tls.crt")
-    certs.key.rename(etc / "tls" / "tls.key")
-    (etc / "tls" / "tls.key").chmod(0o444)  # the projected Secret is group-readable
+    etc, certs = etc_tlsproxy(tmp_path / "etc", context / "deploy/kubernetes/base/tlsproxy.toml")
     run_dir = tmp_path / "run"
     run_dir.mkdir()
 
@@ -176,11 +172,35 @@ async def test_image_install_runs_unprivileged_and_the_daemon_drains_as_pid_1_on
         "TLSPROXY_STATE_DIR": str(run_dir / "state"),
         "PYTHONDONTWRITEBYTECODE": "1",
     }
+    await serves_and_drains_as_pid_1(nursery, argv, env, certs)
+
+
+def etc_tlsproxy(etc: Path, config: Path) -> tuple[Path, Certs]:
+    """/etc/tlsproxy as the image has it: the shipped config, certificates in tls/."""
+    (etc / "tls").mkdir(parents=True)
+    shutil.copy(config, etc / "tlsproxy.toml")
+    certs = write_certs(etc / "tls")
+    certs.cert.rename(etc / "tls" / "tls.crt")
+    certs.key.rename(etc / "tls" / "tls.key")
+    (etc / "tls" / "tls.key").chmod(0o444)  # the projected Secret is group-readable
+    return etc, certs
+
+
+async def serves_and_drains_as_pid_1(
+    nursery: trio.Nursery,
+    argv: list[str],
+    env: dict[str, str],
+    certs: Certs,
+    root: Path = Path("/"),
+) -> None:
+    """Start the daemon with `argv`: PID 1 of its namespace, as the image's
+    uid, in `root`, it proxies a connection, and SIGTERM drains it and exits 0."""
     async with spawn(nursery, argv, env=env) as daemon:
         port, _ = await daemon.started()
         pid = daemon_pid(daemon.process.pid)
         assert namespace_pids(pid)[-1] == 1, "the daemon is not PID 1 of its namespace"
         assert os.stat(f"/proc/{pid}").st_uid == IMAGE_USER
+        assert os.readlink(f"/proc/{pid}/root") == str(root)
 
         tls = await tls_connect(port, certs.client_context())
         try:
@@ -195,6 +215,102 @@ async def test_image_install_runs_unprivileged_and_the_daemon_drains_as_pid_1_on
             await tls.aclose()
         assert await daemon.exit_code() == 0, daemon.output()
     assert "Traceback" not in daemon.output()
+
+
+# ---------------------------------------------------------------- the built image
+
+# `make image-test` builds the image and names it here; without it the test
+# is skipped (no image, no buildah, and a build takes minutes).
+BUILT_IMAGE = os.environ.get("TLSPROXY_IMAGE")
+# Bytes of files in the image: every pod pulls it, so it stays small (75 MB
+# when this was written; 397 MB when it was Debian with Python installed).
+IMAGE_BUDGET = 150_000_000
+# The storage driver the offline build uses (deploy/docker/build-offline.sh).
+BUILDAH_ENV = {**os.environ, "STORAGE_DRIVER": os.environ.get("STORAGE_DRIVER", "vfs")}
+
+# The container runtime's part for the built image: its root filesystem
+# read-only, a tmpfs on /run/tlsproxy, our /etc/tlsproxy mounted over the
+# image's (as the ConfigMap and Secret volume are), /proc and /dev; then the
+# image's entrypoint as its user, as PID 1, with nothing from the host but
+# the kernel.
+IMAGE_CONTAINER = """\
+set -eu
+mount --make-rprivate /
+mount --bind "$ROOT" "$ROOT"
+mount -o remount,bind,ro "$ROOT"
+mount -t tmpfs -o "mode=0755,uid=$UID_GID,gid=$UID_GID,size=16m" tmpfs "$ROOT/run/tlsproxy"
+mount --bind "$ETC" "$ROOT/etc/tlsproxy"
+mount -o remount,bind,ro "$ROOT/etc/tlsproxy"
+mount -t proc proc "$ROOT/proc"
+mount --rbind /dev "$ROOT/dev"
+exec env -i "$@"
+"""
+
+
+def buildah(*args: str) -> str:
+    result = subprocess.run(
+        ["buildah", *args],
+        capture_output=True,
+        text=True,
+        env=BUILDAH_ENV,
+        timeout=STEP,
+        check=False,
+    )
+    assert result.returncode == 0, result.stderr
+    return result.stdout.strip()
+
+
+def host_tool(name: str) -> str:
+    """An absolute path: the image's environment replaces the host's PATH."""
+    path = shutil.which(name)
+    assert path, f"{name} is not installed"
+    return path
+
+
+@contextmanager
+def mounted_image(image: str) -> Iterator[Path]:
+    """The image's root filesystem, as a working container's mount."""
+    container = buildah("from", "--pull-never", image)
+    try:
+        yield Path(buildah("mount", container))
+    finally:
+        buildah("rm", container)
+
+
+@pytest.mark.skipif(not BUILT_IMAGE, reason="opt-in: make image-test builds and names the image")
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root for buildah, namespaces and chroot")
+async def test_the_built_image_serves_and_drains_as_pid_1_on_its_read_only_root(
+    shared_tmp: Path, nursery: trio.Nursery
+) -> None:
+    assert BUILT_IMAGE is not None
+    config = json.loads(buildah("inspect", "--type", "image", BUILT_IMAGE))["OCIv1"]["config"]
+    assert config["User"] == f"{IMAGE_USER}:{IMAGE_USER}"
+    with mounted_image(BUILT_IMAGE) as root:
+        assert not (root / "bin" / "sh").exists(), "a shell in the image"
+        assert not list((root / "opt" / "tlsproxy").rglob("pip")), "pip in the image"
+        size = sum(path.lstat().st_size for path in root.rglob("*") if not path.is_dir())
+        assert size <= IMAGE_BUDGET, f"the image holds {size / 1e6:.0f} MB"
+        etc, certs = etc_tlsproxy(shared_tmp / "etc", root / "etc" / "tlsproxy" / "tlsproxy.toml")
+        backend = await start_backend(nursery, echo_handler)
+        argv = [
+            *("unshare", "--mount", "--pid", "--fork", "--mount-proc"),
+            *("sh", "-c", IMAGE_CONTAINER, "container"),
+            *config["Env"],  # the image's environment and nothing else (env -i)
+            *(host_tool("setpriv"), "--no-new-privs"),
+            *(
+                host_tool("chroot"),
+                f"--userspec={config['User']}",
+                f"--groups={IMAGE_USER}",
+                str(root),
+            ),
+            *config["Entrypoint"],
+            *config["Cmd"],
+            # only the ports change: a test binds loopback port 0
+            *("--listen", "127.0.0.1:0", "--admin", "127.0.0.1:0"),
+            *("--backend", f"127.0.0.1:{backend}"),
+        ]
+        env = {**os.environ, "ROOT": str(root), "ETC": str(etc), "UID_GID": str(IMAGE_USER)}
+        await serves_and_drains_as_pid_1(nursery, argv, env, certs, root)
 
 
 def daemon_pid(unshare_pid: int) -> int:

@@ -21,45 +21,21 @@ import kubernetes_validate  # type: ignore[import-untyped]  # ships no type hint
 import pytest
 import yaml
 
+from tests.deploy.kustomize import (
+    BASE,
+    OVERLAYS,
+    by_kind,
+    container,
+    pod_spec,
+    render,
+    rendered_sidecar_config,
+)
+from tests.deploy.networkpolicy import Peer, admits
 from tests.helpers import STEP, write_certs
 
 REPO = Path(__file__).resolve().parent.parent
-KUBERNETES = REPO / "deploy" / "kubernetes"
-BASE = KUBERNETES / "base"
-OVERLAYS = [KUBERNETES / "overlays" / "cert-manager"]
 KUBERNETES_VERSION = "1.37.0"  # the newest schema kubernetes-validate bundles
 OPERATOR_KINDS = {"PodMonitor", "PrometheusRule", "Certificate"}
-
-
-def render(kustomization: Path) -> list[dict[str, Any]]:
-    kubectl = shutil.which("kubectl")
-    assert kubectl, "kubectl (with its built-in kustomize) is not installed"
-    result = subprocess.run(
-        [kubectl, "kustomize", str(kustomization)],
-        capture_output=True,
-        text=True,
-        timeout=STEP,
-        check=False,
-    )
-    assert result.returncode == 0, result.stderr
-    return [doc for doc in yaml.safe_load_all(result.stdout) if doc]
-
-
-def by_kind(resources: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
-    return {resource["kind"]: resource for resource in resources}
-
-
-def pod_spec(resources: list[dict[str, Any]]) -> dict[str, Any]:
-    spec: dict[str, Any] = by_kind(resources)["Deployment"]["spec"]["template"]["spec"]
-    return spec
-
-
-def container(resources: list[dict[str, Any]], name: str) -> dict[str, Any]:
-    matches: list[dict[str, Any]] = [
-        c for c in pod_spec(resources)["containers"] if c["name"] == name
-    ]
-    assert len(matches) == 1, name
-    return matches[0]
 
 
 def sidecar_toml() -> dict[str, Any]:
@@ -71,7 +47,7 @@ def sidecar_toml() -> dict[str, Any]:
 def test_kustomize_output_is_valid_against_the_kubernetes_schemas(kustomization: Path) -> None:
     resources = render(kustomization)
     kinds = {resource["kind"] for resource in resources}
-    assert {"Deployment", "ConfigMap", "Service", "PodDisruptionBudget"} <= kinds
+    assert {"Deployment", "ConfigMap", "Service", "PodDisruptionBudget", "NetworkPolicy"} <= kinds
     assert {"PodMonitor", "PrometheusRule"} <= kinds
 
     for resource in resources:
@@ -80,6 +56,14 @@ def test_kustomize_output_is_valid_against_the_kubernetes_schemas(kustomization:
                 kubernetes_validate.validate(resource, KUBERNETES_VERSION, strict=True)
         else:
             kubernetes_validate.validate(resource, KUBERNETES_VERSION, strict=True)
+
+
+@pytest.mark.parametrize("kustomization", [BASE, *OVERLAYS], ids=lambda p: p.name)
+def test_the_rendered_sidecar_config_watches_its_files(kustomization: Path) -> None:
+    # cert-manager renews the Secret and the kubelet swaps the projected
+    # files; nothing in a pod sends SIGHUP, so only the watch picks them up
+    config = tomllib.loads(rendered_sidecar_config(render(kustomization)))
+    assert config["process"]["watch"] is True
 
 
 def test_the_schema_validation_rejects_a_misspelled_field() -> None:
@@ -112,6 +96,71 @@ def test_podmonitor_scrapes_the_admin_port_of_the_deployments_pods() -> None:
     (endpoint,) = monitor["podMetricsEndpoints"]
     assert endpoint["path"] == "/metrics"
     assert ports[endpoint["port"]] == admin_port
+
+
+# Who tries to connect, by namespace labels and pod labels (the kubelet's
+# probes come from the node, which NetworkPolicy always admits).
+PROMETHEUS = Peer(
+    {"kubernetes.io/metadata.name": "monitoring"}, {"app.kubernetes.io/name": "prometheus"}
+)
+PROMETHEUS_LOOKALIKE = Peer(  # any team can label a pod "prometheus" in its own namespace
+    {"kubernetes.io/metadata.name": "team-a"}, {"app.kubernetes.io/name": "prometheus"}
+)
+CLIENT = Peer({"kubernetes.io/metadata.name": "frontend"}, {"app.kubernetes.io/name": "shop"})
+NEIGHBOUR = Peer({"kubernetes.io/metadata.name": "web"}, {"app.kubernetes.io/name": "batch"})
+PEERS = {
+    "prometheus": (PROMETHEUS, False),
+    "prometheus-lookalike": (PROMETHEUS_LOOKALIKE, False),
+    "client": (CLIENT, False),
+    "neighbour": (NEIGHBOUR, True),  # (peer, in the policy's namespace)
+}
+# (port name, peer) -> admitted. Everyone reaches TLS; only Prometheus the
+# admin port; nobody the app's plaintext port, which only the sidecar uses.
+ADMITTED = {
+    ("https", "prometheus"): True,
+    ("https", "prometheus-lookalike"): True,
+    ("https", "client"): True,
+    ("https", "neighbour"): True,
+    ("tlsproxy-admin", "prometheus"): True,
+    ("tlsproxy-admin", "prometheus-lookalike"): False,
+    ("tlsproxy-admin", "client"): False,
+    ("tlsproxy-admin", "neighbour"): False,
+    ("http", "prometheus"): False,
+    ("http", "prometheus-lookalike"): False,
+    ("http", "client"): False,
+    ("http", "neighbour"): False,
+}
+
+
+@pytest.mark.parametrize(
+    ("port_name", "peer_name"), ADMITTED, ids=[f"{port}-from-{peer}" for port, peer in ADMITTED]
+)
+def test_network_policy_admits_clients_to_tls_and_only_prometheus_to_admin(
+    port_name: str, peer_name: str
+) -> None:
+    resources = render(BASE)
+    policy = by_kind(resources)["NetworkPolicy"]
+    pod_labels = by_kind(resources)["Deployment"]["spec"]["template"]["metadata"]["labels"]
+    ports = {
+        p["name"]: p["containerPort"] for c in pod_spec(resources)["containers"] for p in c["ports"]
+    }
+    peer, same_namespace = PEERS[peer_name]
+
+    assert (
+        admits(
+            policy, pod_labels, (port_name, ports[port_name]), peer, same_namespace=same_namespace
+        )
+        is ADMITTED[port_name, peer_name]
+    )
+
+
+def test_network_policy_names_only_ports_the_pod_has() -> None:
+    # a misspelled named port would silently admit nobody
+    resources = render(BASE)
+    policy = by_kind(resources)["NetworkPolicy"]["spec"]
+    tlsproxy_ports = {p["name"] for p in container(resources, "tlsproxy")["ports"]}
+    named = {port["port"] for rule in policy["ingress"] for port in rule["ports"]}
+    assert named == tlsproxy_ports == {"https", "tlsproxy-admin"}
 
 
 def test_sidecar_is_probed_on_admin_endpoints_and_the_service_reaches_tls() -> None:

@@ -21,6 +21,7 @@ if ! buildah inspect --type image "$base" >/dev/null 2>&1; then
     rootfs=$(mktemp -d)
     trap 'rm -rf "$rootfs"' EXIT
     debootstrap --variant=minbase bookworm "$rootfs" "$mirror"
+    rm -f "$rootfs"/var/cache/apt/archives/*.deb # 115 MB of downloaded packages
     mkdir -p "$rootfs/etc/ssl"
     cp /etc/ssl/certs/ca-certificates.crt "$rootfs/etc/ssl/build-host-ca.crt"
     ctr=$(buildah from scratch)

@@ -15,11 +15,16 @@ prefix=$2
 # from a private copy: the source may be read-only (a test, a bind mount).
 work=$(mktemp -d)
 trap 'rm -rf "$work"' EXIT
-cp -R "$src/pyproject.toml" "$src/README.md" "$src/proxy" "$work/"
-chmod -R u+w "$work" # cp keeps a read-only source's modes
-find "$work" -name __pycache__ -prune -exec rm -rf {} +
+mkdir "$work/src"
+cp -R "$src/pyproject.toml" "$src/README.md" "$src/proxy" "$work/src/"
+chmod -R u+w "$work/src" # cp keeps a read-only source's modes
+find "$work/src" -name __pycache__ -prune -exec rm -rf {} +
 
-python3 -m venv "$prefix"
-# No pip cache: it would only bloat the layer. pip compiles the bytecode here,
-# at install time, because the runtime tree is read-only.
-"$prefix/bin/pip" install --no-cache-dir --disable-pip-version-check --quiet "$work"
+# The venv gets no pip and no setuptools (22 MiB the daemon never imports):
+# a throwaway venv's pip installs into it (`pip --python`). No pip cache: it
+# would only bloat the layer. pip compiles the bytecode here, at install
+# time, because the runtime tree is read-only.
+python3 -m venv --without-pip "$prefix"
+python3 -m venv "$work/installer"
+"$work/installer/bin/pip" --python "$prefix/bin/python" install \
+    --no-cache-dir --disable-pip-version-check --quiet "$work/src"

@@ -1,0 +1,72 @@
+"""Which pod may open a TCP connection to which port, under a NetworkPolicy.
+
+A pure reading of the ingress semantics of networking.k8s.io/v1 for the
+features the shipped policy uses (matchLabels selectors, ports by name or
+number); anything else (matchExpressions, ipBlock, endPort) is refused
+rather than guessed, so a policy using it fails the tests until this reading
+is extended. Traffic from the pod's own node (the kubelet's probes) is
+always allowed by Kubernetes and is not modelled here.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+Labels = Mapping[str, str]
+
+
+@dataclass(frozen=True)
+class Peer:
+    """A client pod: its namespace's labels and its own."""
+
+    namespace: Labels
+    pod: Labels
+
+
+def _selects(selector: Mapping[str, Any], labels: Labels) -> bool:
+    unsupported = selector.keys() - {"matchLabels"}
+    assert not unsupported, f"selector fields not modelled: {unsupported}"
+    wanted: Labels = selector.get("matchLabels", {})
+    return all(labels.get(key) == value for key, value in wanted.items())
+
+
+def _peer_matches(entry: Mapping[str, Any], peer: Peer, same_namespace: bool) -> bool:
+    unsupported = entry.keys() - {"namespaceSelector", "podSelector"}
+    assert not unsupported, f"peer fields not modelled: {unsupported}"
+    if "namespaceSelector" in entry:
+        namespace_ok = _selects(entry["namespaceSelector"], peer.namespace)
+    else:
+        namespace_ok = same_namespace  # a podSelector alone: the policy's namespace
+    return namespace_ok and _selects(entry.get("podSelector", {}), peer.pod)
+
+
+def _port_matches(entry: Mapping[str, Any], port: tuple[str, int]) -> bool:
+    unsupported = entry.keys() - {"port", "protocol"}
+    assert not unsupported, f"port fields not modelled: {unsupported}"
+    if entry.get("protocol", "TCP") != "TCP":
+        return False
+    return "port" not in entry or entry["port"] in port
+
+
+def admits(
+    policy: Mapping[str, Any],
+    target: Labels,
+    port: tuple[str, int],
+    peer: Peer,
+    *,
+    same_namespace: bool,
+) -> bool:
+    """Whether `peer` may connect to the container port `port` (name, number)
+    of a pod labelled `target`, by this policy alone."""
+    spec = policy["spec"]
+    if not _selects(spec["podSelector"], target) or "Ingress" not in spec["policyTypes"]:
+        return True  # the policy does not isolate this pod's ingress
+    for rule in spec.get("ingress", []):
+        ports_ok = not rule.get("ports") or any(_port_matches(p, port) for p in rule["ports"])
+        peers = rule.get("from")
+        peer_ok = not peers or any(_peer_matches(e, peer, same_namespace) for e in peers)
+        if ports_ok and peer_ok:
+            return True
+    return False
