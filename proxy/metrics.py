@@ -35,6 +35,12 @@ from proxy.outcome import Outcome
 
 NAMESPACE = "tlsproxy"
 
+# The `reason` values of connections_rejected_total and of
+# backend_connect_failures_total, materialised at zero like the outcomes so
+# that increase() and alerts see the first refusal of a kind.
+REJECT_REASONS = ("max_connections", "fd_exhausted")
+BACKEND_FAILURE_REASONS = ("refused", "timeout", "unreachable", "resolve", "fd_exhausted")
+
 # A handshake on loopback takes ~1 ms; across the internet with a slow client
 # tens to hundreds of ms; the default handshake_timeout is 10 s. The buckets
 # cover that range with ~2.5x steps.
@@ -204,6 +210,10 @@ class ListenerMetrics:
 
     @classmethod
     def bind(cls, family: Metrics, name: str) -> ListenerMetrics:
+        for reason in REJECT_REASONS:
+            family.connections_rejected.labels(name, reason)
+        for reason in BACKEND_FAILURE_REASONS:
+            family.backend_connect_failures.labels(name, reason)
         return cls(
             name=name,
             family=family,

@@ -57,6 +57,24 @@ async def test_metrics_exports_every_published_name_with_its_type(proxy: Running
         assert families.get(name) == kind, name
 
 
+async def test_every_refusal_and_backend_failure_reason_is_exported_at_zero(
+    proxy: Running,
+) -> None:
+    """Alerts take increase() of these: a series born at 1 would hide the
+    first refusal of its kind."""
+    _, text = await scrape(proxy.admin_port)
+    values = {
+        (s.name, s.labels["reason"]): s.value
+        for f in text_string_to_metric_families(text)
+        for s in f.samples
+        if "reason" in s.labels and s.name.endswith("_total")
+    }
+    for reason in ("max_connections", "fd_exhausted"):
+        assert values[("tlsproxy_connections_rejected_total", reason)] == 0
+    for reason in ("refused", "timeout", "unreachable", "resolve", "fd_exhausted"):
+        assert values[("tlsproxy_backend_connect_failures_total", reason)] == 0
+
+
 async def test_certificate_expiry_is_exported_for_the_loaded_certificate(
     proxy: Running, certs: Certs
 ) -> None:

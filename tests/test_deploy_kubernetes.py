@@ -201,11 +201,12 @@ def test_every_container_is_non_root_read_only_unprivileged_and_bounded() -> Non
 def test_shutdown_drains_the_sidecar_before_the_app_stops_within_the_grace_period() -> None:
     resources = render(BASE)
     spec = pod_spec(resources)
-    sidecar_sleep = container(resources, "tlsproxy")["lifecycle"]["preStop"]["sleep"]["seconds"]
+    assert "lifecycle" not in container(resources, "tlsproxy")  # drain_delay does the wait
     app_sleep = container(resources, "app")["lifecycle"]["preStop"]["sleep"]["seconds"]
-    drain_timeout = sidecar_toml()["process"]["drain_timeout"]
+    process = sidecar_toml()["process"]
+    assert process["drain_delay"] >= 5, "endpoints need a few seconds to drop the pod"
 
-    drain_ends = sidecar_sleep + drain_timeout
+    drain_ends = process["drain_delay"] + process["drain_timeout"]
     assert app_sleep > drain_ends, "the app would get SIGTERM while connections still drain"
     assert spec["terminationGracePeriodSeconds"] > app_sleep, "no time left for the app to stop"
     budget = by_kind(resources)["PodDisruptionBudget"]["spec"]
