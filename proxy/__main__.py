@@ -27,6 +27,7 @@ from proxy.config import Config, ConfigError, default_config, load_config, with_
 from proxy.fdlimit import ensure_fd_limit
 from proxy.log import Logger, LogSink, make_logger
 from proxy.metrics import Metrics
+from proxy.openssl import PolicyUnavailable
 from proxy.server import Server, StartupError, State
 from proxy.watch import watch_files
 from proxy.workers import Supervisor, SupervisorLink, pin_ports, prepare_worker
@@ -129,9 +130,11 @@ def _run_logged(args: argparse.Namespace, config: Config, sink: LogSink) -> int:
     try:
         metrics = Metrics(CollectorRegistry())
         sink.count_drops(metrics.log_lines_dropped.inc)
-        server = Server(config, metrics, log, reuse_port=worker, admin=not worker)
+        server = Server(
+            config, metrics, log, reuse_port=worker, admin=not worker, count_reloads=not worker
+        )
         server.bind()
-    except StartupError as exc:
+    except (StartupError, PolicyUnavailable) as exc:
         log.error(str(exc))
         return EXIT_STARTUP
     except (OSError, ssl.SSLError) as exc:
@@ -156,12 +159,12 @@ def _supervise(config: Config, log: Logger, args: argparse.Namespace, sink: LogS
     for flag in RUN_FLAGS:
         if (value := getattr(args, flag)) is not None:
             command += [f"--{flag}", value]
-    supervisor = Supervisor(config, log, command)
+    supervisor = Supervisor(config, log, command, partial(_load_for_run, args))
     sink.count_drops(supervisor.metrics.count_log_drops)
     try:
         supervisor.bind()
         trio.run(supervisor.run)
-    except StartupError as exc:
+    except (StartupError, PolicyUnavailable) as exc:
         log.error(str(exc))
         return EXIT_STARTUP
     except (OSError, ssl.SSLError) as exc:
@@ -199,8 +202,8 @@ async def _serve(
     server: Server, log: Logger, load: Callable[[], Config], link: SupervisorLink | None
 ) -> None:
     async with trio.open_nursery() as nursery:
-        await nursery.start(_handle_signals, server, log, load, nursery)
-        if server.config.process.watch:
+        await nursery.start(_handle_signals, server, log, load, link, nursery)
+        if server.config.process.watch and link is None:  # a worker's supervisor watches
             nursery.start_soon(watch_files, server, load)
         if link is None:
             await server.run()
@@ -223,10 +226,19 @@ async def _serve_worker(server: Server, log: Logger, link: SupervisorLink) -> No
         await link.drain_when_gone(server, log)
 
 
+async def _reload(
+    server: Server, load: Callable[[], Config], link: SupervisorLink | None, trigger: str
+) -> None:
+    ok = await server.reload(load, trigger=trigger)
+    if link is not None:
+        await link.report_reload(ok)
+
+
 async def _handle_signals(
     server: Server,
     log: Logger,
     load: Callable[[], Config],
+    link: SupervisorLink | None,
     nursery: trio.Nursery,
     *,
     task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
@@ -236,7 +248,7 @@ async def _handle_signals(
         async for signum in signals:
             if signum == signal.SIGHUP:
                 log.info("SIGHUP received; reloading")
-                nursery.start_soon(partial(server.reload, load, trigger="SIGHUP"))
+                nursery.start_soon(_reload, server, load, link, "SIGHUP")
             elif server.state is State.DRAINING:
                 log.warning("second stop signal: exiting now without waiting for connections")
                 nursery.cancel_scope.cancel()

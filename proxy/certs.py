@@ -41,6 +41,7 @@ CLOCK_SKEW = timedelta(minutes=5)
 SELF_SIGNED_HOSTS = ("localhost", "127.0.0.1", "::1")
 
 PrivateKey = rsa.RSAPrivateKey | ec.EllipticCurvePrivateKey
+KeyType = Literal["rsa", "ecdsa"]  # the only key types _load_key accepts
 T = TypeVar("T")
 
 
@@ -59,6 +60,20 @@ class PairMaterial:
     cert_pem: bytes
     key_pem: bytes
     leaf: x509.Certificate  # what clients check and what expires
+
+    @property
+    def key_type(self) -> KeyType:
+        """The certificate slot OpenSSL keeps the pair in: one per key type."""
+        return "rsa" if isinstance(self.leaf.public_key(), rsa.RSAPublicKey) else "ecdsa"
+
+    @property
+    def dns_names(self) -> tuple[str, ...]:
+        """The leaf's DNS SANs: the names SNI selects it by."""
+        try:
+            san = self.leaf.extensions.get_extension_for_class(x509.SubjectAlternativeName)
+        except x509.ExtensionNotFound:
+            return ()
+        return tuple(san.value.get_values_for_type(x509.DNSName))
 
 
 @dataclass

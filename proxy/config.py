@@ -38,7 +38,7 @@ from pydantic import (
 )
 from pydantic_core import ErrorDetails, PydanticCustomError, core_schema
 
-from proxy import certs, sni
+from proxy import certs, openssl, sni
 
 
 class ConfigError(Exception):
@@ -278,6 +278,46 @@ def _cipher_string(ciphers: str) -> str:
     return ciphers
 
 
+def _group(name: str) -> str:
+    try:
+        openssl.set_groups(ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER), (name,))
+    except ValueError as exc:
+        raise ValueError(
+            f"unknown key-exchange group {name!r}; e.g. X25519, P-256, P-384 "
+            "(`openssl list -key-exchange-algorithms`)"
+        ) from exc
+    except openssl.PolicyUnavailable as exc:
+        raise ValueError(str(exc)) from exc
+    return name
+
+
+def _ciphersuite(name: str) -> str:
+    try:
+        openssl.set_ciphersuites(ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER), (name,))
+    except ValueError as exc:
+        raise ValueError(
+            f"unknown TLS 1.3 cipher suite {name!r}; one of TLS_AES_128_GCM_SHA256, "
+            "TLS_AES_256_GCM_SHA384, TLS_CHACHA20_POLY1305_SHA256, TLS_AES_128_CCM_SHA256"
+        ) from exc
+    except openssl.PolicyUnavailable as exc:
+        raise ValueError(str(exc)) from exc
+    return name
+
+
+# Mozilla's "intermediate" profile (version 5.7): its key-exchange groups and
+# TLS 1.3 suites, in its order.
+DEFAULT_GROUPS = ("X25519", "P-256", "P-384")
+DEFAULT_CIPHERSUITES = (
+    "TLS_AES_128_GCM_SHA256",
+    "TLS_AES_256_GCM_SHA384",
+    "TLS_CHACHA20_POLY1305_SHA256",
+)
+
+
+def _nonempty(what: str) -> AfterValidator:
+    return _require(lambda items: len(items) > 0, f"at least one {what} is required")
+
+
 Seconds = Annotated[float, PlainValidator(_seconds)]
 SecondsOrZero = Annotated[float, PlainValidator(_seconds_or_zero)]
 FilePath = Annotated[Path, PlainValidator(_file)]
@@ -357,6 +397,40 @@ class TLSConfig(_Model):
         Path | None, PlainValidator(_optional_file), AfterValidator(_client_ca)
     ] = None
     session_tickets: StrictBool = True
+    groups: Annotated[
+        tuple[Annotated[StrictStr, AfterValidator(_group)], ...], _nonempty("group")
+    ] = DEFAULT_GROUPS
+    ciphersuites: Annotated[
+        tuple[Annotated[StrictStr, AfterValidator(_ciphersuite)], ...],
+        _nonempty("cipher suite"),
+    ] = DEFAULT_CIPHERSUITES
+    keylog_file: Annotated[Path | None, PlainValidator(_optional_file)] = None
+
+    @model_validator(mode="after")
+    def one_pair_per_key_type_and_names(self) -> Self:
+        """An RSA and an ECDSA pair for the same names are both served; two
+        of one key type are not: OpenSSL would keep only the last loaded."""
+        first: dict[tuple[frozenset[str], str], int] = {}
+        errors: list[tuple[tuple[int | str, ...], str]] = []
+        for index, pair in enumerate(self.certificates):
+            if pair._material is None:  # check-config --no-files
+                continue
+            names = frozenset(sni.normalize(name) for name in pair.material.dns_names)
+            key = (names, pair.material.key_type)
+            if key in first:
+                errors.append(
+                    (
+                        ("certificates", index),
+                        f"certificates[{first[key]}] is also an {key[1].upper()} certificate "
+                        f"for exactly these names ({', '.join(sorted(names)) or 'none'}), so "
+                        "only one of them could be served; remove one",
+                    )
+                )
+            else:
+                first[key] = index
+        if errors:
+            raise PydanticCustomError(_LOCATED_ERRORS, "duplicate certificates", {"errors": errors})
+        return self
 
     @model_validator(mode="after")
     def client_auth_needs_a_ca(self) -> Self:

@@ -143,13 +143,24 @@ class Metrics:
         self.certificate_expiry = Gauge(
             "certificate_expiry_timestamp_seconds",
             "Not-after time of each loaded certificate, as a Unix timestamp.",
-            ["listener", "subject"],
+            ["listener", "subject", "key_type"],
             namespace=NAMESPACE,
             registry=registry,
             # Workers reload on their own (SIGHUP, file watch): the earliest
             # expiry any running worker still serves is the one to act on,
             # as with two certificates of one subject.
             multiprocess_mode="livemin",
+        )
+        self.connections_max = Gauge(
+            "connections_max",
+            "The configured max_connections of each listener.",
+            ["listener"],
+            namespace=NAMESPACE,
+            registry=registry,
+            # Each worker enforces the limit on its own connections, so the
+            # daemon holds up to the sum over the live workers, which is also
+            # how connections_active merges: their ratio stays the alert's.
+            multiprocess_mode="livesum",
         )
         self.internal_errors = Counter(
             "internal_errors",
@@ -161,15 +172,7 @@ class Metrics:
         self.log_lines_dropped = Counter(
             LOG_LINES_DROPPED, LOG_LINES_DROPPED_HELP, namespace=NAMESPACE, registry=registry
         )
-        self.config_reloads = Counter(
-            "config_reloads",
-            "Configuration reloads by result.",
-            ["result"],
-            namespace=NAMESPACE,
-            registry=registry,
-        )
-        for result in ("success", "failure"):
-            self.config_reloads.labels(result)  # at zero, so increase() sees the first failure
+        self.config_reloads = reload_counter(registry)
         self.build_info = Gauge(
             "build_info",
             "Always 1; the labels say what is running.",
@@ -251,6 +254,22 @@ class ListenerMetrics:
         self.family.backend_connect_failures.labels(self.name, reason).inc()
 
 
+CONFIG_RELOADS = "config_reloads"
+
+
+def reload_counter(registry: CollectorRegistry) -> Counter:
+    counter = Counter(
+        CONFIG_RELOADS,
+        "Configuration reloads by result.",
+        ["result"],
+        namespace=NAMESPACE,
+        registry=registry,
+    )
+    for result in ("success", "failure"):
+        counter.labels(result)  # at zero, so increase() sees the first failure
+    return counter
+
+
 class SupervisorMetrics:
     """The supervisor's own metrics with `workers > 1`, served beside the
     workers' merged ones. The supervisor does not run in multiprocess mode:
@@ -267,6 +286,9 @@ class SupervisorMetrics:
             namespace=NAMESPACE,
             registry=registry,
         )
+        # The daemon's reloads: the workers' own count stays at zero (each
+        # answers the supervisor instead), and the scrape shows this one.
+        self.config_reloads = reload_counter(registry)
 
     def count_log_drops(self, count: int) -> None:
         """The log sink's drop callback (called under the sink's lock)."""
@@ -286,6 +308,8 @@ class MergedWorkers(Collector):
         own = self._supervisor.log_lines_dropped
         merged = False
         for family in self._workers.collect():  # type: ignore[no-untyped-call]
+            if family.name == f"{NAMESPACE}_{CONFIG_RELOADS}":
+                continue  # the workers' zeros; the supervisor's own count is served
             if family.name == name:
                 family.samples = [
                     s._replace(value=s.value + own) if s.name == f"{name}_total" else s

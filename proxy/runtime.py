@@ -19,6 +19,15 @@ from proxy.tls import build_context
 def build_runtime(
     lc: ListenerConfig, config: Config, metrics: Metrics, log: Logger
 ) -> ListenerRuntime:
+    """The listener's runtime; warns, at start and on every reload, while it
+    writes the TLS secrets to a key log."""
+    if lc.tls.keylog_file is not None:
+        log.warning(
+            "keylog_file is set: the TLS secrets of every connection are written to it, "
+            "so anyone who can read it can decrypt the traffic; for debugging only",
+            listener=lc.name,
+            keylog_file=str(lc.tls.keylog_file),
+        )
     return ListenerRuntime(
         config=lc,
         context=build_context(lc.tls),
@@ -33,22 +42,24 @@ def build_runtimes(config: Config, metrics: Metrics, log: Logger) -> list[Listen
     return [build_runtime(lc, config, metrics, log) for lc in config.listeners]
 
 
-# (listener, certificate subject) -> the earliest expiry, a Unix timestamp
-Expiries = dict[tuple[str, str], float]
+# (listener, certificate subject, key type) -> the earliest expiry, a Unix timestamp
+Expiries = dict[tuple[str, str, str], float]
 
 
 def certificate_expiries(config: Config) -> Expiries:
     """The expiry of exactly the certificates `config` serves, from what its
     validation read (no I/O): computed with the build, published by the swap.
 
-    Two certificates can share a subject (an RSA and an ECDSA one for the
-    same name): the series shows the earlier expiry, the one to act on.
+    An RSA and an ECDSA certificate for one name usually share their subject
+    and are renewed apart: the key type keeps their series apart. Two of one
+    subject and key type (for different names) show the earlier expiry, the
+    one to act on.
     """
     earliest: Expiries = {}
     for lc in config.listeners:
         for pair in lc.tls.certificates:
             leaf = pair.material.leaf
-            labels = (lc.name, leaf.subject.rfc4514_string())
+            labels = (lc.name, leaf.subject.rfc4514_string(), pair.material.key_type)
             expiry = leaf.not_valid_after_utc.timestamp()
             earliest[labels] = min(expiry, earliest.get(labels, expiry))
     return earliest
@@ -59,3 +70,10 @@ def export_certificates(expiries: Expiries, metrics: Metrics) -> None:
     metrics.certificate_expiry.clear()
     for labels, expiry in expiries.items():
         metrics.certificate_expiry.labels(*labels).set(expiry)
+
+
+def export_limits(config: Config, metrics: Metrics) -> None:
+    """Publish each listener's max_connections, so alerts can use a ratio."""
+    metrics.connections_max.clear()
+    for lc in config.listeners:
+        metrics.connections_max.labels(lc.name).set(lc.max_connections)

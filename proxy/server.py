@@ -37,7 +37,13 @@ from proxy.config import Address, Config, ConfigError, addresses_overlap, format
 from proxy.connection import ConnectionSet, ListenerRuntime, ListenerState, handle_connection
 from proxy.log import Logger
 from proxy.metrics import Metrics
-from proxy.runtime import Expiries, build_runtimes, certificate_expiries, export_certificates
+from proxy.runtime import (
+    Expiries,
+    build_runtimes,
+    certificate_expiries,
+    export_certificates,
+    export_limits,
+)
 
 # Pending connections the kernel queues per listener before refusing SYNs.
 # Matches the Linux default somaxconn of 4096 (since 5.4); HAProxy uses the
@@ -110,12 +116,15 @@ class Server:
         *,
         reuse_port: bool = False,
         admin: bool = True,
+        count_reloads: bool = True,
     ) -> None:
         self.config = config
         self.metrics = metrics
         self.log = log
         self._reuse_port = reuse_port  # a worker: the port is shared with the other workers
         self._with_admin = admin  # False in a worker: the supervisor serves the admin endpoint
+        # False in a worker: it tells the supervisor, which counts the daemon's reloads
+        self._count_reloads = count_reloads
         self._is_bound = False
         self.state = State.STARTING
         self.connections = ConnectionSet()
@@ -123,6 +132,7 @@ class Server:
         self._reload_lock = trio.Lock()
         self._runtimes = build_runtimes(config, metrics, log)
         export_certificates(certificate_expiries(config), metrics)
+        export_limits(config, metrics)
         self._bound: dict[Address, _Listener] = {}
         self._admin_socket: socket.socket | None = None
         self._accepting: trio.Nursery | None = None  # accept loops; None once draining
@@ -289,7 +299,8 @@ class Server:
             except StartupError as exc:
                 self._reload_failed(trigger, [str(exc)])
                 return False
-            self.metrics.config_reloads.labels("success").inc()
+            if self._count_reloads:
+                self.metrics.config_reloads.labels("success").inc()
             self.log.info("config reloaded", trigger=trigger, listeners=len(runtimes))
             return True
 
@@ -325,6 +336,7 @@ class Server:
         self.config = config
         self._runtimes = runtimes
         export_certificates(expiries, self.metrics)
+        export_limits(config, self.metrics)
 
     def _bind_added(self, runtimes: list[ListenerRuntime]) -> dict[Address, _Listener]:
         """Bind every address not bound yet (all at start-up); all or none.
@@ -379,7 +391,8 @@ class Server:
     def _reload_failed(
         self, trigger: str, errors: list[str], unexpected: Exception | None = None
     ) -> None:
-        self.metrics.config_reloads.labels("failure").inc()
+        if self._count_reloads:
+            self.metrics.config_reloads.labels("failure").inc()
         for error in errors:
             self.log.error(
                 "reload rejected; the previous config keeps serving",

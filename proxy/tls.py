@@ -10,9 +10,18 @@ served is what was checked, and what the expiry metric shows, even if the
 files change on disk meanwhile (the client CA bundle is read from its file
 here). It is the only place OpenSSL parses certificates, keys and cipher
 strings: once per listener at start-up or reload, never per handshake. It
-builds one complete `SSLContext` per configured certificate, all with the
-same policy (versions, ciphers, ALPN, client CA, tickets), and returns the
-first one, the default, which every connection is wrapped with.
+builds one complete `SSLContext` per set of certificates served together,
+all with the same policy (versions, ciphers, groups, TLS 1.3 suites, ALPN,
+client CA, tickets, key log), and returns the first one, the default, which
+every connection is wrapped with.
+
+A set is one certificate, or an RSA and an ECDSA one whose names overlap
+(`serving_sets`): `load_cert_chain` on one context keeps one pair per key
+type, and OpenSSL picks, per handshake, the one the client's
+signature_algorithms (and, in TLS 1.2, its cipher list) allow. A client
+that accepts both gets the ECDSA one: with OP_CIPHER_SERVER_PREFERENCE our
+order decides, and ECDSA comes first in our TLS 1.2 ciphers and in OpenSSL's
+signature algorithms. SNI picks the set first, by the names of its pairs.
 
 SNI selection happens in that context's `sni_callback`, which OpenSSL calls
 once per handshake right after reading the ClientHello (with `None` when the
@@ -54,8 +63,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
-from cryptography import x509
-
+from proxy import openssl
 from proxy.certs import PairMaterial
 from proxy.clienthello import ClientHello
 from proxy.config import CertificatePair, TLSConfig
@@ -65,7 +73,8 @@ from proxy.sni import NameTable
 # Mozilla's "intermediate" profile for TLS 1.2, narrowed to ECDHE key exchange
 # with AEAD ciphers: forward secrecy always, no CBC, no static RSA, no DHE
 # (finite-field DH parameters are slow and rarely needed by modern clients).
-# TLS 1.3 suites are OpenSSL's defaults, which Python's ssl cannot change.
+# The TLS 1.3 suites and the groups are the listener's `ciphersuites` and
+# `groups` (proxy.openssl sets them).
 DEFAULT_TLS12_CIPHERS = ":".join(
     (
         "ECDHE-ECDSA-AES128-GCM-SHA256",
@@ -122,29 +131,66 @@ def build_context(tls: TLSConfig) -> ssl.SSLContext:
     """The default certificate's context, selecting the others by SNI.
 
     Raises ssl.SSLError/OSError/ValueError on unusable material (the config
-    checks make that rare: a file changed between check and load).
+    checks make that rare: a file changed between check and load), and
+    openssl.PolicyUnavailable when the groups or suites cannot be set.
     """
-    contexts = [_certificate_context(tls, pair) for pair in tls.certificates]
+    served = serving_sets(tls.certificates)
+    if tls.keylog_file is not None:
+        create_private_file(tls.keylog_file)
+    contexts = [_certificate_context(tls, pairs) for pairs in served]
     names = NameTable(
         (name, context)
-        for pair, context in zip(tls.certificates, contexts, strict=True)
-        for name in certificate_names(pair)
+        for pairs, context in zip(served, contexts, strict=True)
+        for name in dict.fromkeys(name for pair in pairs for name in pair.material.dns_names)
     )
     default = contexts[0]
     default.sni_callback = _SNISelector(names, frozenset(a.encode() for a in tls.alpn))
     return default
 
 
-def _certificate_context(tls: TLSConfig, pair: CertificatePair) -> ssl.SSLContext:
+def serving_sets(pairs: tuple[CertificatePair, ...]) -> list[list[CertificatePair]]:
+    """The pairs grouped into contexts: a pair joins the first group that
+    shares a DNS name with it and holds no pair of its key type (an RSA and an
+    ECDSA certificate for one name, served by the client's signature
+    algorithms), else starts its own. The group of the first pair comes first.
+    """
+    groups: list[tuple[set[str], list[CertificatePair]]] = []
+    for pair in pairs:
+        names = set(pair.material.dns_names)
+        kind = pair.material.key_type
+        for group_names, members in groups:
+            if group_names & names and all(m.material.key_type != kind for m in members):
+                group_names.update(names)
+                members.append(pair)
+                break
+        else:
+            groups.append((names, [pair]))
+    return [members for _, members in groups]
+
+
+def create_private_file(path: Path) -> None:
+    """Make sure `path` exists readable by us only before OpenSSL opens it
+    (Python's keylog_filename would create it with the umask's mode)."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o600)
+    try:
+        os.fchmod(fd, 0o600)
+    finally:
+        os.close(fd)
+
+
+def _certificate_context(tls: TLSConfig, pairs: list[CertificatePair]) -> ssl.SSLContext:
     context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     context.minimum_version = _MIN_VERSIONS[tls.min_version]
     context.set_ciphers(tls.ciphers or DEFAULT_TLS12_CIPHERS)
+    openssl.set_groups(context, tls.groups)
+    openssl.set_ciphersuites(context, tls.ciphersuites)
     # Renegotiation off, compression off (CRIME), and our cipher order, not
     # the client's: with ECDHE+AEAD only, every choice is a good one.
     context.options |= (
         ssl.OP_NO_RENEGOTIATION | ssl.OP_NO_COMPRESSION | ssl.OP_CIPHER_SERVER_PREFERENCE
     )
-    _load_pair(context, pair.material)
+    for pair in pairs:  # one per key type: OpenSSL keeps each in its own slot
+        _load_pair(context, pair.material)
     if tls.alpn:
         context.set_alpn_protocols(list(tls.alpn))
     context.verify_mode = _VERIFY_MODES[tls.client_auth]
@@ -155,6 +201,8 @@ def _certificate_context(tls: TLSConfig, pair: CertificatePair) -> ssl.SSLContex
         # backed by its session cache; zero tickets means no resumption at all.
         context.options |= ssl.OP_NO_TICKET
         context.num_tickets = 0
+    if tls.keylog_file is not None:
+        context.keylog_filename = str(tls.keylog_file)
     return context
 
 
@@ -189,16 +237,6 @@ def _pem_file(pem: bytes) -> Iterator[str]:
             path.touch(mode=0o600)
             path.write_bytes(pem)
             yield str(path)
-
-
-def certificate_names(pair: CertificatePair) -> Iterator[str]:
-    """The DNS names of a certificate's leaf (its SAN), what SNI selects on."""
-    leaf = pair.material.leaf
-    try:
-        san = leaf.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
-    except x509.ExtensionNotFound:
-        return
-    yield from san.get_values_for_type(x509.DNSName)
 
 
 class _SNISelector:

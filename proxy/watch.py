@@ -20,11 +20,20 @@ from __future__ import annotations
 import os
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Protocol
 
 import trio
 
 from proxy.config import Config
-from proxy.server import Server
+
+
+class Reloadable(Protocol):
+    """What the watch reloads: a Server, or with workers > 1 the supervisor."""
+
+    config: Config
+
+    async def reload(self, load: Callable[[], Config], *, trigger: str) -> bool: ...
+
 
 # Seconds between polls. Kubernetes propagates a Secret update to the mount
 # within its sync period (about a minute), so a second is plenty.
@@ -68,7 +77,7 @@ def snapshot(paths: Iterator[Path]) -> Snapshot:
 
 
 async def watch_files(
-    server: Server,
+    server: Reloadable,
     load: Callable[[], Config],
     *,
     task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
@@ -100,7 +109,7 @@ def _rebase(now: Snapshot, config: Config) -> Snapshot:
     return snapshot(iter(paths))
 
 
-async def _settle(server: Server, now: Snapshot) -> Snapshot:
+async def _settle(server: Reloadable, now: Snapshot) -> Snapshot:
     while True:
         await trio.sleep(SETTLE)
         again = snapshot(watched_paths(server.config))
@@ -109,7 +118,7 @@ async def _settle(server: Server, now: Snapshot) -> Snapshot:
         now = again
 
 
-async def _retry(server: Server, load: Callable[[], Config], seen: Snapshot) -> None:
+async def _retry(server: Reloadable, load: Callable[[], Config], seen: Snapshot) -> None:
     """Retry a failed reload while the files stay as they were; a newer change
     ends the retries and is picked up by the main loop."""
     for delay in RETRY_BACKOFF:

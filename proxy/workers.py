@@ -25,9 +25,12 @@ Theory of operation. With `[process] workers = N` (N > 1) the process that
 
 Signals go to the supervisor only: workers run in their own session, so a
 terminal's Ctrl-C does not reach them twice. SIGHUP is forwarded to every
-worker and each reloads the config itself, exactly as one process does (and
-as its file watch does anyway): a bad config is rejected by each worker,
-which keeps the old one. SIGTERM/SIGINT mark the supervisor draining
+worker and each reloads the config itself, exactly as one process does: a
+bad config is rejected by each worker, which keeps the old one. Each worker
+answers on its link (`reloaded` or `reload rejected`), and the supervisor
+counts the daemon's one reload once all have answered: a failure if any
+rejected it. The file watch runs in the supervisor, not in the workers, so
+one change is one such reload too. SIGTERM/SIGINT mark the supervisor draining
 (/readyz 503) and are forwarded; each worker drains and exits, and the
 supervisor exits 0 once all have. A second signal is forwarded too, which
 makes each worker exit at once.
@@ -49,8 +52,10 @@ import socket
 import subprocess
 import tempfile
 import warnings
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
+from contextlib import suppress
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 import trio
@@ -58,11 +63,12 @@ from prometheus_client import CollectorRegistry
 from prometheus_client.multiprocess import mark_process_dead
 
 from proxy.admin import Admin
-from proxy.config import Address, Config, format_sockaddr
+from proxy.config import Address, Config, ConfigError, format_sockaddr
 from proxy.log import Logger
 from proxy.metrics import MergedWorkers, SupervisorMetrics
 from proxy.server import Server, StartupError, State, bind_socket
 from proxy.tls import build_context
+from proxy.watch import watch_files
 
 METRICS_DIR_ENV = "TLSPROXY_METRICS_DIR"
 MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
@@ -83,7 +89,14 @@ WORKER_START_TIMEOUT = 30.0
 # Seconds workers get to exit after a second stop signal before SIGKILL.
 EXIT_GRACE = 5.0
 
+# Bytes read from a worker's control link at once: its messages are a few bytes.
+CONTROL_READ = 256
+
 READY = b"ready\n"
+# A worker's answer to each SIGHUP, on the same link: the supervisor counts
+# one reload per SIGHUP (or file change), not one per worker.
+RELOADED = b"reloaded\n"
+RELOAD_REJECTED = b"reload rejected\n"
 
 
 # ---------------------------------------------------------------------------
@@ -98,6 +111,9 @@ class SupervisorLink:
 
     async def report_ready(self) -> None:
         await self._sock.send(READY)
+
+    async def report_reload(self, ok: bool) -> None:
+        await self._sock.send(RELOADED if ok else RELOAD_REJECTED)
 
     async def drain_when_gone(self, server: Server, log: Logger) -> None:
         """The supervisor never writes: EOF means it died. Drain then, so no
@@ -149,14 +165,43 @@ class _Worker:
     restarts: int  # of this slot, before this process
     ready: bool = False
     reload_pending: bool = False  # a SIGHUP arrived before it could take one
+    reloading: _Reload | None = None  # the reload whose answer it owes
+
+
+class _Reload:
+    """One reload of the daemon: the workers sent SIGHUP, and their answers."""
+
+    def __init__(self, workers: Iterable[_Worker]) -> None:
+        self.waiting = set(workers)
+        self.rejected = 0
+        self.done = trio.Event()
+        for worker in self.waiting:
+            worker.reloading = self
+        self._check()
+
+    def answer(self, worker: _Worker, ok: bool | None) -> None:
+        """`ok` None: the worker exited without answering; a restarted one
+        reads the config file as it is then, so it neither passes nor fails."""
+        worker.reloading = None
+        self.waiting.discard(worker)
+        self.rejected += ok is False
+        self._check()
+
+    def _check(self) -> None:
+        if not self.waiting:
+            self.done.set()
 
 
 class Supervisor:
     """Starts, watches, signals and restarts the workers; serves the admin endpoint."""
 
-    def __init__(self, config: Config, log: Logger, command: Sequence[str]) -> None:
+    def __init__(
+        self, config: Config, log: Logger, command: Sequence[str], load: Callable[[], Config]
+    ) -> None:
         self.config = config
         self.log = log
+        self._load = load  # the config as `run` reads it: for the file watch's paths
+        self._reload_lock = trio.Lock()
         self.command = list(command)  # `python -m proxy worker` and the run flags
         self.count = config.process.workers
         self.state = State.STARTING
@@ -245,6 +290,9 @@ class Supervisor:
         admin = Admin(self.registry, self.is_ready, self.log)
         async with trio.open_nursery() as nursery:
             await nursery.start(self._handle_signals, nursery)
+            if self.config.process.watch:
+                # One watch for the daemon, here: one file change, one reload.
+                nursery.start_soon(watch_files, self, self._load)
             address = await nursery.start(admin.serve, self._admin_socket)
             self.log.info("admin listening", address=format_sockaddr(address))
             async with trio.open_nursery() as slots:
@@ -270,7 +318,7 @@ class Supervisor:
             async for signum in signals:
                 if signum == signal.SIGHUP:
                     self.log.info("SIGHUP received; every worker reloads the config")
-                    self._forward_reload()
+                    nursery.start_soon(partial(self.reload, self._load, trigger="SIGHUP"))
                 elif self.state is State.DRAINING:
                     self.log.warning(
                         "second stop signal: exiting now without waiting for connections"
@@ -283,14 +331,43 @@ class Supervisor:
                     )
                     self.request_drain()
 
-    def _forward_reload(self) -> None:
+    async def reload(self, load: Callable[[], Config], *, trigger: str) -> bool:
+        """One reload of the daemon: every worker reloads, and it is counted
+        once, a failure if any worker rejected it. Never raises.
+
+        One at a time, so each worker owes at most one answer. Then `load`
+        (in a thread) gives the file watch the files the new config names.
+        """
+        async with self._reload_lock:
+            if self.state is not State.SERVING:
+                self.log.warning("reload ignored: not serving", trigger=trigger)
+                return False
+            reload = _Reload(self._forward_reload())
+            await reload.done.wait()
+            ok = reload.rejected == 0
+            result = "success" if ok else "failure"
+            self.metrics.config_reloads.labels(result).inc()
+            self.log.info(
+                "reload counted", trigger=trigger, result=result, rejected_by=reload.rejected
+            )
+            if not ok:
+                return False
+            with suppress(ConfigError, OSError, ValueError):  # changed again: seen by the watch
+                self.config = await trio.to_thread.run_sync(load)
+            return True
+
+    def _forward_reload(self) -> list[_Worker]:
+        """SIGHUP to every ready worker (those are the ones to answer)."""
+        signalled = []
         for worker in self.workers.values():
             if worker.ready:
                 worker.process.send_signal(signal.SIGHUP)
+                signalled.append(worker)
             else:
                 # WARNING: SIGHUP kills a Python process that has not yet
                 # installed its handler; send it once the worker is ready.
                 worker.reload_pending = True
+        return signalled
 
     def _signal_all(self, signum: int) -> None:
         for worker in self.workers.values():
@@ -368,6 +445,8 @@ class Supervisor:
                     watch.cancel_scope.cancel()
         finally:
             del self.workers[slot]
+            if worker.reloading is not None:
+                worker.reloading.answer(worker, None)
             if process.returncode is None:  # we are being cancelled
                 process.kill()
                 with trio.CancelScope(shield=True):
@@ -377,16 +456,29 @@ class Supervisor:
         return process.pid, process.returncode
 
     async def _await_ready(self, worker: _Worker, control: trio.socket.SocketType) -> None:
-        with trio.move_on_after(WORKER_START_TIMEOUT):
-            if await control.recv(len(READY)) == READY:
-                self._ready(worker)
-            return  # EOF: it exited before being ready; _run_worker sees that
-        self.log.error(
-            f"worker not ready after {WORKER_START_TIMEOUT:g} s; killing it",
-            slot=worker.slot,
-            worker_pid=worker.process.pid,
-        )
-        worker.process.kill()
+        """Wait for `ready`, then take the worker's answers to reloads."""
+        ready = False
+        with trio.move_on_after(WORKER_START_TIMEOUT) as starting:
+            ready = await control.recv(len(READY)) == READY
+        if starting.cancelled_caught:
+            self.log.error(
+                f"worker not ready after {WORKER_START_TIMEOUT:g} s; killing it",
+                slot=worker.slot,
+                worker_pid=worker.process.pid,
+            )
+            worker.process.kill()
+        elif ready:  # else EOF: it exited; _run_worker sees that
+            self._ready(worker)
+            await self._take_answers(worker, control)
+
+    async def _take_answers(self, worker: _Worker, control: trio.socket.SocketType) -> None:
+        pending = b""
+        while chunk := await control.recv(CONTROL_READ):
+            pending += chunk
+            *lines, pending = pending.split(b"\n")
+            for line in lines:
+                if worker.reloading is not None:  # else: a SIGHUP sent at its start
+                    worker.reloading.answer(worker, line + b"\n" == RELOADED)
 
     def _ready(self, worker: _Worker) -> None:
         worker.ready = True

@@ -235,8 +235,8 @@ def test_sidecar_config_passes_check_config_with_the_secret_projected_beside_it(
     assert "ok (1 listener(s))" in result.stdout
 
 
-def test_connections_alert_threshold_matches_the_sidecars_max_connections() -> None:
-    # the daemon does not export its limit, so the alert hard-codes 80% of it
+def test_connections_alert_is_a_ratio_against_the_exported_limit() -> None:
+    # the daemon exports max_connections, so no limit is written into the rule
     rules = yaml.safe_load((REPO / "deploy" / "prometheus" / "rules.yml").read_text())
     (rule,) = [
         r
@@ -245,4 +245,5 @@ def test_connections_alert_threshold_matches_the_sidecars_max_connections() -> N
         if r["alert"] == "TLSProxyConnectionsNearLimit"
     ]
     limit = sidecar_toml()["listeners"][0]["max_connections"]
-    assert f"> 0.8 * {limit}" in rule["expr"]
+    assert "tlsproxy_connections_active / tlsproxy_connections_max" in rule["expr"]
+    assert str(limit) not in rule["expr"]

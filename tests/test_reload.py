@@ -27,7 +27,7 @@ from proxy.runtime import build_runtimes
 from proxy.server import State
 from proxy.watch import watch_files
 from tests import pki
-from tests.daemon import Daemon, config_text, listener_table, run_daemon
+from tests.daemon import Daemon, config_text, listener_table, run_daemon, toml_str
 from tests.helpers import (
     STEP,
     Certs,
@@ -400,10 +400,15 @@ async def _overlap_sighup_with_sigterm(
     await trio.Path(directory).mkdir()
     text = config_text(certs.cert, certs.key, backend_port=echo_port, drain_timeout=STEP)
     pair = text.partition("certificates = [")[2].partition("]")[0]
+    others = []
+    for index in range(1, OVERLAP_CERTIFICATES):  # each for its own name: all are served
+        leaf = certs.ca.issue_cert(f"overlap{index}.example")
+        cert, key = directory / f"overlap{index}.crt", directory / f"overlap{index}.key"
+        cert.write_bytes(b"".join(blob.bytes() for blob in leaf.cert_chain_pems))
+        key.write_bytes(leaf.private_key_pem.bytes())
+        others.append(f"{{ cert = {toml_str(cert)}, key = {toml_str(key)} }}")
     config_file = directory / "tlsproxy.toml"
-    await trio.Path(config_file).write_text(
-        text.replace(pair, ", ".join([pair] * OVERLAP_CERTIFICATES))
-    )
+    await trio.Path(config_file).write_text(text.replace(pair, ", ".join([pair, *others])))
     context = certs.client_context()
     stopping = False
     served = 0

@@ -249,6 +249,72 @@ async def test_sighup_makes_every_worker_serve_the_new_certificate(
         assert await daemon.exit_code() == 0
 
 
+async def _reloads(admin_port: int) -> tuple[float, float]:
+    _, text = await scrape(admin_port)
+    return (
+        sample(text, "tlsproxy_config_reloads_total", result="success"),
+        sample(text, "tlsproxy_config_reloads_total", result="failure"),
+    )
+
+
+async def test_one_sighup_is_one_reload_and_a_bad_config_one_failure(
+    nursery: trio.Nursery, tmp_path: Path, certs: Certs, echo_port: int
+) -> None:
+    config = tmp_path / "tlsproxy.toml"
+    config.write_text(_config(certs.cert, certs.key, echo_port))
+
+    async with _workers(nursery, tmp_path, config, errors_expected=True) as (
+        daemon,
+        _,
+        admin_port,
+        pids,
+    ):
+        assert await _reloads(admin_port) == (0.0, 0.0)
+        daemon.signal(signal.SIGHUP)
+        for pid in pids:
+            await daemon.wait_for("config reloaded", trigger="SIGHUP", pid=pid)
+        await daemon.wait_until(
+            lambda: daemon.find("reload counted", result="success") is not None, "the count"
+        )
+        assert await _reloads(admin_port) == (1.0, 0.0)
+
+        config.write_text(config.read_text() + "\nunknown_key = 1\n")
+        daemon.signal(signal.SIGHUP)
+        await daemon.wait_until(
+            lambda: daemon.find("reload counted", result="failure") is not None, "the failure"
+        )
+        rejected = [
+            e for e in daemon.events if e.get("event", "").startswith("reload rejected; the prev")
+        ]
+        assert {e["pid"] for e in rejected} == set(pids)
+        assert await _reloads(admin_port) == (1.0, 1.0)
+
+        daemon.signal(signal.SIGTERM)
+        assert await daemon.exit_code() == 0
+
+
+async def test_a_file_change_is_one_reload_watched_by_the_supervisor(
+    nursery: trio.Nursery, tmp_path: Path, certs: Certs, echo_port: int
+) -> None:
+    config = tmp_path / "tlsproxy.toml"
+    text = config_text(
+        certs.cert, certs.key, backend_port=echo_port, process_lines="workers = 2\nwatch = true"
+    )
+    config.write_text(text)
+    async with _workers(nursery, tmp_path, config) as (daemon, _, admin_port, pids):
+        staged = config.with_name("staged.toml")
+        staged.write_text(text.replace("drain_timeout = 30.0", "drain_timeout = 29.0"))
+        staged.replace(config)
+        for pid in pids:  # the supervisor saw the change and signalled them
+            await daemon.wait_for("config reloaded", trigger="SIGHUP", pid=pid)
+        await daemon.wait_for("reload counted", trigger="file change", result="success")
+        assert await _reloads(admin_port) == (1.0, 0.0)
+        daemon.signal(signal.SIGTERM)
+        assert await daemon.exit_code() == 0
+    reloaded = [e for e in daemon.events if e.get("event") == "config reloaded"]
+    assert sorted(e["pid"] for e in reloaded) == sorted(pids)
+
+
 PAYLOAD_SIZE = 4 * 1024 * 1024
 
 
