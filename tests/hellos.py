@@ -52,3 +52,15 @@ def captured_hello(context: ssl.SSLContext, server_hostname: str | None = "local
     with contextlib.suppress(ssl.SSLWantReadError):
         obj.do_handshake()
     return outgoing.read()
+
+
+def hello_message(stream: bytes) -> bytes:
+    """The first handshake message in a stream of whole handshake records: the
+    tests' own reading of a captured hello, independent of `proxy.clienthello`."""
+    body = bytearray()
+    pos = 0
+    while pos + 5 <= len(stream):
+        length = int.from_bytes(stream[pos + 3 : pos + 5], "big")
+        body += stream[pos + 5 : pos + 5 + length]
+        pos += 5 + length
+    return bytes(body[: 4 + int.from_bytes(body[1:4], "big")])
