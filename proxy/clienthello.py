@@ -221,6 +221,20 @@ def _parse(r: _Reader) -> ClientHello | None:
     )
 
 
+def refusal(hello: ClientHello) -> str | None:
+    """Why a parsed hello must not reach OpenSSL, or None.
+
+    A host_name with a byte beyond ASCII (RFC 6066, section 3, says it is
+    ASCII): CPython's ssl decodes the name as ASCII before it calls the SNI
+    callback, and when that fails it prints an "Exception ignored" traceback
+    on stderr, the daemon's JSON log stream, once per such connection, and
+    fails the handshake with an internal_error alert.
+    """
+    if hello.server_name is not None and not hello.server_name.isascii():
+        return "the server name is not ASCII (RFC 6066, section 3)"
+    return None
+
+
 def _r(data: bytes | None, length_bytes: int) -> _Reader:
     return _Reader(b"") if data is None else _Reader(data).vector(length_bytes)
 

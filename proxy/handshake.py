@@ -49,6 +49,7 @@ exactly one `Outcome` by the pure functions in `proxy.outcome`.
 
 from __future__ import annotations
 
+import contextlib
 import socket
 import ssl
 from dataclasses import dataclass
@@ -61,6 +62,15 @@ from proxy.clienthello import HANDSHAKE_RECORD, RECORD_HEADER
 from proxy.outcome import Outcome, classify
 from proxy.tls import HandshakeNotes, attach_notes
 from proxy.tlsio import TLSConn
+
+# A fatal unrecognized_name alert (RFC 6066, section 3) in a plaintext record:
+# what OpenSSL sends for a host name it cannot use, and what a hello we refuse
+# gets.
+UNRECOGNIZED_NAME_ALERT = bytes.fromhex("15 03 03 00 02 02 70")
+
+
+class HelloRefused(Exception):
+    """The ClientHello was refused before OpenSSL saw it (`clienthello.refusal`)."""
 
 
 @dataclass(slots=True)
@@ -166,10 +176,20 @@ class _Loop:
             data += chunk
             progress = reader.feed(chunk)
             if progress is clienthello.DONE:
-                self.notes.hello = clienthello.parse(reader.message)
+                hello = self.notes.hello = clienthello.parse(reader.message)
+                if hello is not None and (why := clienthello.refusal(hello)):
+                    self._refuse(why)
             if progress is not clienthello.NEED_MORE:
                 break
         return bytes(data)
+
+    def _refuse(self, why: str) -> None:
+        """End the handshake before OpenSSL sees the hello, the client told
+        why as OpenSSL tells it of a host name it cannot use."""
+        self.notes.refused = Outcome.PROTOCOL_ERROR
+        with contextlib.suppress(OSError):
+            self.sock.send(UNRECOGNIZED_NAME_ALERT)
+        raise HelloRefused(why)
 
     async def _recv(self) -> bytes:
         """The next bytes from the client, b"" at EOF.

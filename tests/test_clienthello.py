@@ -17,7 +17,7 @@ import trio.testing
 from proxy import clienthello
 from proxy.ja4 import ja4
 from tests.daemon import run_daemon, write_config
-from tests.hellos import captured_hello, client_hello, hello_message, records, sni
+from tests.hellos import captured_hello, client_hello, extension, hello_message, records, sni, vec
 from tests.helpers import STEP, BioClient, Certs, Running, echo_handler, raw_connect, start_backend
 
 
@@ -104,6 +104,26 @@ def test_a_hello_of_3_kb_in_1_byte_records_is_within_the_read_budget() -> None:
 def test_parse_rejects_truncated_messages(cut: int) -> None:
     message = client_hello([0x1301], [sni("a.test")])
     assert clienthello.parse(message[:cut]) is None
+
+
+def _host_name(name: bytes) -> bytes:
+    return extension(0x0000, vec(b"\x00" + vec(name, 2), 2))
+
+
+@pytest.mark.parametrize(
+    ("extensions", "refused"),
+    [
+        ([], False),
+        ([_host_name(b"localhost")], False),
+        ([_host_name(b"xn--bcher-kva.example")], False),
+        ([_host_name(b"l\xf8calhost")], True),
+        ([_host_name("bücher.example".encode())], True),
+    ],
+)
+def test_a_server_name_beyond_ascii_is_refused(extensions: list[bytes], refused: bool) -> None:
+    hello = clienthello.parse(client_hello([0x1301], extensions))
+    assert hello is not None
+    assert (clienthello.refusal(hello) is not None) == refused
 
 
 def test_parse_a_real_client_hello(certs: Certs) -> None:

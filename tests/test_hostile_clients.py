@@ -9,17 +9,22 @@ import random
 import ssl
 import struct
 from collections.abc import Awaitable, Callable
+from pathlib import Path
 
 import pytest
 import trio
 
 from proxy.outcome import Outcome
+from tests.daemon import run_daemon, write_config
 from tests.helpers import (
+    STEP,
     BioClient,
     Certs,
     Running,
+    echo_handler,
     expect_outcome,
     raw_connect,
+    start_backend,
     tls_connect,
 )
 
@@ -182,6 +187,39 @@ async def test_64_kib_of_random_bytes_in_tls_records_is_a_protocol_error(
         await _send_then_wait_closed(proxy.port, _records(_random_bytes(5), 16 * 1024))
 
     await _expect(proxy, certs, Outcome.PROTOCOL_ERROR, client)
+
+
+# A fatal unrecognized_name alert (RFC 6066 section 3) in a plaintext record.
+UNRECOGNIZED_NAME_ALERT = bytes.fromhex("15 03 03 00 02 02 70")
+
+
+async def test_a_server_name_beyond_ascii_is_refused_and_the_log_stays_json(
+    nursery: trio.Nursery, tmp_path: Path, certs: Certs
+) -> None:
+    """RFC 6066: a host_name is ASCII. CPython's ssl decodes it as ASCII before
+    the SNI callback, and a byte beyond prints an "Exception ignored"
+    traceback on stderr, the daemon's JSON log. The proxy refuses such a
+    hello itself: an unrecognized_name alert, protocol_error, JSON lines only."""
+    _, hello = _client_hello(certs)
+    assert hello.count(b"localhost") == 1
+    hostile = hello.replace(b"localhost", b"l\xf8calhost")
+    echo_port = await start_backend(nursery, echo_handler)
+    config = write_config(tmp_path / "proxy.toml", certs, backend_port=echo_port)
+    async with run_daemon(nursery, tmp_path, "--config", config) as daemon:
+        port, _ = await daemon.started()
+        with daemon.deadline(STEP, "the refusal"):
+            assert await _send_then_wait_closed(port, hostile) == UNRECOGNIZED_NAME_ALERT
+        line = await daemon.wait_for("connection")
+        with daemon.deadline(STEP, "a normal client"):
+            tls = await tls_connect(port, certs.client_context())
+            await tls.aclose()
+        await daemon.wait_until(
+            lambda: sum(e.get("event") == "connection" for e in daemon.events) == 2,
+            "the normal client's access-log line",
+        )
+    assert line["outcome"] == "protocol_error"
+    assert "not ASCII" in line["error"]
+    assert [text for text in daemon.lines if not text.startswith("{")] == []
 
 
 # ---------------------------------------------------------------- after the handshake
