@@ -60,7 +60,7 @@ test: lint typecheck pytest
 # A long random campaign of the property-based tests (tests/test_fuzz_*.py,
 # which `make test` runs on a short fixed-seed budget): the ClientHello
 # reader, parser and JA4, and the config loader, 10 000 inputs each (about
-# ten minutes; not part of `make test`). Ends with the inputs tried and the
+# four minutes; not part of `make test`). Ends with the inputs tried and the
 # failures found per target; the full log is in $(VENV)/fuzz.log.
 FUZZ_LOG := $(VENV)/fuzz.log
 fuzz: system-deps $(VENV)/.installed-dev

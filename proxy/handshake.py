@@ -41,7 +41,8 @@ records by `proxy.clienthello`, bounded by `MAX_HELLO_STREAM` and the
 deadline) gives the JA4 fingerprint for the access log and the ALPN policy
 in `proxy.tls`; the bytes are then handed to OpenSSL unchanged. A hello we
 cannot parse is OpenSSL's to judge: a fingerprint is best effort and never
-fails a handshake.
+fails a handshake. One we parse is refused before OpenSSL sees it only when
+Python's `ssl` could not handle it cleanly (`clienthello.refusal`).
 
 Every way the loop can end, including the deadline, is classified into
 exactly one `Outcome` by the pure functions in `proxy.outcome`.
@@ -132,7 +133,16 @@ async def run_handshake(
 class _Loop:
     """The state of one handshake, kept so a deadline can still report it."""
 
-    __slots__ = ("drained", "first", "notes", "pool", "sock", "tls", "wants_read", "wants_write")
+    __slots__ = (
+        "drained_socket",
+        "first",
+        "notes",
+        "pool",
+        "sock",
+        "tls",
+        "wants_read",
+        "wants_write",
+    )
 
     def __init__(self, sock: socket.socket, pool: BufferPool) -> None:
         self.sock = sock
@@ -142,7 +152,7 @@ class _Loop:
         self.notes = HandshakeNotes()
         self.wants_read = 0
         self.wants_write = 0
-        self.drained = False  # nothing read yet: the hello may be in already
+        self.drained_socket = False  # nothing read yet: the hello may be in already
 
     async def run(self, context: ssl.SSLContext) -> None:
         hello = await self._read_hello()
@@ -184,8 +194,8 @@ class _Loop:
         return bytes(data)
 
     def _refuse(self, why: str) -> None:
-        """End the handshake before OpenSSL sees the hello, the client told
-        why as OpenSSL tells it of a host name it cannot use."""
+        """End the handshake before OpenSSL sees the hello; the client gets
+        the alert OpenSSL sends for a host name it cannot use."""
         self.notes.refused = Outcome.PROTOCOL_ERROR
         with contextlib.suppress(OSError):
             self.sock.send(UNRECOGNIZED_NAME_ALERT)
@@ -199,12 +209,12 @@ class _Loop:
         per segment for a hello that arrives in many small ones.
         """
         while True:
-            if self.drained:
+            if self.drained_socket:
                 await trio.lowlevel.wait_readable(self.sock)
             try:
                 chunk = self.sock.recv(clienthello.MAX_HELLO_STREAM)
             except BlockingIOError:
-                self.drained = True
+                self.drained_socket = True
                 continue
-            self.drained = len(chunk) < clienthello.MAX_HELLO_STREAM
+            self.drained_socket = len(chunk) < clienthello.MAX_HELLO_STREAM
             return chunk
