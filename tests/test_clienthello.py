@@ -170,6 +170,27 @@ async def test_hello_in_slow_pieces_is_fingerprinted_without_spinning(
     assert line["wants_read"] >= 1
 
 
+# A fatal handshake_failure alert in a plaintext record.
+HANDSHAKE_FAILURE_ALERT = bytes.fromhex("15 03 03 00 02 02 28")
+
+
+async def test_bytes_read_after_the_hello_reach_openssl(proxy: Running, certs: Certs) -> None:
+    """The hello and an alert in one segment, read together: OpenSSL gets the
+    alert too (were it dropped, OpenSSL would wait for the client until the
+    handshake timeout)."""
+    stream = await raw_connect(proxy.port)
+    client = BioClient(stream, certs.client_context())
+    with pytest.raises(ssl.SSLWantReadError):
+        client.obj.do_handshake()
+    with trio.fail_after(STEP):
+        await stream.send_all(client.outgoing.read() + HANDSHAKE_FAILURE_ALERT)
+        (line,) = await proxy.access_log(1)
+        await stream.aclose()
+    assert line["outcome"] == "protocol_error"
+    assert "ALERT_HANDSHAKE_FAILURE" in line["error"]
+    assert line["handshake_ms"] < 1000 * 2.0  # the fixture's handshake_timeout
+
+
 # Segments that cut 1-byte records (6 bytes each) anywhere: in a header, between
 # header and body, across two records.
 SEGMENT = 4
