@@ -7,7 +7,7 @@ TEST_DEBS := openssl curl haproxy
 # deploy/ checks: promtool and a real Prometheus server; systemd-analyze.
 TEST_DEBS += prometheus systemd
 
-.PHONY: run test lint typecheck pytest system-deps bench soak scale workers instructions clean image image-test
+.PHONY: run test lint typecheck pytest fuzz system-deps bench soak scale workers instructions clean image image-test
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -56,6 +56,23 @@ pytest: system-deps $(VENV)/.installed-dev $(SSLYZE)
 	TLSPROXY_REQUIRE_SSLYZE=1 $(BIN)/pytest
 
 test: lint typecheck pytest
+
+# A long random campaign of the property-based tests (tests/test_fuzz_*.py,
+# which `make test` runs on a short fixed-seed budget): the ClientHello
+# reader, parser and JA4, and the config loader, 10 000 inputs each (about
+# four minutes; not part of `make test`). Ends with the inputs tried and the
+# failures found per target; the full log is in $(VENV)/fuzz.log.
+FUZZ_LOG := $(VENV)/fuzz.log
+fuzz: system-deps $(VENV)/.installed-dev
+	@HYPOTHESIS_PROFILE=fuzz $(BIN)/pytest -p no:cacheprovider --timeout=1800 \
+		--hypothesis-show-statistics tests/test_fuzz_clienthello.py tests/test_fuzz_config.py \
+		>$(FUZZ_LOG) 2>&1; \
+	status=$$?; \
+	grep -E '^(FAILED|ERROR)|(passed|failed|error)[^ ]* in ' $(FUZZ_LOG); \
+	echo "inputs tried and failures found, per target:"; \
+	awk '/::test_.*:$$/ { target = $$1 } \
+		/ passing, / { sub(/^ *- /, ""); print "  " target " " $$0 }' $(FUZZ_LOG); \
+	exit $$status
 
 # The side-by-side benchmark against stunnel, HAProxy and hitch (about ten
 # minutes, both certificate types); writes BENCHMARKS.md.

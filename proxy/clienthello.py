@@ -2,12 +2,16 @@
 
 Two pure steps, so both are table-tested without sockets:
 
-1. `reassemble(data)` walks the TLS records at the start of `data` and returns
-   the whole ClientHello handshake message once it is there, or how many bytes
-   of the stream are needed before trying again, or `GIVE_UP`. A ClientHello
-   may be split across TCP segments (it arrives in pieces) and across TLS
-   records (a client may fragment it, e.g. a 1.8 KB post-quantum hello in
-   512-byte records); both are handled, within `MAX_HELLO_STREAM`.
+1. A `Reassembler` is fed the stream as it arrives, chunk by chunk, and says
+   after each chunk whether the whole ClientHello handshake message is in
+   (`DONE`, then `message` holds it), more is needed (`NEED_MORE`), or this
+   stream will never yield a hello we read (`GIVE_UP`). A ClientHello may be
+   split across TCP segments (it arrives in pieces) and across TLS records
+   (a client may fragment it, e.g. a 1.8 KB post-quantum hello in 512-byte
+   records); both are handled, within `MAX_HELLO_STREAM`. It keeps its place
+   between chunks, so every byte is looked at once: the work is linear in
+   the stream however it is cut, where re-reading the stream from its start
+   at each chunk cost seconds of CPU for one hello sent a byte per segment.
 2. `parse(message)` extracts what the fingerprint and the ALPN policy need.
 
 Nothing here ever decides a handshake's outcome: bytes that do not parse are
@@ -19,7 +23,7 @@ from __future__ import annotations
 
 import struct
 from dataclasses import dataclass
-from typing import Final
+from enum import Enum
 
 # The TLS record layer (RFC 8446, 5.1): every record starts with a 5-byte
 # header (content type, legacy version, length); the first record of every
@@ -35,15 +39,14 @@ CLIENT_HELLO = 0x01
 MAX_HELLO_BYTES = 16 * 1024
 
 # Bytes of stream we are willing to read for it: the hello plus the headers of
-# a client fragmenting it into small records. A 1-byte-per-record hello would
-# need 6x; such a client gets no fingerprint.
+# a client fragmenting it into small records. In 1-byte records a hello takes
+# 6 bytes of stream per byte: one of up to 3 KB is still read, a larger one
+# gets no fingerprint.
 MAX_HELLO_STREAM = MAX_HELLO_BYTES + 2 * 1024
 
 HANDSHAKE_HEADER = 4
 EXTENSION_HEADER = 4  # type and length, two bytes each
 _EXTENSION_HEADER = struct.Struct(">HH")
-
-GIVE_UP: Final = 0  # `reassemble` result: this stream will never yield a hello we read
 
 # Extension numbers (IANA "TLS ExtensionType Values").
 EXT_SERVER_NAME = 0x0000
@@ -65,36 +68,83 @@ class ClientHello:
     signature_algorithms: tuple[int, ...]
 
 
-def reassemble(data: bytes) -> bytes | int:
-    """The ClientHello message (with its 4-byte header) if `data` holds all of
-    it; else the stream length needed to make progress; else `GIVE_UP`."""
-    body = bytearray()
-    pos = 0
-    wanted: int | None = None  # the message's full length, once its header is in
-    while wanted is None or len(body) < wanted:
-        if pos + RECORD_HEADER > len(data):
-            return _need(pos + RECORD_HEADER)
-        length = int.from_bytes(data[pos + 3 : pos + 5], "big")
-        if data[pos] != HANDSHAKE_RECORD or length == 0:
+class Progress(Enum):
+    """Where a `Reassembler` stands after a chunk."""
+
+    NEED_MORE = "need_more"
+    DONE = "done"
+    GIVE_UP = "give_up"  # final: this stream will never yield a hello we read
+
+
+NEED_MORE, DONE, GIVE_UP = Progress.NEED_MORE, Progress.DONE, Progress.GIVE_UP
+
+
+class Reassembler:
+    """The first ClientHello message of a stream, reassembled as chunks arrive.
+
+    The state between chunks is where the stream stands (bytes read, a
+    partial record header, what is left of the current record) and the
+    message so far; a chunk is looked at once and never again.
+    """
+
+    __slots__ = ("_body", "_header", "_left", "_read", "_wanted", "progress")
+
+    def __init__(self) -> None:
+        self.progress = NEED_MORE
+        self._read = 0  # stream bytes consumed so far
+        self._header = bytearray()  # the current record's header, while incomplete
+        self._left = 0  # body bytes of the current record not yet read
+        self._body = bytearray()  # the handshake message so far
+        self._wanted = 0  # the message's whole length, once its header is in
+
+    @property
+    def message(self) -> bytes:
+        """The ClientHello message (with its 4-byte header); only once `DONE`."""
+        if self.progress is not DONE:
+            raise ValueError(f"no ClientHello yet: {self.progress.value}")
+        return bytes(self._body[: self._wanted])
+
+    def feed(self, chunk: bytes | bytearray | memoryview) -> Progress:
+        """Take the next bytes of the stream; once `DONE` or `GIVE_UP`, that stays."""
+        view = memoryview(chunk)
+        while view and self.progress is NEED_MORE:
+            if self._left:
+                piece = view[: self._left]
+                self._left -= len(piece)
+                self._read += len(piece)
+                self._body += piece
+                self.progress = self._check_message()
+            else:
+                piece = view[: RECORD_HEADER - len(self._header)]
+                self._read += len(piece)
+                self._header += piece
+                if len(self._header) == RECORD_HEADER:
+                    self.progress = self._start_record()
+            view = view[len(piece) :]
+        return self.progress
+
+    def _start_record(self) -> Progress:
+        header = self._header
+        length = int.from_bytes(header[3:5], "big")
+        if header[0] != HANDSHAKE_RECORD or length == 0:
             return GIVE_UP
-        end = pos + RECORD_HEADER + length
-        if end > MAX_HELLO_STREAM:
+        if self._read + length > MAX_HELLO_STREAM:
             return GIVE_UP
-        if end > len(data):
-            return end
-        body += data[pos + RECORD_HEADER : end]
-        pos = end
-        if wanted is None and len(body) >= HANDSHAKE_HEADER:
+        header.clear()
+        self._left = length
+        return NEED_MORE
+
+    def _check_message(self) -> Progress:
+        body = self._body
+        if not self._wanted and len(body) >= HANDSHAKE_HEADER:
             if body[0] != CLIENT_HELLO:
                 return GIVE_UP
-            wanted = HANDSHAKE_HEADER + int.from_bytes(body[1:4], "big")
-            if wanted > MAX_HELLO_BYTES:
+            self._wanted = HANDSHAKE_HEADER + int.from_bytes(body[1:4], "big")
+            if self._wanted > MAX_HELLO_BYTES:
                 return GIVE_UP
-    return bytes(body[:wanted])
-
-
-def _need(length: int) -> int:
-    return length if length <= MAX_HELLO_STREAM else GIVE_UP
+        if self._wanted and len(body) >= self._wanted:
+            return DONE
+        return NEED_MORE
 
 
 class _Reader:

@@ -147,7 +147,16 @@ def cut_outcome(saw_eof: bool) -> Outcome:
 class _Loop:
     """The state of one handshake, kept so a deadline can still report it."""
 
-    __slots__ = ("first", "notes", "pool", "sock", "tls", "wants_read", "wants_write")
+    __slots__ = (
+        "drained_socket",
+        "first",
+        "notes",
+        "pool",
+        "sock",
+        "tls",
+        "wants_read",
+        "wants_write",
+    )
 
     def __init__(self, sock: socket.socket, pool: BufferPool) -> None:
         self.sock = sock
@@ -157,6 +166,7 @@ class _Loop:
         self.notes = HandshakeNotes()
         self.wants_read = 0
         self.wants_write = 0
+        self.drained_socket = False  # nothing read yet: the hello may be in already
 
     async def run(self, context: ssl.SSLContext) -> None:
         hello = await self._read_hello()
@@ -178,23 +188,37 @@ class _Loop:
 
     async def _read_hello(self) -> bytes:
         """The client's first bytes: a whole ClientHello if it sends one,
-        else whatever arrived before it stopped making sense (or EOF)."""
-        data = b""
-        while True:
-            chunk = await self._recv()
-            if not chunk:
-                return data
+        else whatever arrived before it stopped making sense (or EOF).
+
+        Every byte read is returned, for OpenSSL to get unchanged; each chunk
+        goes to the reassembler once, so however finely the client cuts its
+        hello (records, segments) the work stays linear in its size.
+        """
+        reader = clienthello.Reassembler()
+        data = bytearray()
+        while chunk := await self._recv():
             data += chunk
-            verdict = clienthello.reassemble(data)
-            if isinstance(verdict, bytes):
-                self.notes.hello = clienthello.parse(verdict)
-                return data
-            if verdict == clienthello.GIVE_UP:
-                return data
+            progress = reader.feed(chunk)
+            if progress is clienthello.DONE:
+                self.notes.hello = clienthello.parse(reader.message)
+            if progress is not clienthello.NEED_MORE:
+                break
+        return bytes(data)
 
     async def _recv(self) -> bytes:
+        """The next bytes from the client, b"" at EOF.
+
+        After a short read the socket was empty: the next read waits for
+        readability first instead of spending a system call on EAGAIN, one
+        per segment for a hello that arrives in many small ones.
+        """
         while True:
-            try:
-                return self.sock.recv(clienthello.MAX_HELLO_STREAM)
-            except BlockingIOError:
+            if self.drained_socket:
                 await trio.lowlevel.wait_readable(self.sock)
+            try:
+                chunk = self.sock.recv(clienthello.MAX_HELLO_STREAM)
+            except BlockingIOError:
+                self.drained_socket = True
+                continue
+            self.drained_socket = len(chunk) < clienthello.MAX_HELLO_STREAM
+            return chunk

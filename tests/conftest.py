@@ -1,7 +1,11 @@
 from __future__ import annotations
 
+import os
+from datetime import timedelta
+
 import pytest
 import trio
+from hypothesis import HealthCheck, settings
 
 from tests.helpers import (
     Certs,
@@ -12,6 +16,30 @@ from tests.helpers import (
     start_server,
     write_certs,
 )
+
+# The property-based tests (tests/test_fuzz_*.py): `make test` runs the short
+# fixed-seed budget, the same inputs every run (a few seconds in all);
+# `make fuzz` runs HYPOTHESIS_PROFILE=fuzz, a random campaign of minutes. No
+# example database: a failure prints the blob that reproduces it. The deadline
+# is only a backstop for a hang, far above any example's milliseconds; the
+# work itself is bounded by the tests (lines executed).
+settings.register_profile(
+    "test",
+    derandomize=True,
+    max_examples=100,
+    deadline=timedelta(seconds=5),
+    database=None,
+    print_blob=True,
+)
+settings.register_profile(
+    "fuzz",
+    max_examples=10_000,
+    deadline=timedelta(seconds=5),
+    database=None,
+    print_blob=True,
+    suppress_health_check=[HealthCheck.too_slow],
+)
+settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "test"))
 
 
 @pytest.fixture(scope="session")

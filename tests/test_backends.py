@@ -154,7 +154,7 @@ async def test_backend_failure_is_counted_and_client_gets_close_notify_in_time(
         for line in text.splitlines()
         if line.startswith("tlsproxy_backend_connect_failures_total{")
     }
-    assert failures == {reason: 1.0}
+    assert {name: count for name, count in failures.items() if count} == {reason: 1.0}
     (event,) = await proxy.access_log()
     assert event["close_reason"] == f"backend_{reason}"
     assert event["backend"] == address
@@ -322,7 +322,11 @@ async def test_a_black_holed_first_address_does_not_use_up_connect_timeout(
             event = await daemon.wait_for("connection")
             _, text = await scrape(admin_port)
     assert event["close_reason"] == "client_closed"
-    assert "tlsproxy_backend_connect_failures_total{" not in text
+    assert not [
+        line
+        for line in text.splitlines()
+        if line.startswith("tlsproxy_backend_connect_failures_total{") and not line.endswith(" 0.0")
+    ]
     # The second address is tried only once the first has had its head start.
     assert CONNECTION_ATTEMPT_DELAY <= elapsed < CONNECT_TIMEOUT
 

@@ -6,9 +6,12 @@ from __future__ import annotations
 import hashlib
 import os
 import socket
+from functools import partial
 
 import trio
+import trio.testing
 
+from proxy.splice import SCAN_MAX
 from tests.helpers import (
     STEP,
     BioClient,
@@ -200,30 +203,46 @@ async def test_backend_fin_while_client_data_is_still_undecrypted_loses_nothing(
     """The backend half-closes while the proxy holds whole client records it
     has not decrypted yet (it is stuck writing to a backend that does not
     read): close_notify must wait until they are passed on, or OpenSSL's
-    shutdown would read and reject them."""
-    upload = os.urandom(16 * MIB)  # more than loopback's socket buffers hold
+    shutdown would read and reject them.
+
+    The state is made, not waited for: the backend reads nothing until every
+    task is blocked, the proxy among them with client records fed but not
+    decrypted (the upload is larger than the socket buffers on the way); only
+    then does it send its FIN, and the proxy is seen deferring its
+    close_notify (`close_notify_wanted`) until the backend reads again."""
+    upload = os.urandom(32 * MIB)
     received = hashlib.sha256()
     count = 0
-    done = trio.Event()
+    fin_now, read_now, done = trio.Event(), trio.Event(), trio.Event()
 
-    async def fin_while_not_reading(stream: trio.SocketStream) -> None:
+    async def fin_when_told_then_read(stream: trio.SocketStream) -> None:
         nonlocal count
-        await trio.sleep(0.5)  # the upload piles up in the proxy meanwhile
+        await fin_now.wait()
         await stream.send_all(b"bye")
         await stream.send_eof()
-        await trio.sleep(0.5)
+        await read_now.wait()
         async for data in stream:
             received.update(data)
             count += len(data)
         done.set()
         await stream.aclose()
 
-    port = await start_backend(nursery, fin_while_not_reading)
+    port = await start_backend(nursery, fin_when_told_then_read)
     proxy = await start_server(nursery, build_config(certs, port))
     with trio.fail_after(STEP):
         client = await BioClient.connect(proxy.port, certs.client_context())
-        await client.send_all(upload, record=1024)  # many whole records per proxy read
+        async with trio.open_nursery() as uploading:
+            # many whole records per proxy read
+            uploading.start_soon(partial(client.send_all, upload, record=1024))
+            await trio.testing.wait_all_tasks_blocked()
+            (splice,) = proxy.server.connections.idle._splices
+            assert not splice.client.drained(), "the proxy holds no undecrypted record"
+            fin_now.set()
+            await trio.testing.wait_all_tasks_blocked()
+            assert splice.close_notify_wanted, "close_notify was not deferred"
+            read_now.set()
         assert await client.recv_all() == b"bye"  # ends on close_notify, not a bare FIN
+        assert not splice.close_notify_wanted  # the deferred close_notify was sent
         await client.close_notify()
         await done.wait()
         await client.stream.aclose()
@@ -310,20 +329,40 @@ async def test_silent_backend_is_counted_timeout_within_connect_timeout(
     assert sample(text, "tlsproxy_backend_connect_failures_total", reason="timeout") == 1
 
 
+# The idle test's timeout, and the margin past it plus the scan period
+# (IdleWatch scans every quarter of the shortest timeout) allowed for a loaded
+# machine before a close counts as late.
+IDLE = 1.0
+IDLE_MARGIN = 1.5
+# Echoes before going idle, one per PING_EVERY seconds, for longer than the
+# watch's first scan (it starts on a SCAN_MAX sleep): any close before the
+# timeout then comes within a scan period of going idle, far below it.
+PING_EVERY = 0.1
+PINGS = int((SCAN_MAX + 0.2) / PING_EVERY)
+
+
 async def test_idle_connection_is_closed_after_idle_timeout(
     nursery: trio.Nursery, certs: Certs, echo_port: int
 ) -> None:
-    proxy = await start_server(nursery, build_config(certs, echo_port, idle_timeout=1.0))
+    """Closed once idle for `idle_timeout`: not before (an immediate close
+    fails), and not much after; traffic meanwhile keeps it open."""
+    proxy = await start_server(nursery, build_config(certs, echo_port, idle_timeout=IDLE))
     with trio.fail_after(STEP):
         client = await BioClient.connect(proxy.port, certs.client_context())
-        await client.send_all(b"hi")
-        assert await client.recv() == b"hi"
+        for _ in range(PINGS):
+            await trio.sleep(PING_EVERY)
+            await client.send_all(b"hi")
+            assert await client.recv() == b"hi"
+        idle_since = trio.current_time()  # a little after the proxy's last activity
         assert await client.recv() == b""  # close_notify once idle for 1 s
+        idle_for = trio.current_time() - idle_since
         await client.stream.aclose()
+    # Lower bound: the proxy's last activity precedes idle_since by the echo's
+    # way back to us, a few milliseconds.
+    assert IDLE - 0.1 <= idle_for <= IDLE + IDLE / 4 + IDLE_MARGIN, idle_for
     (event,) = await proxy.access_log()
     assert event["close_reason"] == "idle_timeout"
-    assert event["bytes_to_backend"] == 2
-    assert event["bytes_to_client"] == 2
+    assert event["bytes_to_backend"] == event["bytes_to_client"] == 2 * PINGS
 
 
 async def test_access_log_line_has_every_field(proxy: Running, certs: Certs) -> None:

@@ -525,20 +525,32 @@ def _listening_on(proxy: Running) -> list[str]:
     return [e["address"] for e in proxy.log_events("listening")]
 
 
+def _on_loopback(config_file: Path, certs: Certs, echo_port: int) -> int:
+    """Write a config listening on 127.0.0.1 and a free port; that port."""
+    port = _free_port()
+    config_file.write_text(
+        config_text(certs.cert, certs.key, backend_port=echo_port, listen=f"127.0.0.1:{port}")
+    )
+    return port
+
+
+def _move_to_any_host(config_file: Path, port: int) -> None:
+    text = config_file.read_text()
+    _replace(config_file, text.replace(f"127.0.0.1:{port}", f"0.0.0.0:{port}"))
+
+
 async def test_reload_moves_a_listener_to_another_host_on_the_same_port(
     nursery: trio.Nursery, tmp_path: Path, certs: Certs, echo_port: int
 ) -> None:
-    port = _free_port()
     config_file = tmp_path / "tlsproxy.toml"
-    text = config_text(certs.cert, certs.key, backend_port=echo_port, listen=f"127.0.0.1:{port}")
-    config_file.write_text(text)
+    port = _on_loopback(config_file, certs, echo_port)
     proxy = await start_server(nursery, load_config(config_file))
     context = certs.client_context()
     with trio.fail_after(STEP):
         established = await tls_connect(port, context)
         await echo_on(established, b"before the move")
 
-    _replace(config_file, text.replace(f"127.0.0.1:{port}", f"0.0.0.0:{port}"))
+    _move_to_any_host(config_file, port)
     assert await proxy.server.reload(_loader(config_file), trigger="test")
 
     assert _listening_on(proxy) == [f"127.0.0.1:{port}", f"0.0.0.0:{port}"]
@@ -552,17 +564,15 @@ async def test_reload_moves_a_listener_to_another_host_on_the_same_port(
 async def test_a_move_that_cannot_bind_restores_the_old_address(
     nursery: trio.Nursery, tmp_path: Path, certs: Certs, echo_port: int
 ) -> None:
-    port = _free_port()
     config_file = tmp_path / "tlsproxy.toml"
-    text = config_text(certs.cert, certs.key, backend_port=echo_port, listen=f"127.0.0.1:{port}")
-    config_file.write_text(text)
+    port = _on_loopback(config_file, certs, echo_port)
     proxy = await start_server(nursery, load_config(config_file))
     context = certs.client_context()
     serial = await _serial(port, context)
     with socket.socket() as busy:  # someone else holds the port on another address
         busy.bind(("127.0.0.2", port))
         busy.listen()
-        _replace(config_file, text.replace(f"127.0.0.1:{port}", f"0.0.0.0:{port}"))
+        _move_to_any_host(config_file, port)
         assert not await proxy.server.reload(_loader(config_file), trigger="test")
 
     assert await _serial(port, context) == serial  # the old address serves again
