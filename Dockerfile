@@ -44,10 +44,6 @@ COPY --from=build /opt/tlsproxy /opt/tlsproxy
 # The sidecar config of deploy/kubernetes: certificates from ./tls/ beside it.
 # A ConfigMap (or -v) mounted on /etc/tlsproxy replaces it.
 COPY deploy/kubernetes/base/tlsproxy.toml /etc/tlsproxy/tlsproxy.toml
-# Key-exchange groups limited to Mozilla "intermediate" (X25519, P-256,
-# P-384), which Python's ssl cannot set itself; outside /etc/tlsproxy so a
-# mounted config does not hide it. Unset OPENSSL_CONF to use OpenSSL's defaults.
-COPY config/openssl-groups.cnf /opt/tlsproxy/openssl-groups.cnf
 
 # Everything the daemon writes goes under /run/tlsproxy, which Kubernetes
 # mounts as an emptyDir (docker: --tmpfs) so the root filesystem can be
@@ -58,8 +54,7 @@ ENV PATH=/opt/tlsproxy/bin:/usr/bin \
     PYTHONDONTWRITEBYTECODE=1 \
     PYTHONUNBUFFERED=1 \
     TLSPROXY_STATE_DIR=/run/tlsproxy/state \
-    TLSPROXY_METRICS_DIR=/run/tlsproxy/metrics \
-    OPENSSL_CONF=/opt/tlsproxy/openssl-groups.cnf
+    TLSPROXY_METRICS_DIR=/run/tlsproxy/metrics
 
 # distroless's "nonroot": a fixed numeric uid, so runAsNonRoot can verify it.
 USER 65532:65532

@@ -50,6 +50,7 @@ _EXTENSION_HEADER = struct.Struct(">HH")
 
 # Extension numbers (IANA "TLS ExtensionType Values").
 EXT_SERVER_NAME = 0x0000
+EXT_SUPPORTED_GROUPS = 0x000A
 EXT_SIGNATURE_ALGORITHMS = 0x000D
 EXT_ALPN = 0x0010
 EXT_SUPPORTED_VERSIONS = 0x002B
@@ -66,6 +67,7 @@ class ClientHello:
     alpn: tuple[bytes, ...]
     supported_versions: tuple[int, ...]
     signature_algorithms: tuple[int, ...]
+    supported_groups: tuple[int, ...] = ()  # IANA group codes, what the log's no_shared reads
 
 
 class Progress(Enum):
@@ -218,7 +220,17 @@ def _parse(r: _Reader) -> ClientHello | None:
         alpn=_alpn(fields.get(EXT_ALPN)),
         supported_versions=_r(fields.get(EXT_SUPPORTED_VERSIONS), 1).uint16s(),
         signature_algorithms=_r(fields.get(EXT_SIGNATURE_ALGORITHMS), 2).uint16s(),
+        supported_groups=_groups(fields.get(EXT_SUPPORTED_GROUPS)),
     )
+
+
+def _groups(data: bytes | None) -> tuple[int, ...]:
+    """Only the log's no_shared hint reads these: a malformed list is none,
+    never a reason to lose the fingerprint."""
+    try:
+        return _r(data, 2).uint16s()
+    except ValueError:
+        return ()
 
 
 def _r(data: bytes | None, length_bytes: int) -> _Reader:

@@ -14,7 +14,7 @@ from typing import Any
 
 import trio
 
-from proxy import backend
+from proxy import backend, openssl
 from proxy.buffers import BufferPool
 from proxy.config import Address, ListenerConfig, format_sockaddr
 from proxy.handshake import HandshakeResult, run_handshake
@@ -251,6 +251,10 @@ class _Connection:
         notes = result.notes
         if notes.hello is not None and runtime.access_log:
             self.ja4 = ja4(notes.hello)
+        if result.outcome is Outcome.NO_SHARED_CIPHER and openssl.shares_no_group(
+            notes.hello, runtime.config.tls.groups, result.error
+        ):
+            notes.no_shared = "group"
         notes.hello = None  # the notes live as long as the connection; the hello need not
         if ok and result.tls is not None:
             tls = result.tls.obj
@@ -302,6 +306,8 @@ def _handshake_fields(result: HandshakeResult) -> dict[str, Any]:
         "sni": notes.sni,
         "sni_match": notes.sni_match,
     }
+    if notes.no_shared is not None:
+        fields["no_shared"] = notes.no_shared
     if result.outcome is not Outcome.SUCCESS and result.error is not None:
         fields["error"] = str(result.error)
         if result.outcome is Outcome.CLIENT_CERT_INVALID:

@@ -51,6 +51,8 @@ import ssl
 from functools import cache
 from pathlib import Path
 
+from proxy.clienthello import ClientHello
+
 # OpenSSL 3 ssl.h: SSL_CTX_set1_groups_list(ctx, s) is
 # SSL_CTX_ctrl(ctx, SSL_CTRL_SET_GROUPS_LIST, 0, (char *)(s)).
 SSL_CTRL_SET_GROUPS_LIST = 92
@@ -64,6 +66,43 @@ _MAPS = Path("/proc/self/maps")
 
 # Where PySSLContext keeps its SSL_CTX *: right after the object header.
 SSL_CTX_OFFSET = object.__basicsize__
+
+
+# IANA "TLS Supported Groups" codes of the names OpenSSL accepts for them,
+# so a ClientHello's supported_groups can be compared with `groups`.
+GROUP_CODES = {
+    name: code
+    for code, names in (
+        (0x0017, ("P-256", "prime256v1", "secp256r1")),
+        (0x0018, ("P-384", "secp384r1")),
+        (0x0019, ("P-521", "secp521r1")),
+        (0x001D, ("X25519", "x25519")),
+        (0x001E, ("X448", "x448")),
+        (0x0100, ("ffdhe2048",)),
+        (0x0101, ("ffdhe3072",)),
+        (0x0102, ("ffdhe4096",)),
+        (0x0103, ("ffdhe6144",)),
+        (0x0104, ("ffdhe8192",)),
+    )
+    for name in names
+}
+
+# OpenSSL's reasons that can only mean no group in common.
+_NO_GROUP_REASONS = frozenset({"NO_SUITABLE_KEY_SHARE", "NO_SHARED_GROUPS"})
+
+
+def shares_no_group(
+    hello: ClientHello | None, groups: tuple[str, ...], error: BaseException | None
+) -> bool:
+    """Whether a failed handshake had no key-exchange group in common: said
+    by OpenSSL (TLS 1.3), or seen in the hello (TLS 1.2, where OpenSSL then
+    reports only "no shared cipher", the ECDHE suites being unusable)."""
+    if isinstance(error, ssl.SSLError) and error.reason in _NO_GROUP_REASONS:
+        return True
+    ours = {GROUP_CODES.get(name) for name in groups}
+    if hello is None or None in ours:  # a name we cannot compare: do not guess
+        return False
+    return ours.isdisjoint(hello.supported_groups)
 
 
 class PolicyUnavailable(Exception):

@@ -73,6 +73,7 @@ _CIPHER_REASONS = frozenset(
         "NO_SHARED_SIGNATURE_ALGORITHMS",
         "NO_SUITABLE_SIGNATURE_ALGORITHM",
         "NO_SHARED_GROUPS",
+        "NO_SUITABLE_KEY_SHARE",  # TLS 1.3: no key share in a group we accept
         "TLSV1_ALERT_INSUFFICIENT_SECURITY",
     }
 )

@@ -113,6 +113,7 @@ class HandshakeNotes:
     sni: str | None = None
     sni_match: str = OTHER_NAME  # the configured name the SNI matched, bounded
     refused: Outcome | None = None  # our policy failed the handshake, and why
+    no_shared: str | None = None  # "group": why a no_shared_cipher, for the log
 
 
 def attach_notes(conn: ssl.SSLObject, notes: HandshakeNotes) -> None:

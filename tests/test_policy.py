@@ -42,8 +42,6 @@ SSLYZE = Path(
 # the deadline only catches a hang.
 SSLYZE_DEADLINE = 120.0
 
-CONFIG_DIR = Path(__file__).parent.parent / "config"
-
 
 async def _handshake_fails(port: int, context: ssl.SSLContext) -> None:
     with trio.fail_after(STEP), pytest.raises((ssl.SSLError, trio.BrokenResourceError)):
@@ -129,32 +127,16 @@ async def _scan(port: int, ca: CA) -> str:
     return verdict
 
 
-async def test_sslyze_default_policy_is_mozilla_intermediate_but_for_the_groups(
-    nursery: trio.Nursery, tmp_path: Path, echo_port: int
+async def test_sslyze_plain_tlsproxy_run_is_mozilla_intermediate(
+    tmp_path: Path, echo_port: int
 ) -> None:
-    """Every finding but one is clean: OpenSSL also accepts the X448 and P-521
-    groups, which Python's ssl cannot turn off (README, Limits)."""
+    """The real daemon with nothing but flags and no OPENSSL_CONF: its
+    groups and TLS 1.3 suites are set by the daemon itself (README, Limits)."""
     _sslyze()
     ca = CA(tmp_path)
     # Mozilla intermediate: ECDSA P-256 or RSA 2048, SHA-256, at most 366 days.
     leaf = ca.issue("server", "localhost")
-    tls = {"certificates": [leaf.pair()]}
-    proxy = await start_server(nursery, build_config(_no_certs(tmp_path), echo_port, tls=tls))
-    verdict = await _scan(proxy.port, ca)
-    findings = [line.strip() for line in verdict.splitlines() if line.strip().startswith("* ")]
-    assert len(findings) == 1, verdict
-    assert findings[0].startswith("* tls_curves: TLS curves"), verdict
-    assert "'X448'" in findings[0] and "'secp521r1'" in findings[0], verdict
-
-
-async def test_sslyze_daemon_with_the_shipped_groups_config_is_compliant(
-    tmp_path: Path, echo_port: int
-) -> None:
-    """The workaround the README documents, proven on the real daemon."""
-    _sslyze()
-    ca = CA(tmp_path)
-    leaf = ca.issue("server", "localhost")
-    env = {**os.environ, "OPENSSL_CONF": str(CONFIG_DIR / "openssl-groups.cnf")}
+    env = {key: value for key, value in os.environ.items() if key != "OPENSSL_CONF"}
     command = [sys.executable, "-m", "proxy", "run", "--listen", "127.0.0.1:0"]
     command += ["--admin", "127.0.0.1:0", "--backend", f"127.0.0.1:{echo_port}"]
     command += ["--cert", str(leaf.cert), "--key", str(leaf.key)]
@@ -190,11 +172,6 @@ async def _drain(daemon: trio.Process) -> None:
     assert daemon.stderr is not None
     while await daemon.stderr.receive_some(65536):
         pass
-
-
-def _no_certs(directory: Path) -> Certs:
-    """build_config wants a Certs; the tls= override replaces its files."""
-    return Certs(None, directory / "unused.pem", directory / "unused.key", directory)  # type: ignore[arg-type]
 
 
 # ------------------------------------------------------------------ check-config
