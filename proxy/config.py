@@ -457,6 +457,7 @@ class ListenerConfig(_Model):
     listen: ListenAddress
     backend: BackendAddress
     proxy_protocol: Literal["off", "v1", "v2"] = "off"
+    accept_proxy_protocol: Literal["off", "v1", "v2", "any"] = "off"
     handshake_timeout: Seconds = 10.0
     idle_timeout: Seconds = 300.0
     connect_timeout: Seconds = 5.0

@@ -14,7 +14,7 @@ from typing import Any
 
 import trio
 
-from proxy import backend, openssl
+from proxy import accept_proxy, backend, openssl
 from proxy.buffers import BufferPool
 from proxy.config import Address, ListenerConfig, format_sockaddr
 from proxy.handshake import HandshakeResult, run_handshake
@@ -167,14 +167,32 @@ class _Connection:
     async def serve(self, nursery: trio.Nursery) -> None:
         runtime = self.runtime
         lm = runtime.metrics
+        timeout, early = runtime.config.handshake_timeout, b""
+        if runtime.config.accept_proxy_protocol != "off":
+            start = trio.current_time()
+            try:
+                header, early = await accept_proxy.read_header(
+                    self.client, runtime.config.accept_proxy_protocol, timeout
+                )
+            except accept_proxy.HeaderRefused as exc:
+                lm.rejected("proxy_header")
+                self.close_reason = "proxy_header"
+                runtime.log.warning(
+                    "PROXY header refused; connection closed", **self.fields(), error=str(exc)
+                )
+                return
+            if header.source is not None:  # else LOCAL: the balancer's own connection
+                self.peer = header.source
+            timeout -= trio.current_time() - start
         lm.in_progress.inc()
         try:
             result = await run_handshake(
                 self.client,
                 runtime.context,
-                runtime.config.handshake_timeout,
+                timeout,
                 self.shared.buffers,
                 self._record_handshake,
+                early=early,
             )
         finally:
             lm.in_progress.dec()

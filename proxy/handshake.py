@@ -84,6 +84,8 @@ async def run_handshake(
     timeout: float,  # noqa: ASYNC109 - the deadline firing is itself an outcome
     pool: BufferPool,
     on_cut: Callable[[HandshakeResult], None],
+    *,
+    early: bytes = b"",
 ) -> HandshakeResult:
     """Read the hello, then drive the handshake of one accepted socket to an outcome.
 
@@ -93,7 +95,7 @@ async def run_handshake(
     handshake still ends in one outcome: `on_cut` gets the result first.
     """
     start = trio.current_time()
-    loop = _Loop(sock, pool)
+    loop = _Loop(sock, pool, early)
     error: BaseException | None = None
     refused: Outcome | None = None
 
@@ -149,6 +151,7 @@ class _Loop:
 
     __slots__ = (
         "drained_socket",
+        "early",
         "first",
         "notes",
         "pool",
@@ -158,8 +161,9 @@ class _Loop:
         "wants_write",
     )
 
-    def __init__(self, sock: socket.socket, pool: BufferPool) -> None:
+    def __init__(self, sock: socket.socket, pool: BufferPool, early: bytes) -> None:
         self.sock = sock
+        self.early = early  # read with a PROXY header: the client's first bytes
         self.pool = pool
         self.tls: TLSConn | None = None
         self.first: bytes | None = None
@@ -196,7 +200,9 @@ class _Loop:
         """
         reader = clienthello.Reassembler()
         data = bytearray()
-        while chunk := await self._recv():
+        pending, self.early = self.early, b""
+        while chunk := pending or await self._recv():
+            pending = b""
             data += chunk
             progress = reader.feed(chunk)
             if progress is clienthello.DONE:

@@ -38,7 +38,7 @@ NAMESPACE = "tlsproxy"
 # The `reason` values of connections_rejected_total and of
 # backend_connect_failures_total, materialised at zero like the outcomes so
 # that increase() and alerts see the first refusal of a kind.
-REJECT_REASONS = ("max_connections", "fd_exhausted")
+REJECT_REASONS = ("max_connections", "fd_exhausted", "proxy_header")
 BACKEND_FAILURE_REASONS = ("refused", "timeout", "unreachable", "resolve", "fd_exhausted")
 
 # A handshake on loopback takes ~1 ms; across the internet with a slow client

@@ -166,3 +166,134 @@ def _as_v6(address: IPAddress) -> ipaddress.IPv6Address:
     if isinstance(address, ipaddress.IPv6Address):
         return address
     return ipaddress.IPv6Address(f"::ffff:{address}")
+
+
+# ---------------------------------------------------------------------------
+# Receiving: a load balancer's header in front of the client's bytes.
+#
+# `parse_header(data, accept)` is the sans-IO half: it judges the bytes read
+# so far and says the header is complete (`Received`, with how many bytes it
+# took; the rest are the client's TLS bytes), needs more (`NEED_MORE`), or is
+# not acceptable (`HeaderError`, whose message says why with any bytes shown
+# escaped). Every length is checked before it is used, and a header is never
+# longer than the spec allows (v1) or `MAX_V2_LENGTH` (v2), so a sender
+# cannot make us buffer more than that.
+
+# The spec: a v1 line is at most 107 bytes, CRLF included.
+MAX_V1_HEADER = 107
+V1_PREFIX = b"PROXY "
+# A v2 header's fixed part: signature, ver_cmd, family, length.
+V2_HEADER = 16
+# The most v2 bytes after the fixed part that we accept. The addresses take
+# at most 216 (AF_UNIX); load balancers add a few TLVs: an AWS NLB its VPC
+# endpoint id (0xEA, ~25 bytes), HAProxy a unique id or the SSL TLV (well
+# under 300 with a client CN), Azure a link id. 1 KiB is several times all of
+# them together, and bounds what an unauthenticated sender can make a
+# connection hold before TLS starts.
+MAX_V2_LENGTH = 1024
+
+Accept = Literal["v1", "v2", "any"]
+
+_V2_LOCAL = 0x20  # version 2, command LOCAL: a health check of the balancer's own
+_V2_ADDRESSES = {0x11: (4, 12), 0x21: (16, 36)}  # TCP4 / TCP6: address bytes, block size
+_V2_UNSPEC = 0x00
+_V1_FAMILIES = {b"TCP4": 4, b"TCP6": 6}
+_PORT = struct.Struct("!H")
+
+
+class HeaderError(ValueError):
+    """Not an acceptable PROXY header; the message says what was wrong."""
+
+
+class _NeedMore:
+    """`parse_header`: the header is not complete yet."""
+
+    __slots__ = ()
+
+
+NEED_MORE = _NeedMore()
+
+
+@dataclass(frozen=True, slots=True)
+class Received:
+    """A complete header. `source` None: LOCAL (v2) or UNKNOWN (v1), a
+    connection of the balancer's own, so the socket's peer is the client."""
+
+    version: Version
+    length: int  # bytes of the stream the header took
+    source: tuple[str, int] | None
+    dest: tuple[str, int] | None
+
+
+def parse_header(data: bytes, accept: Accept) -> Received | _NeedMore:
+    """Judge the first bytes of a connection; raises HeaderError."""
+    if accept != "v2" and data[: len(V1_PREFIX)] == V1_PREFIX[: len(data)]:
+        return _parse_v1(data)
+    if accept != "v1" and data[: len(V2_SIGNATURE)] == V2_SIGNATURE[: len(data)]:
+        return _parse_v2(data)
+    expected = {"v1": "a v1 line", "v2": "a v2 signature", "any": "a v1 line or v2 signature"}
+    raise HeaderError(f"expected {expected[accept]}, got {bytes(data[:16])!r}")
+
+
+def _parse_v1(data: bytes) -> Received | _NeedMore:
+    end = data.find(b"\r\n", 0, MAX_V1_HEADER)
+    if end < 0:
+        if len(data) >= MAX_V1_HEADER:
+            raise HeaderError(f"v1 line without CRLF in its first {MAX_V1_HEADER} bytes")
+        return NEED_MORE
+    line = bytes(data[:end])
+    fields = line.split(b" ")
+    if fields[1:2] == [b"UNKNOWN"]:  # the rest of the line is to be ignored
+        return Received("v1", end + 2, None, None)
+    if len(fields) != 6 or fields[1] not in _V1_FAMILIES:
+        raise HeaderError(f"malformed v1 line {line!r}")
+    family = _V1_FAMILIES[fields[1]]
+    src, dst = (_v1_address(field, family, line) for field in fields[2:4])
+    sport, dport = (_v1_port(field, line) for field in fields[4:6])
+    return Received("v1", end + 2, (src, sport), (dst, dport))
+
+
+def _v1_address(field: bytes, family: int, line: bytes) -> str:
+    try:
+        address = ipaddress.ip_address(field.decode("ascii"))
+    except (UnicodeDecodeError, ValueError):
+        raise HeaderError(f"bad address {field!r} in v1 line {line!r}") from None
+    if address.version != family:
+        raise HeaderError(f"address {field!r} is not IPv{family} in v1 line {line!r}")
+    return str(address)
+
+
+def _v1_port(field: bytes, line: bytes) -> int:
+    # Decimal without a leading zero (the spec), 0-65535.
+    if not (field.isdigit() and (field == b"0" or not field.startswith(b"0"))):
+        raise HeaderError(f"bad port {field!r} in v1 line {line!r}")
+    port = int(field)
+    if port > 0xFFFF:
+        raise HeaderError(f"port {port} out of range in v1 line {line!r}")
+    return port
+
+
+def _parse_v2(data: bytes) -> Received | _NeedMore:
+    if len(data) < V2_HEADER:
+        return NEED_MORE
+    ver_cmd, family, length = struct.unpack_from("!BBH", data, len(V2_SIGNATURE))
+    if ver_cmd not in (_V2_VERSION_PROXY, _V2_LOCAL):
+        raise HeaderError(f"v2 version/command byte 0x{ver_cmd:02x}; expected 0x21 or 0x20")
+    if length > MAX_V2_LENGTH:
+        raise HeaderError(f"v2 header declares {length} bytes; at most {MAX_V2_LENGTH} accepted")
+    if len(data) < V2_HEADER + length:
+        return NEED_MORE
+    total = V2_HEADER + length
+    if ver_cmd == _V2_LOCAL or family == _V2_UNSPEC:
+        return Received("v2", total, None, None)
+    if family not in _V2_ADDRESSES:
+        raise HeaderError(f"v2 address family 0x{family:02x}; only TCP over IPv4 or IPv6")
+    size, block = _V2_ADDRESSES[family]
+    if length < block:
+        raise HeaderError(f"v2 header of {length} bytes is too short for its addresses")
+    body = bytes(data[V2_HEADER : V2_HEADER + block])
+    cls = ipaddress.IPv4Address if size == 4 else ipaddress.IPv6Address
+    src, dst = cls(body[:size]), cls(body[size : 2 * size])
+    (sport,) = _PORT.unpack_from(body, 2 * size)
+    (dport,) = _PORT.unpack_from(body, 2 * size + 2)
+    return Received("v2", total, (str(src), sport), (str(dst), dport))

@@ -34,9 +34,10 @@ def make_pair(
     *,
     not_before: datetime | None = None,
     not_after: datetime | None = None,
+    name: str = "localhost",
 ) -> tuple[Path, Path]:
-    """Writes a leaf certificate for localhost and its key as PEM files."""
-    leaf = trustme.CA().issue_cert("localhost", not_before=not_before, not_after=not_after)
+    """Writes a leaf certificate for `name` and its key as PEM files."""
+    leaf = trustme.CA().issue_cert(name, not_before=not_before, not_after=not_after)
     for path, pem in ((cert, leaf.cert_chain_pems[0]), (key, leaf.private_key_pem)):
         path.parent.mkdir(parents=True, exist_ok=True)
         pem.write_to_path(str(path))
@@ -514,7 +515,9 @@ def test_example_config_is_valid(tmp_path: Path, example: Path) -> None:
     for listener in listeners:
         for files in listener["tls"]["certificates"]:
             assert not Path(files["cert"]).is_absolute(), "examples use relative paths"
-            make_pair(tmp_path / files["cert"], tmp_path / files["key"])
+            # one name per file, as the examples mean them (one of a key type per name)
+            name = f"{Path(files['cert']).stem}.example"
+            make_pair(tmp_path / files["cert"], tmp_path / files["key"], name=name)
         if client_ca := listener["tls"].get("client_ca"):
             trustme.CA().cert_pem.write_to_path(str(tmp_path / client_ca))
     config = load_config(config_file)
