@@ -11,7 +11,9 @@ in user space, which repeat within about 1 % from run to run.
 
 What it does, per target (`--targets`, default tlsproxy,haproxy; hitch is
 optional): a self-signed ECDSA P-256 (default) or RSA-2048 (`--cert rsa`)
-certificate is made with `cryptography` in a temporary directory, removed at
+certificate (with `--dual`, tlsproxy also gets one of the other key type for
+the same name, served side by side; the clients accept both, so the `--cert`
+one is what they get) is made with `cryptography` in a temporary directory, removed at
 the end. nginx (one worker, access log off, a 100-byte file) is the backend,
 pinned to CPU 1 with taskset. The target runs on CPU 0 as `taskset -c 0
 valgrind --tool=callgrind ...` with the configuration of
@@ -159,7 +161,7 @@ class Certificate:
     pem: Path  # certificate then key, for HAProxy and hitch
 
 
-def make_certificate(d: Path, kind: str) -> Certificate:
+def make_certificate(d: Path, kind: str, stem: str = "") -> Certificate:
     key: ec.EllipticCurvePrivateKey | rsa.RSAPrivateKey
     if kind == "rsa":
         key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
@@ -186,7 +188,7 @@ def make_certificate(d: Path, kind: str) -> Certificate:
         serialization.PrivateFormat.PKCS8,
         serialization.NoEncryption(),
     )
-    paths = Certificate(d / "cert.pem", d / "key.pem", d / "combined.pem")
+    paths = Certificate(d / f"{stem}cert.pem", d / f"{stem}key.pem", d / f"{stem}combined.pem")
     paths.cert.write_bytes(cert_pem)
     paths.key.write_bytes(key_pem)
     paths.pem.write_bytes(cert_pem + key_pem)
@@ -217,6 +219,9 @@ class Setup:
     cert: Certificate
     peer_env: dict[str, str]  # HAProxy's and hitch's: OPENSSL_CONF without tickets
     procs: Processes
+    # --dual: tlsproxy also gets a certificate of the other key type for the
+    # same names (the clients accept both, so the --cert one is served)
+    dual: Certificate | None = None
 
 
 @dataclass(frozen=True)
@@ -233,6 +238,8 @@ class Command:
 def target_command(name: str, d: Path, port: int, setup: Setup) -> Command:
     backend, cert, peer_env = setup.backend, setup.cert, setup.peer_env
     if name == "tlsproxy":
+        pairs = [cert, *([setup.dual] if setup.dual else [])]
+        certificates = ", ".join(f'{{ cert = "{c.cert}", key = "{c.key}" }}' for c in pairs)
         conf = d / "tlsproxy.toml"
         conf.write_text(f"""[admin]
 listen = "127.0.0.1:{free_port()}"
@@ -241,7 +248,7 @@ name = "bench"
 listen = "127.0.0.1:{port}"
 backend = "127.0.0.1:{backend}"
 [listeners.tls]
-certificates = [{{ cert = "{cert.cert}", key = "{cert.key}" }}]
+certificates = [{certificates}]
 session_tickets = false
 """)
         env = {**os.environ, "PYTHONHASHSEED": "0", "PYTHONPATH": str(REPO)}
@@ -768,6 +775,11 @@ def parse_args() -> argparse.Namespace:
         help="server certificate: ECDSA P-256 (default) or RSA-2048",
     )
     ap.add_argument(
+        "--dual",
+        action="store_true",
+        help="tlsproxy serves an RSA and an ECDSA certificate side by side (--cert's is served)",
+    )
+    ap.add_argument(
         "-n",
         "--connections",
         type=int,
@@ -843,7 +855,9 @@ def run(
         cert = make_certificate(d, args.cert)
         peer_env = {**os.environ, "OPENSSL_CONF": str(openssl_conf(d))}
         nginx, backend = start_nginx(d, procs, ["taskset", "-c", str(LOAD_CPU)])
-        setup = Setup(d, backend, cert, peer_env, procs)
+        other = "rsa" if args.cert == "ecdsa" else "ecdsa"
+        dual = make_certificate(d, other, "dual-") if args.dual else None
+        setup = Setup(d, backend, cert, peer_env, procs, dual)
         try:
             for name in targets:
                 try:
