@@ -146,7 +146,7 @@ class Metrics:
             ["listener", "subject", "key_type"],
             namespace=NAMESPACE,
             registry=registry,
-            # Workers reload on their own (SIGHUP, file watch): the earliest
+            # Each worker reloads by itself (on SIGHUP): the earliest
             # expiry any running worker still serves is the one to act on,
             # as with two certificates of one subject.
             multiprocess_mode="livemin",

@@ -113,7 +113,8 @@ class SupervisorLink:
         await self._sock.send(READY)
 
     async def report_reload(self, ok: bool) -> None:
-        await self._sock.send(RELOADED if ok else RELOAD_REJECTED)
+        with suppress(OSError):  # the supervisor is gone: drain_when_gone sees to that
+            await self._sock.send(RELOADED if ok else RELOAD_REJECTED)
 
     async def drain_when_gone(self, server: Server, log: Logger) -> None:
         """The supervisor never writes: EOF means it died. Drain then, so no

@@ -18,6 +18,7 @@ import trio
 from prometheus_client import CollectorRegistry
 
 from proxy import openssl
+from proxy.clienthello import ClientHello
 from proxy.config import ConfigError, parse_config
 from proxy.log import make_logger
 from proxy.metrics import Metrics
@@ -370,3 +371,47 @@ async def test_keylog_file_holds_the_tls13_secrets_the_client_logged(
 async def test_keylog_is_off_by_default(proxy: Running) -> None:
     assert not [e for e in proxy.log_events() if "keylog" in e["event"]]
     assert proxy.server.config.listeners[0].tls.keylog_file is None
+
+
+# ------------------------------------------------------------------ connections_max
+
+
+async def test_connections_max_is_the_configured_limit_and_follows_a_reload(
+    nursery: trio.Nursery, certs: Certs, echo_port: int
+) -> None:
+    proxy = await start_server(nursery, build_config(certs, echo_port, max_connections=1234))
+    _, text = await scrape(proxy.admin_port)
+    assert sample(text, "tlsproxy_connections_max", listener="web") == 1234
+    smaller = build_config(certs, echo_port, max_connections=99)
+    assert await proxy.server.reload(lambda: smaller, trigger="test")
+    _, text = await scrape(proxy.admin_port)
+    assert sample(text, "tlsproxy_connections_max", listener="web") == 99
+
+
+def _hello(groups: tuple[int, ...]) -> ClientHello:
+    return ClientHello(0x0303, (0x1301,), (0x000A,), None, (), (0x0304,), (), groups)
+
+
+def _reason(reason: str) -> ssl.SSLError:
+    error = ssl.SSLError(1, reason.lower())
+    error.reason = reason
+    return error
+
+
+@pytest.mark.parametrize(
+    ("hello", "groups", "error", "expected"),
+    [
+        (None, MOZILLA_GROUPS, _reason("NO_SUITABLE_KEY_SHARE"), True),
+        (_hello((0x001E,)), MOZILLA_GROUPS, _reason("NO_SHARED_CIPHER"), True),  # X448 only
+        (_hello((0x0A0A, 0x0019)), MOZILLA_GROUPS, _reason("NO_SHARED_CIPHER"), True),
+        (_hello((0x0017,)), MOZILLA_GROUPS, _reason("NO_SHARED_CIPHER"), False),  # P-256
+        (_hello((0x0017,)), ("prime256v1",), _reason("NO_SHARED_CIPHER"), False),
+        (_hello((0x001E,)), ("brainpoolP256r1",), _reason("NO_SHARED_CIPHER"), False),
+        (None, MOZILLA_GROUPS, _reason("NO_SHARED_CIPHER"), False),
+    ],
+    ids=["tls13", "x448", "grease-p521", "shared", "alias", "unknown-name", "no-hello"],
+)
+def test_shares_no_group_is_said_only_when_known(
+    hello: ClientHello | None, groups: tuple[str, ...], error: ssl.SSLError, expected: bool
+) -> None:
+    assert openssl.shares_no_group(hello, groups, error) is expected

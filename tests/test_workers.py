@@ -270,6 +270,8 @@ async def test_one_sighup_is_one_reload_and_a_bad_config_one_failure(
         pids,
     ):
         assert await _reloads(admin_port) == (0.0, 0.0)
+        _, text = await scrape(admin_port)  # each worker holds up to its own limit
+        assert sample(text, "tlsproxy_connections_max", listener="web") == 2 * 10000
         daemon.signal(signal.SIGHUP)
         for pid in pids:
             await daemon.wait_for("config reloaded", trigger="SIGHUP", pid=pid)
