@@ -67,7 +67,9 @@ class ClientHello:
     alpn: tuple[bytes, ...]
     supported_versions: tuple[int, ...]
     signature_algorithms: tuple[int, ...]
-    supported_groups: tuple[int, ...] = ()  # IANA group codes, what the log's no_shared reads
+    # The supported_groups extension's body, undecoded: only a failed
+    # handshake's log reads it (`supported_groups`), so no handshake pays for it.
+    groups_extension: bytes = b""
 
 
 class Progress(Enum):
@@ -220,15 +222,14 @@ def _parse(r: _Reader) -> ClientHello | None:
         alpn=_alpn(fields.get(EXT_ALPN)),
         supported_versions=_r(fields.get(EXT_SUPPORTED_VERSIONS), 1).uint16s(),
         signature_algorithms=_r(fields.get(EXT_SIGNATURE_ALGORITHMS), 2).uint16s(),
-        supported_groups=_groups(fields.get(EXT_SUPPORTED_GROUPS)),
+        groups_extension=fields.get(EXT_SUPPORTED_GROUPS, b""),
     )
 
 
-def _groups(data: bytes | None) -> tuple[int, ...]:
-    """Only the log's no_shared hint reads these: a malformed list is none,
-    never a reason to lose the fingerprint."""
+def supported_groups(hello: ClientHello) -> tuple[int, ...]:
+    """The IANA codes of the groups the client offers; a malformed list is none."""
     try:
-        return _r(data, 2).uint16s()
+        return _r(hello.groups_extension, 2).uint16s()
     except ValueError:
         return ()
 

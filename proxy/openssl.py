@@ -51,7 +51,7 @@ import ssl
 from functools import cache
 from pathlib import Path
 
-from proxy.clienthello import ClientHello
+from proxy.clienthello import ClientHello, supported_groups
 
 # OpenSSL 3 ssl.h: SSL_CTX_set1_groups_list(ctx, s) is
 # SSL_CTX_ctrl(ctx, SSL_CTRL_SET_GROUPS_LIST, 0, (char *)(s)).
@@ -102,7 +102,7 @@ def shares_no_group(
     ours = {GROUP_CODES.get(name) for name in groups}
     if hello is None or None in ours:  # a name we cannot compare: do not guess
         return False
-    return ours.isdisjoint(hello.supported_groups)
+    return ours.isdisjoint(supported_groups(hello))
 
 
 class PolicyUnavailable(Exception):

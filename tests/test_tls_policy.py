@@ -389,7 +389,9 @@ async def test_connections_max_is_the_configured_limit_and_follows_a_reload(
 
 
 def _hello(groups: tuple[int, ...]) -> ClientHello:
-    return ClientHello(0x0303, (0x1301,), (0x000A,), None, (), (0x0304,), (), groups)
+    body = b"".join(group.to_bytes(2, "big") for group in groups)
+    extension = len(body).to_bytes(2, "big") + body
+    return ClientHello(0x0303, (0x1301,), (0x000A,), None, (), (0x0304,), (), extension)
 
 
 def _reason(reason: str) -> ssl.SSLError:
