@@ -283,8 +283,8 @@ def _group(name: str) -> str:
         openssl.set_groups(ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER), (name,))
     except ValueError as exc:
         raise ValueError(
-            f"unknown key-exchange group {name!r}; e.g. X25519, P-256, P-384 "
-            "(`openssl list -key-exchange-algorithms`)"
+            f"unknown key-exchange group {name!r}; OpenSSL knows e.g. X25519, P-256, "
+            "P-384, P-521, X448, ffdhe2048"
         ) from exc
     except openssl.PolicyUnavailable as exc:
         raise ValueError(str(exc)) from exc
