@@ -3,9 +3,11 @@
 Theory of operation
 -------------------
 
-Authentication (the chain verifies against `client_ca`) is OpenSSL's job;
-authorization is this module's. An `allow` table lists identities in four
-kinds, and a certificate is admitted when any entry of any kind matches:
+Authentication (the peer's chain verifies against the configured CAs) is
+OpenSSL's job; authorization is this module's. It knows nothing of which side
+of a connection the certificate came from, so one matcher serves every `allow`
+table. A table lists identities in four kinds, and a certificate is admitted
+when any entry of any kind matches:
 
 - `uri`: against the certificate's URI SANs. A pattern is split on `/`; a
   segment that is exactly `*` stands for one non-empty segment, and a last
@@ -16,15 +18,18 @@ kinds, and a certificate is admitted when any entry of any kind matches:
   segment (`web-*`) is an error rather than a literal star.
 - `dns`: against the DNS SANs, exact or a one-label `*.` wildcard,
   case-insensitive: the same rules, and the same table, as SNI matching
-  (`proxy.sni.NameTable`).
+  (`proxy.sni.NameTable`). A SAN that is not itself a host name (a
+  wildcard, an empty label as in `.jobs.example`) names no one host and
+  matches nothing.
 - `cn` and `ou`: exact against the subject's commonName and
   organizationalUnitName attributes (any of them, when there are several).
 
 SPIFFE IDs get stricter rules, because an X509-SVID is a contract: a
 certificate with more than one `spiffe://` URI SAN is not an SVID and matches
-no `uri` entry at all; a `spiffe://` SAN that is not a valid SPIFFE ID (an
-upper-case trust domain, a `..` segment, a query) matches no `spiffe://`
-pattern, so `spiffe://td/ns/**` cannot be walked out of with `/../`; and a
+no `uri` entry at all and has no SPIFFE ID; a `spiffe://` SAN that is not a
+valid SPIFFE ID (an upper-case trust domain, a `..` segment, a query) matches
+no `spiffe://` pattern, so `spiffe://td/ns/**` cannot be walked out of with
+`/../`, and is no SPIFFE ID either; and a
 `spiffe://` pattern must itself be a valid SPIFFE ID pattern, checked when the
 config is loaded (`check_uri_pattern`).
 
@@ -40,6 +45,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
+from proxy import sni
 from proxy.sni import NameTable
 
 SPIFFE_SCHEME = "spiffe://"
@@ -64,7 +70,7 @@ REMAINDER = "**"
 class Identity:
     """What a certificate says about who holds it, as the matcher reads it."""
 
-    subject: str  # RFC 4514, most significant attribute last, for the log
+    subject: str  # RFC 4514 (most significant RDN last), for the log
     uris: tuple[str, ...] = ()
     dns: tuple[str, ...] = ()
     cn: tuple[str, ...] = ()
@@ -77,9 +83,7 @@ class Identity:
         sans: Any = cert.get("subjectAltName", ())
         attributes = [(key, value) for rdn in rdns for key, value in rdn]
         return cls(
-            subject=",".join(
-                f"{_RDN_KEYS.get(key, key)}={value}" for key, value in reversed(attributes)
-            ),
+            subject=rfc4514(rdns),
             uris=tuple(value for kind, value in sans if kind == "URI"),
             dns=tuple(value for kind, value in sans if kind == "DNS"),
             cn=tuple(value for key, value in attributes if key == "commonName"),
@@ -87,9 +91,10 @@ class Identity:
         )
 
     def spiffe_id(self) -> str | None:
-        """The SVID's SPIFFE ID: the one `spiffe://` URI SAN, if exactly one."""
+        """The SVID's SPIFFE ID: the one `spiffe://` URI SAN, if there is
+        exactly one and it is a valid SPIFFE ID."""
         ids = [uri for uri in self.uris if uri.startswith(SPIFFE_SCHEME)]
-        return ids[0] if len(ids) == 1 else None
+        return ids[0] if len(ids) == 1 and is_spiffe_id(ids[0]) else None
 
 
 # getpeercert() spells attribute names out; RFC 4514 (and the certificate
@@ -105,6 +110,31 @@ _RDN_KEYS = {
     "domainComponent": "DC",
     "userId": "UID",
 }
+
+
+# RFC 4514 section 2.4: characters escaped with a backslash anywhere in a
+# value, and those escaped only at its start (`#`, space) or end (space).
+_RFC4514_SPECIAL = frozenset(',+"\\<>;')
+
+
+def rfc4514(rdns: Any) -> str:
+    """A subject as `getpeercert()` returns it (RDNs most significant first,
+    each a tuple of attributes) in RFC 4514 form: the RDNs reversed, the
+    attributes of a multi-valued RDN joined with `+`, special characters
+    escaped, as `cryptography`'s `Name.rfc4514_string()` spells it."""
+    return ",".join(
+        "+".join(f"{_RDN_KEYS.get(key, key)}={_escape(str(value))}" for key, value in rdn)
+        for rdn in reversed(rdns)
+    )
+
+
+def _escape(value: str) -> str:
+    out = "".join(f"\\{c}" if c in _RFC4514_SPECIAL else c for c in value)
+    if out.startswith(("#", " ")):
+        out = "\\" + out
+    if out.endswith(" "):
+        out = out[:-1] + "\\ "
+    return out.replace("\0", "\\00")
 
 
 def is_spiffe_id(uri: str) -> bool:
@@ -178,6 +208,16 @@ def _uri_regex(pattern: str) -> str:
     return body + ("(?:/.*)?" if remainder else "")
 
 
+def check_dns_pattern(pattern: str) -> str | None:
+    """Why `pattern` cannot be a `dns` entry, or None: SNI's rules."""
+    return sni.check_pattern(pattern)
+
+
+def check_name(value: str) -> str | None:
+    """Why `value` cannot be a `cn` or `ou` entry, or None when it can."""
+    return None if value else "must not be empty"
+
+
 class AllowList:
     """An `allow` table, compiled once per listener (or route) at load."""
 
@@ -192,9 +232,14 @@ class AllowList:
         ou: Iterable[str] = (),
     ) -> None:
         uris, names, cns, ous = list(uri), list(dns), frozenset(cn), frozenset(ou)
-        for pattern in uris:
-            if problem := check_uri_pattern(pattern):
-                raise ValueError(f"invalid uri pattern {pattern!r}: {problem}")
+        for kind, check, values in (
+            ("uri", check_uri_pattern, uris),
+            ("dns", check_dns_pattern, names),
+            ("cn/ou", check_name, [*cns, *ous]),
+        ):
+            for value in values:
+                if problem := check(value):
+                    raise ValueError(f"invalid {kind} pattern {value!r}: {problem}")
         self._spiffe = _union(p for p in uris if p.startswith(SPIFFE_SCHEME))
         self._uri = _union(p for p in uris if not p.startswith(SPIFFE_SCHEME))
         self._dns: NameTable[None] = NameTable((name, None) for name in names)
@@ -204,11 +249,16 @@ class AllowList:
 
     def admits(self, identity: Identity) -> bool:
         """Whether any entry of any list matches the identity."""
-        # A wildcard DNS SAN in a client certificate names no one host: it is
-        # compared with nothing (NameTable would let it match a `*.` entry).
+        # A DNS SAN that is no host name (a wildcard, an empty label) names
+        # no one host: it is compared with nothing (NameTable would let
+        # `*.x` or `.x` match a `*.x` entry).
         return (
             self._uri_admits(identity.uris)
-            or any(self._dns.lookup(name) is not None for name in identity.dns if "*" not in name)
+            or any(
+                self._dns.lookup(name) is not None
+                for name in identity.dns
+                if sni.check_pattern(name) is None and "*" not in name
+            )
             or not self._cn.isdisjoint(identity.cn)
             or not self._ou.isdisjoint(identity.ou)
         )
@@ -233,4 +283,5 @@ def _union(patterns: Iterable[str]) -> re.Pattern[str] | None:
     alternatives = [_uri_regex(pattern) for pattern in patterns]
     if not alternatives:
         return None
-    return re.compile("|".join(f"(?:{alternative})" for alternative in alternatives))
+    # DOTALL: a `**` remainder is any remainder, a newline in a URI included
+    return re.compile("|".join(f"(?:{alternative})" for alternative in alternatives), re.DOTALL)
