@@ -6,8 +6,12 @@ import ssl
 from pathlib import Path
 
 import pytest
+from cryptography import x509
+from cryptography.x509.oid import NameOID
+from hypothesis import assume, given, settings
+from hypothesis import strategies as st
 
-from proxy.identity import AllowList, Identity, check_uri_pattern, is_spiffe_id
+from proxy.identity import AllowList, Identity, check_uri_pattern, is_spiffe_id, rfc4514
 from tests.pki import CA
 
 WEB = "spiffe://prod.example/ns/web/sa/frontend"
@@ -68,6 +72,8 @@ def test_a_non_spiffe_uri_beside_one_spiffe_id_is_matched_too() -> None:
         ("*.jobs.internal.example", "jobs.internal.example", False),
         ("*.jobs.internal.example", "a.b.jobs.internal.example", False),
         ("*.jobs.internal.example", "*.jobs.internal.example", False),  # names no one host
+        ("*.jobs.internal.example", ".jobs.internal.example", False),  # an empty label neither
+        ("*.jobs.internal.example", "a..jobs.internal.example", False),
         ("billing.internal.example", "billing.internal.example", True),
         ("billing.internal.example", "Billing.Internal.Example.", True),
         ("billing.internal.example", "x.billing.internal.example", False),
@@ -174,3 +180,115 @@ def test_identity_from_a_real_certificate(tmp_path: Path) -> None:
     assert found.subject == "CN=a.example,O=tlsproxy tests"
     assert found.spiffe_id() == WEB
     assert AllowList(uri=["spiffe://prod.example/ns/web/**"]).admits(found)
+
+
+# ---------------------------------------------------------------- properties
+
+# Fixed seed and budget: the same inputs every run, well under a second.
+PROPERTIES = settings(derandomize=True, max_examples=200, deadline=None, database=None)
+
+_TD_CHARS = "abcdefghijklmnopqrstuvwxyz0123456789.-_"
+_SEGMENT_CHARS = _TD_CHARS + "ABCDEFGHIJKLMNOPQRSTUVWXYZ"
+
+trust_domains = st.text(_TD_CHARS, min_size=1, max_size=20)
+segments = st.text(_SEGMENT_CHARS, min_size=1, max_size=12).filter(lambda s: s not in {".", ".."})
+
+
+@st.composite
+def spiffe_ids(draw: st.DrawFn) -> tuple[str, list[str]]:
+    """A valid SPIFFE ID and its trust domain followed by its path segments."""
+    parts = [draw(trust_domains), *draw(st.lists(segments, max_size=6))]
+    return "spiffe://" + "/".join(parts), parts
+
+
+@PROPERTIES
+@given(spiffe_ids())
+def test_a_spiffe_id_is_admitted_by_itself_and_every_remainder_prefix(
+    generated: tuple[str, list[str]],
+) -> None:
+    spiffe_id, parts = generated
+    assert is_spiffe_id(spiffe_id)
+    assert check_uri_pattern(spiffe_id) is None
+    assert AllowList(uri=[spiffe_id]).admits(identity(spiffe_id))
+    for cut in range(1, len(parts) + 1):
+        prefix = "spiffe://" + "/".join([*parts[:cut], "**"])
+        assert check_uri_pattern(prefix) is None
+        assert AllowList(uri=[prefix]).admits(identity(spiffe_id)), prefix
+    assert Identity(subject="", uris=(spiffe_id,)).spiffe_id() == spiffe_id
+
+
+@PROPERTIES
+@given(spiffe_ids(), trust_domains)
+def test_no_pattern_of_another_trust_domain_admits(
+    generated: tuple[str, list[str]], other: str
+) -> None:
+    spiffe_id, parts = generated
+    assume(other != parts[0])
+    patterns = [
+        "spiffe://" + "/".join([other, *parts[1:]]),
+        "spiffe://" + "/".join([other, "**"]),
+        "spiffe://" + "/".join([other, *("*" for _ in parts[1:])]),
+    ]
+    assert not AllowList(uri=patterns).admits(identity(spiffe_id))
+
+
+@PROPERTIES
+@given(spiffe_ids(), st.data())
+def test_a_star_stands_for_exactly_one_segment(
+    generated: tuple[str, list[str]], data: st.DataObject
+) -> None:
+    spiffe_id, parts = generated
+    assume(len(parts) > 1)
+    index = data.draw(st.integers(1, len(parts) - 1))
+    pattern = "spiffe://" + "/".join([*parts[:index], "*", *parts[index + 1 :]])
+    assert AllowList(uri=[pattern]).admits(identity(spiffe_id))
+    extra = data.draw(segments)
+    longer = "spiffe://" + "/".join([*parts[:index], extra, *parts[index:]])
+    assert not AllowList(uri=[pattern]).admits(identity(longer))
+
+
+@PROPERTIES
+@given(spiffe_ids(), spiffe_ids())
+def test_two_spiffe_ids_are_admitted_by_no_uri_pattern(
+    first: tuple[str, list[str]], second: tuple[str, list[str]]
+) -> None:
+    assume(first[0] != second[0])
+    both = identity(first[0], second[0])
+    assert not AllowList(uri=[first[0], second[0], "spiffe://" + first[1][0] + "/**"]).admits(both)
+    assert both.spiffe_id() is None
+
+
+@PROPERTIES
+@given(st.text(max_size=80))
+def test_check_uri_pattern_never_raises_and_what_it_accepts_compiles(pattern: str) -> None:
+    problem = check_uri_pattern(pattern)
+    if problem is None:
+        AllowList(uri=[pattern])  # no ValueError, no re.error
+    else:
+        assert problem  # a reason, for the TOML path's message
+        with pytest.raises(ValueError, match="invalid uri pattern"):
+            AllowList(uri=[pattern])
+
+
+@PROPERTIES
+@given(st.text(max_size=40))
+def test_an_arbitrary_uri_never_breaks_a_decision(uri: str) -> None:
+    allow = AllowList(uri=["spiffe://prod.example/**", "https://id.example/*"])
+    admitted = allow.admits(identity(uri))
+    assert admitted == (
+        (is_spiffe_id(uri) and (uri + "/").startswith("spiffe://prod.example/"))
+        or (uri.startswith("https://id.example/") and "/" not in uri[19:] and len(uri) > 19)
+    )
+
+
+@PROPERTIES
+@given(st.text(min_size=1, max_size=16), st.text(min_size=1, max_size=16))  # 64 bytes at most
+def test_the_subject_is_spelled_as_cryptography_spells_rfc4514(cn: str, org: str) -> None:
+    name = x509.Name(
+        [
+            x509.NameAttribute(NameOID.ORGANIZATION_NAME, org),
+            x509.NameAttribute(NameOID.COMMON_NAME, cn),
+        ]
+    )
+    rdns = ((("organizationName", org),), (("commonName", cn),))
+    assert rfc4514(rdns) == name.rfc4514_string()
