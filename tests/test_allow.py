@@ -7,6 +7,7 @@ line that names the identity; the backend never sees the client."""
 from __future__ import annotations
 
 import contextlib
+import signal
 import socket
 import ssl
 import subprocess
@@ -19,8 +20,17 @@ import pytest
 import trio
 
 from proxy.config import ConfigError, load_config, parse_config
-from tests.daemon import PYTHON_M_PROXY
-from tests.helpers import STEP, Running, outcome_delta, outcomes, start_backend, start_server
+from tests.daemon import PYTHON_M_PROXY, Daemon, env_for, spawn
+from tests.helpers import (
+    STEP,
+    Running,
+    outcome_delta,
+    outcomes,
+    sample,
+    scrape,
+    start_backend,
+    start_server,
+)
 from tests.pki import CA, Leaf, client_context
 
 WEB = "spiffe://prod.example/ns/web/sa/frontend"
@@ -230,7 +240,7 @@ async def test_each_denial_is_one_count_and_exported_at_zero(
 # ---------------------------------------------------------------- reload
 
 
-def _config_file(path: Path, pki: PKI, backend: int, uris: list[str]) -> Path:
+def _config_file(path: Path, pki: PKI, backend: int, uris: list[str], workers: int = 1) -> Path:
     pair = pki.server.pair()
     uri_list = ", ".join(f'"{uri}"' for uri in uris)
     path.write_text(
@@ -239,6 +249,7 @@ def _config_file(path: Path, pki: PKI, backend: int, uris: list[str]) -> Path:
 listen = "127.0.0.1:0"
 [process]
 watch = false
+workers = {workers}
 [[listeners]]
 name = "web"
 listen = "127.0.0.1:0"
@@ -477,3 +488,50 @@ async def test_openssl_s_client_completes_the_handshake_then_reads_the_end(
         (line,) = await proxy.access_log(1)
     assert line["outcome"] == "client_cert_denied"
     assert b"Verify return code: 0 (ok)" in result.stdout
+
+
+async def test_with_two_workers_denials_are_counted_once_and_sighup_admits(
+    nursery: trio.Nursery, pki: PKI, tmp_path: Path
+) -> None:
+    """workers = 2: every worker judges by the same table, the merged scrape
+    counts each denial once, and a SIGHUP that extends the list reaches both."""
+    backend = RecordingBackend()
+    port = await start_backend(nursery, backend.handler)
+    config = _config_file(tmp_path / "tlsproxy.toml", pki, port, [WEB], workers=2)
+    ops = pki.client("ops", uris=(OPS,))
+    context = client_context(pki.servers, ops)
+    attempts = 6  # spread over both workers by the kernel's hash of the client port
+
+    def served(daemon: Daemon, outcome: str) -> list[dict[str, Any]]:
+        return [e for e in daemon.events if e.get("outcome") == outcome]
+
+    argv = [*PYTHON_M_PROXY, "run", "--config", str(config)]
+    async with spawn(nursery, argv, env=env_for(tmp_path / "state"), cwd=tmp_path) as daemon:
+        await daemon.wait_for("workers ready")
+        tls_port, admin_port = await daemon.started()
+        with trio.fail_after(STEP):
+            for _ in range(attempts):
+                got = await trio.to_thread.run_sync(partial(echo_once, tls_port, context))
+                assert got != b"ping"
+        await daemon.wait_until(
+            lambda: len(served(daemon, "client_cert_denied")) == attempts, "the denials logged"
+        )
+        _, text = await scrape(admin_port)
+        denied = sample(text, "tlsproxy_handshakes_total", outcome="client_cert_denied")
+        assert denied == attempts
+        assert backend.connections == 0
+
+        _config_file(config, pki, port, [WEB, OPS], workers=2)
+        daemon.signal(signal.SIGHUP)
+        await daemon.wait_until(
+            lambda: len([e for e in daemon.events if e.get("event") == "config reloaded"]) == 2,
+            "both workers reloaded",
+        )
+        with trio.fail_after(STEP):
+            for _ in range(attempts):
+                got = await trio.to_thread.run_sync(partial(echo_once, tls_port, context))
+                assert got == b"ping"
+        await daemon.wait_until(
+            lambda: len(served(daemon, "success")) == attempts, "the admissions logged"
+        )
+        assert backend.connections == attempts
