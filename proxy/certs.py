@@ -92,13 +92,8 @@ def check_pair(cert: Path, key: Path, now: datetime) -> CertCheck:
     return check
 
 
-def check_ca_bundle(path: Path) -> str | None:
-    """Why `path` cannot be a client CA bundle (mTLS), or None when it can."""
-    read = _read_ca_bundle(path)
-    return read if isinstance(read, str) else None
-
-
 def _read_ca_bundle(path: Path) -> tuple[bytes, list[x509.Certificate]] | str:
+    """The bundle's bytes and certificates, or why it cannot be a client CA bundle."""
     check = CertCheck()
     read = _read(path, "cert", _load_chain, check)
     if read is None:

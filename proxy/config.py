@@ -296,6 +296,10 @@ class _Model(BaseModel):
 _FILE_ERRORS = "certificate_files"
 # pydantic error type whose ctx carries (TOML location, message) pairs
 _LOCATED_ERRORS = "located"
+# the same, raised by a field but located relative to its table
+_SIBLING_ERRORS = "located_in_table"
+# validation context key: the verify stores read, by (client_ca, client_crl)
+_VERIFY_READ = "verify_stores"
 
 
 class CertificatePair(_Model):
@@ -389,7 +393,8 @@ class TLSConfig(_Model):
     alpn: tuple[Annotated[StrictStr, Field(min_length=1, max_length=255)], ...] = ()
     client_auth: Literal["none", "optional", "require"] = "none"
     client_ca: Annotated[Path | None, PlainValidator(_optional_file)] = None
-    client_crl: tuple[FilePath, ...] = ()
+    # validated even when absent: its validator reads the CA bundle too
+    client_crl: tuple[FilePath, ...] = Field(default=(), validate_default=True)
     session_tickets: StrictBool = True
     allow: AllowConfig | None = None
     _verify: certs.VerifyMaterial | None = PrivateAttr(default=None)
@@ -419,21 +424,36 @@ class TLSConfig(_Model):
             )
         return self
 
+    @field_validator("client_crl")
+    @classmethod
+    def check_verify_store(cls, crls: tuple[Path, ...], info: ValidationInfo) -> tuple[Path, ...]:
+        """Read the CA bundle and the CRL files, once, as a field, so that
+        their problems are reported with the certificates' (a model check
+        would not run once a certificate failed). What was read waits in the
+        validation context for the model, keyed by the files."""
+        ca = info.data.get("client_ca")
+        if ca is None or not _checking_files(info):
+            return crls
+        context = info.context if info.context is not None else {}
+        now: datetime = context.get("now") or datetime.now(UTC)
+        check = certs.check_verify_store(ca, crls, now)
+        if check.errors:
+            raise PydanticCustomError(
+                _SIBLING_ERRORS, "client CA or CRL files", {"errors": check.errors}
+            )
+        context.setdefault(_VERIFY_READ, {})[(ca, crls)] = check
+        return crls
+
     @model_validator(mode="after")
     def check_client_verification(self, info: ValidationInfo) -> Self:
-        """`allow` and `client_crl` against `client_auth`; then the CA bundle
-        and CRL files, each read once."""
-        errors: list[tuple[tuple[int | str, ...], str]] = []
+        """`allow` against `client_auth`; the verify store read above."""
         if self.allow is not None and self.client_auth != "require":
-            errors.append((("allow",), _needs_require(self.client_auth)))
-        if self.client_ca is not None and _checking_files(info):
-            now: datetime = (info.context or {}).get("now") or datetime.now(UTC)
-            check = certs.check_verify_store(self.client_ca, self.client_crl, now)
-            errors += check.errors
+            errors = [(("allow",), _needs_require(self.client_auth))]
+            raise PydanticCustomError(_LOCATED_ERRORS, "client verification", {"errors": errors})
+        check = (info.context or {}).get(_VERIFY_READ, {}).get((self.client_ca, self.client_crl))
+        if check is not None:
             self._verify = check.material
             self._verify_warnings = tuple(check.warnings)
-        if errors:
-            raise PydanticCustomError(_LOCATED_ERRORS, "client verification", {"errors": errors})
         return self
 
 
@@ -673,6 +693,9 @@ def _render(error: ErrorDetails) -> Iterator[str]:
     elif error["type"] == _LOCATED_ERRORS:
         for where, message in ctx["errors"]:
             yield f"{_toml_path((*loc, *where))}: {message}"
+    elif error["type"] == _SIBLING_ERRORS:
+        for where, message in ctx["errors"]:
+            yield f"{_toml_path((*loc[:-1], *where))}: {message}"
     else:
         yield f"{_toml_path(loc)}: {_describe(error['type'], loc, ctx, error['input'])}"
 

@@ -183,3 +183,11 @@ async def test_check_config_reports_an_expired_crl_as_a_warning(pki: PKI) -> Non
     assert b"warning: listeners[0].tls.client_crl[0]: CRL of 'CN=client CA' expired" in (
         result.stderr
     )
+
+
+def test_client_ca_problems_are_reported_with_the_certificates(pki: PKI) -> None:
+    tls = _tls(pki, pki.directory / "missing-ca.pem", [])
+    tls["certificates"] = [{"cert": str(pki.directory / "nope.pem"), "key": str(pki.server.key)}]
+    errors = _errors(tls)
+    assert errors[0].startswith("listeners[0].tls.certificates[0].cert: file not found")
+    assert errors[1].startswith("listeners[0].tls.client_ca: file not found")
