@@ -191,3 +191,25 @@ def test_client_ca_problems_are_reported_with_the_certificates(pki: PKI) -> None
     errors = _errors(tls)
     assert errors[0].startswith("listeners[0].tls.certificates[0].cert: file not found")
     assert errors[1].startswith("listeners[0].tls.client_ca: file not found")
+
+
+async def test_a_crl_not_yet_valid_is_warned_and_refuses_as_crl_not_yet_valid(
+    nursery: trio.Nursery, pki: PKI
+) -> None:
+    port = await start_backend(nursery, RecordingBackend().handler)
+    ahead = datetime.now(UTC) + timedelta(hours=3)
+    crl = pki.clients.crl(
+        pki.directory / "clients.crl", last_update=ahead, next_update=ahead + timedelta(days=7)
+    )
+    config = load_config(_write(pki.directory / "tlsproxy.toml", pki, port, [crl]))
+    (warning,) = config.warnings
+    assert warning.startswith(
+        f"listeners[0].tls.client_crl[0]: CRL of 'CN=client CA' is not valid until "
+        f"{ahead:%Y-%m-%d %H:%M}Z"
+    )
+    proxy = await start_server(nursery, config)
+    line = await _one(proxy, pki, pki.good, 1)
+    assert (line["outcome"], line["client_cert_error"]) == (
+        "client_cert_invalid",
+        "crl_not_yet_valid",
+    )
