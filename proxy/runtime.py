@@ -36,13 +36,18 @@ def build_runtimes(config: Config, metrics: Metrics, log: Logger) -> list[Listen
 # (listener, certificate subject) -> the earliest expiry, a Unix timestamp
 Expiries = dict[tuple[str, str], float]
 
+# The expiry metric's subject label for a CRL: this, then its issuer (RFC 4514).
+CRL_SUBJECT_PREFIX = "crl:"
+
 
 def certificate_expiries(config: Config) -> Expiries:
     """The expiry of exactly the certificates `config` serves, from what its
     validation read (no I/O): computed with the build, published by the swap.
 
     Two certificates can share a subject (an RSA and an ECDSA one for the
-    same name): the series shows the earlier expiry, the one to act on.
+    same name): the series shows the earlier expiry, the one to act on. A
+    CRL's nextUpdate is an expiry too (past it every client of its CA is
+    refused), under the subject `crl:<issuer>`.
     """
     earliest: Expiries = {}
     for lc in config.listeners:
@@ -51,6 +56,12 @@ def certificate_expiries(config: Config) -> Expiries:
             labels = (lc.name, leaf.subject.rfc4514_string())
             expiry = leaf.not_valid_after_utc.timestamp()
             earliest[labels] = min(expiry, earliest.get(labels, expiry))
+        verify = lc.tls.verify_material
+        for crl in verify.crls if verify is not None else ():
+            if crl.next_update is not None:
+                earliest[(lc.name, f"{CRL_SUBJECT_PREFIX}{crl.issuer}")] = (
+                    crl.next_update.timestamp()
+                )
     return earliest
 
 
