@@ -1,7 +1,8 @@
 """Instructions per TLS connection under callgrind: tlsproxy against HAProxy.
 
     .venv/bin/python -m benchmarks.instructions [--targets tlsproxy,haproxy[,hitch]]
-        [--cert ecdsa|rsa] [-n 400] [--out FILE] [--functions K] [--profiles DIR]
+        [--cert ecdsa|rsa] [--mtls [--allow N]] [-n 400] [--out FILE] [--functions K]
+        [--profiles DIR]
     (make instructions; make instructions ARGS="--cert rsa")
 
 Why: the machine is shared, so wall-clock and CPU-time figures move a lot
@@ -29,7 +30,14 @@ valgrind takes 10-20 s to start) one warm-up request is made, the counters
 are reset, N connections (default 400) are made from 8 client threads (this
 process, on CPU 1), each a full TLS 1.3 handshake (stdlib ssl, no session
 offered; every connection is checked not to have resumed), `GET /small.txt`
-with `Connection: close`, read to EOF and checked for a 200 and the body;
+with `Connection: close`, read to EOF and checked for a 200 and the body
+(with `--mtls`, the client presents an ECDSA certificate whose URI SAN is a
+SPIFFE ID, issued by a CA made alongside, and the target requires and
+verifies it: tlsproxy `client_auth = "require"`, HAProxy `verify required`;
+hitch has no client authentication and is skipped; `--allow N` gives
+tlsproxy an `[listeners.tls.allow]` table of N `uri` entries, N - 1 that the
+client does not match and its own SPIFFE ID last, so every connection is
+admitted by the last alternative);
 then the counters are dumped, the target and nginx are stopped by PID. The
 dump's self costs are summed per shared object (libcrypto, libssl, libc,
 libpython, the program itself, other) and divided by N; a target with
@@ -210,6 +218,74 @@ def openssl_conf(d: Path) -> Path:
     return conf
 
 
+# --mtls: the client's identity, and the pattern of the allow table's
+# entries it does not match (--allow N: N - 1 of them, then its own).
+CLIENT_SPIFFE_ID = "spiffe://bench.example/ns/load/sa/client"
+OTHER_PATTERN = "spiffe://bench.example/ns/svc{}/sa/*"
+MAX_ALLOW = 10_000
+
+
+@dataclass(frozen=True)
+class ClientPKI:
+    """--mtls: the CA that targets trust for clients, and the client's pair."""
+
+    ca: Path
+    cert: Path
+    key: Path
+
+
+def make_client_pki(d: Path) -> ClientPKI:
+    now = datetime.datetime.now(datetime.UTC)
+    ca_key = ec.generate_private_key(ec.SECP256R1())
+    ca_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "bench client CA")])
+    ca = (
+        x509.CertificateBuilder()
+        .subject_name(ca_name)
+        .issuer_name(ca_name)
+        .public_key(ca_key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(days=1))
+        .not_valid_after(now + datetime.timedelta(days=30))
+        .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
+        .sign(ca_key, hashes.SHA256())
+    )
+    key = ec.generate_private_key(ec.SECP256R1())
+    leaf = (
+        x509.CertificateBuilder()
+        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "bench client")]))
+        .issuer_name(ca_name)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(days=1))
+        .not_valid_after(now + datetime.timedelta(days=30))
+        .add_extension(
+            x509.SubjectAlternativeName([x509.UniformResourceIdentifier(CLIENT_SPIFFE_ID)]),
+            critical=False,
+        )
+        .sign(ca_key, hashes.SHA256())
+    )
+    pki = ClientPKI(d / "client-ca.pem", d / "client.pem", d / "client.key")
+    pki.ca.write_bytes(ca.public_bytes(serialization.Encoding.PEM))
+    pki.cert.write_bytes(leaf.public_bytes(serialization.Encoding.PEM))
+    pki.key.write_bytes(
+        key.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption(),
+        )
+    )
+    for path in (pki.ca, pki.cert, pki.key):
+        path.chmod(0o644)
+    return pki
+
+
+def allow_table(entries: int) -> str:
+    """tlsproxy's [listeners.tls.allow] of `entries` uri patterns, the
+    client's own SPIFFE ID last."""
+    uris = [OTHER_PATTERN.format(i) for i in range(entries - 1)] + [CLIENT_SPIFFE_ID]
+    return "[listeners.tls.allow]\nuri = [" + ", ".join(f'"{u}"' for u in uris) + "]\n"
+
+
 @dataclass(frozen=True)
 class Setup:
     """What every target shares: the temporary directory, nginx, the certificate."""
@@ -219,6 +295,8 @@ class Setup:
     cert: Certificate
     peer_env: dict[str, str]  # HAProxy's and hitch's: OPENSSL_CONF without tickets
     procs: Processes
+    clients: ClientPKI | None = None  # --mtls
+    allow: int = 0  # --allow N: tlsproxy's allow table's entries
     # --dual: tlsproxy also gets a certificate of the other key type for the
     # same names (the clients accept both, so the --cert one is served)
     dual: Certificate | None = None
@@ -237,9 +315,14 @@ class Command:
 
 def target_command(name: str, d: Path, port: int, setup: Setup) -> Command:
     backend, cert, peer_env = setup.backend, setup.cert, setup.peer_env
+    clients = setup.clients
     if name == "tlsproxy":
         pairs = [cert, *([setup.dual] if setup.dual else [])]
         certificates = ", ".join(f'{{ cert = "{c.cert}", key = "{c.key}" }}' for c in pairs)
+        mtls = ""
+        if clients is not None:
+            mtls = f'client_auth = "require"\nclient_ca = "{clients.ca}"\n'
+            mtls += allow_table(setup.allow) if setup.allow else ""
         conf = d / "tlsproxy.toml"
         conf.write_text(f"""[admin]
 listen = "127.0.0.1:{free_port()}"
@@ -250,13 +333,14 @@ backend = "127.0.0.1:{backend}"
 [listeners.tls]
 certificates = [{certificates}]
 session_tickets = false
-""")
+{mtls}""")
         env = {**os.environ, "PYTHONHASHSEED": "0", "PYTHONPATH": str(REPO)}
         argv = [sys.executable, "-m", "proxy", "run", "--config", str(conf)]
         # The interpreter's own executable: its code is in libpython here (the
         # python of this venv links it); a static python would show it here.
         return Command(argv, env, REPO, Path(sys.executable).resolve())
     if name == "haproxy":
+        verify = "" if clients is None else f" ca-file {clients.ca} verify required"
         conf = d / "haproxy.cfg"
         conf.write_text(f"""global
   nbthread 1
@@ -268,7 +352,7 @@ defaults
   timeout client 60s
   timeout server 60s
 frontend fe
-  bind 127.0.0.1:{port} ssl crt {cert.pem} no-tls-tickets ssl-min-ver TLSv1.2
+  bind 127.0.0.1:{port} ssl crt {cert.pem} no-tls-tickets ssl-min-ver TLSv1.2{verify}
   default_backend be
 backend be
   server s1 127.0.0.1:{backend}
@@ -305,10 +389,12 @@ def executable(name: str) -> Path:
 # ----------------------------------------------------------------- clients --
 
 
-def client_context() -> ssl.SSLContext:
+def client_context(clients: ClientPKI | None = None) -> ssl.SSLContext:
     ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
     ctx.check_hostname = False
     ctx.verify_mode = ssl.CERT_NONE
+    if clients is not None:
+        ctx.load_cert_chain(clients.cert, clients.key)
     return ctx
 
 
@@ -347,10 +433,10 @@ class Load:
     seconds: float = 0.0
 
 
-def run_load(port: int, n: int) -> Load:
+def run_load(port: int, n: int, clients: ClientPKI | None) -> Load:
     """n connections from CLIENT_THREADS threads; stops all of them at the
     first failure or at the deadline."""
-    ctx = client_context()
+    ctx = client_context(clients)
     stop = threading.Event()
     deadline = time.monotonic() + LOAD_DEADLINE_S
 
@@ -589,11 +675,11 @@ def measure(name: str, setup: Setup, n: int) -> Measurement:
     proc = setup.procs.start(argv, td / "log", cmd.env, cmd.cwd)
     try:
         wait_port(port, proc, TARGET_START_S)
-        warmup = fetch(port, client_context())
+        warmup = fetch(port, client_context(setup.clients))
         family = descendants(proc.pid)
         dump_all(proc, family, "baseline", cmd, cg_dir)
         print(f"instructions: {name}: {n} connections", file=sys.stderr)
-        load = run_load(port, n)
+        load = run_load(port, n, setup.clients)
         dump_all(proc, family, "measured", cmd, cg_dir)
         profile = Profile()
         dumps = [dump_file(cg_dir, pid, "measured") for pid in family]
@@ -667,13 +753,24 @@ def num(value: float) -> str:
     return f"{value:,.0f}"
 
 
+def client_auth(args: argparse.Namespace) -> str:
+    if not args.mtls:
+        return "no client certificate"
+    table = f", tlsproxy allow table of {args.allow} uri entries" if args.allow else ""
+    return f"mutual TLS (ECDSA client certificate with a SPIFFE ID){table}"
+
+
 def report(
-    results: list[Measurement], cert: str, info: dict[str, str], functions: int, out: TextIO
+    results: list[Measurement],
+    args: argparse.Namespace,
+    info: dict[str, str],
+    out: TextIO,
 ) -> None:
+    cert, functions = args.cert, args.functions
     certname = "ECDSA P-256" if cert == "ecdsa" else "RSA-2048"
     first = results[0]
     w = out.write
-    w(f"Instructions per connection (callgrind), {certname} certificate\n")
+    w(f"Instructions per connection (callgrind), {certname} certificate, {client_auth(args)}\n")
     w(
         f"{first.connections} connections per target from {CLIENT_THREADS} client threads: "
         f"full handshake ({first.warmup.version}, {first.warmup.cipher}), "
@@ -729,14 +826,16 @@ def ratio_to_reference(m: Measurement, results: list[Measurement]) -> float | No
 
 
 def record(
-    m: Measurement, results: list[Measurement], cert: str, info: dict[str, str]
+    m: Measurement, results: list[Measurement], args: argparse.Namespace, info: dict[str, str]
 ) -> dict[str, Any]:
     n = m.connections
     return {
         "record": "instructions",
         "date": time.strftime("%Y-%m-%d %H:%M %Z"),
         "target": m.target,
-        "cert": cert,
+        "cert": args.cert,
+        "mtls": args.mtls,
+        "allow_entries": args.allow if m.target == "tlsproxy" else 0,
         "connections": n,
         "client_threads": CLIENT_THREADS,
         "instructions": m.profile.instructions,
@@ -786,6 +885,18 @@ def parse_args() -> argparse.Namespace:
         default=400,
         help=f"measured connections per target, {MIN_CONNECTIONS}..{MAX_CONNECTIONS}",
     )
+    ap.add_argument(
+        "--mtls",
+        action="store_true",
+        help="the client presents a certificate that the target requires and verifies",
+    )
+    ap.add_argument(
+        "--allow",
+        type=int,
+        default=0,
+        metavar="N",
+        help="with --mtls: tlsproxy's allow table has N uri entries, the client's last",
+    )
     ap.add_argument("--out", type=Path, help="append one JSON line per target to this file")
     ap.add_argument(
         "--functions",
@@ -805,7 +916,11 @@ def parse_args() -> argparse.Namespace:
         ap.error(f"--connections must be {MIN_CONNECTIONS}..{MAX_CONNECTIONS}")
     if not 0 <= args.functions <= MAX_FUNCTIONS:
         ap.error(f"--functions must be 0..{MAX_FUNCTIONS}")
+    if not 0 <= args.allow <= MAX_ALLOW or (args.allow and not args.mtls):
+        ap.error(f"--allow must be 0..{MAX_ALLOW}, and needs --mtls")
     args.targets = [t.strip() for t in args.targets.split(",") if t.strip()]
+    if args.mtls and "hitch" in args.targets:
+        ap.error("--mtls: hitch has no client certificate authentication")
     unknown = [t for t in args.targets if t not in TARGETS]
     if unknown or not args.targets or len(set(args.targets)) != len(args.targets):
         ap.error(
@@ -857,7 +972,8 @@ def run(
         nginx, backend = start_nginx(d, procs, ["taskset", "-c", str(LOAD_CPU)])
         other = "rsa" if args.cert == "ecdsa" else "ecdsa"
         dual = make_certificate(d, other, "dual-") if args.dual else None
-        setup = Setup(d, backend, cert, peer_env, procs, dual)
+        clients = make_client_pki(d) if args.mtls else None
+        setup = Setup(d, backend, cert, peer_env, procs, clients, args.allow, dual)
         try:
             for name in targets:
                 try:
@@ -891,11 +1007,11 @@ def main() -> int:
     finally:
         procs.stop_all()
     if results:
-        report(results, args.cert, info, args.functions, sys.stdout)
+        report(results, args, info, sys.stdout)
     if args.out and results:
         with args.out.open("a") as fh:
             for m in results:
-                fh.write(json.dumps(record(m, results, args.cert, info)) + "\n")
+                fh.write(json.dumps(record(m, results, args, info)) + "\n")
     return 1 if failed or not results else 0
 
 

@@ -41,14 +41,13 @@ import ipaddress
 import itertools
 import os
 import socket
-import ssl
 from collections.abc import Sequence
-from typing import Any
 
 import trio
 
 from proxy import proxy_protocol, resolver
 from proxy.config import Address, format_sockaddr
+from proxy.identity import Identity
 from proxy.resolver import Sockaddr, Target
 from proxy.tls import server_name
 from proxy.tlsio import TLSConn
@@ -118,11 +117,22 @@ async def connect(
     raise BackendConnectError("timeout", f"no answer from {address} within {timeout:g} s")
 
 
-def proxy_header(version: proxy_protocol.Version, tls: TLSConn, peer: tuple[str, int]) -> bytes:
+def proxy_header(
+    version: proxy_protocol.Version,
+    tls: TLSConn,
+    peer: tuple[str, int],
+    client: Identity | None = None,
+) -> bytes:
     """The PROXY header for a client at `peer` that completed the handshake on `tls`.
 
     `peer` is the address from accept: `getpeername()` fails once the client
     has reset, while the local address of the accepted socket stays known.
+    `client` is the identity of the client's certificate, read once by the
+    connection: with `client_auth` optional or require, a certificate that
+    fails verification fails the handshake, so after a successful one a
+    certificate is a verified one (on a resumed session, the one verified
+    when the session began). The TLVs carry its first subject CN, as
+    HAProxy sends it, and its SPIFFE ID when it has exactly one.
     """
     local = tls.sock.getsockname()
     obj = tls.obj
@@ -132,32 +142,11 @@ def proxy_header(version: proxy_protocol.Version, tls: TLSConn, peer: tuple[str,
         cipher=cipher[0] if cipher else None,
         alpn=obj.selected_alpn_protocol(),
         sni=server_name(obj),
-        client_cn=verified_client_cn(obj),
+        client_cn=client.cn[0] if client is not None and client.cn else None,
+        client_spiffe_id=client.spiffe_id() if client is not None else None,
         resumed=bool(obj.session_reused),
     )
     return proxy_protocol.encode(version, (peer[0], peer[1]), (local[0], local[1]), facts)
-
-
-def verified_client_cn(obj: ssl.SSLObject) -> str | None:
-    """The subject CN of the client's certificate, which OpenSSL has verified
-    against `client_ca` if it is there at all: with `client_auth` optional or
-    require, a certificate that fails verification fails the handshake, so
-    after a successful one a certificate is a verified one (on a resumed
-    session, the one verified when the session began). None without a
-    certificate, or with a certificate that has no CN (the SANs are what
-    name it then, and the TLV has no room for them).
-
-    The first CN of the subject, as HAProxy sends it.
-    """
-    cert = obj.getpeercert()
-    if not cert:
-        return None
-    rdns: Any = cert.get("subject", ())
-    for rdn in rdns:
-        for key, value in rdn:
-            if key == "commonName":
-                return str(value)
-    return None
 
 
 @functools.lru_cache(maxsize=1024)

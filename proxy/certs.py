@@ -12,6 +12,7 @@ import ipaddress
 import os
 import tempfile
 from collections.abc import Callable
+from contextlib import suppress
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from itertools import pairwise
@@ -21,7 +22,7 @@ from typing import Literal, NamedTuple, TypeVar
 from cryptography import x509
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec, rsa
+from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
 from cryptography.hazmat.primitives.asymmetric.types import CertificatePublicKeyTypes
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
@@ -106,12 +107,174 @@ def check_pair(cert: Path, key: Path, now: datetime) -> CertCheck:
     return check
 
 
-def check_ca_bundle(path: Path) -> str | None:
-    """Why `path` cannot be a client CA bundle (mTLS), or None when it can."""
+def _read_ca_bundle(path: Path) -> tuple[bytes, list[x509.Certificate]] | str:
+    """The bundle's bytes and certificates, or why it cannot be a client CA bundle."""
     check = CertCheck()
-    if _read(path, "cert", _load_chain, check) is None:
+    read = _read(path, "cert", _load_chain, check)
+    if read is None:
         return check.errors[0].message.replace("PEM cert file", "PEM CA bundle")
-    return None
+    return read
+
+
+# ---------------------------------------------------------------------------
+# The verify store: client CAs and their CRLs
+
+_CRL_BEGIN = b"-----BEGIN X509 CRL-----"
+
+# Where a verify-store finding belongs, relative to the TLS table:
+# ("client_ca",) or ("client_crl", index).
+Where = tuple[str] | tuple[str, int]
+
+
+@dataclass(frozen=True)
+class CRL:
+    """One certificate revocation list as read and checked."""
+
+    file: Path
+    pem: bytes
+    issuer: str  # RFC 4514, the CA in client_ca that signed it
+    next_update: datetime | None  # after it OpenSSL refuses every client of this CA
+
+
+@dataclass(frozen=True)
+class VerifyMaterial:
+    """The client CA bundle and its CRLs as read and checked, once: what
+    OpenSSL's verify store is given, whatever the files hold later."""
+
+    ca_pem: bytes
+    crls: tuple[CRL, ...]
+
+    @property
+    def pem(self) -> bytes:
+        """CAs and CRLs in one PEM text: OpenSSL's file lookup loads both."""
+        return b"\n".join((self.ca_pem, *(crl.pem for crl in self.crls)))
+
+
+@dataclass
+class VerifyCheck:
+    errors: list[tuple[Where, str]] = field(default_factory=list)
+    warnings: list[tuple[Where, str]] = field(default_factory=list)
+    material: VerifyMaterial | None = None  # when there are no errors
+
+
+def check_verify_store(ca_file: Path, crl_files: tuple[Path, ...], now: datetime) -> VerifyCheck:
+    """Read the client CA bundle and every CRL file once and check that
+    OpenSSL can verify clients with them.
+
+    With CRLs, OpenSSL checks the leaf against its issuer's CRL and refuses a
+    client whose issuer has none (`unable to get certificate CRL`), or whose
+    CRL is past its nextUpdate (`CRL has expired`), or not yet valid. Errors,
+    then: a CRL not signed by a CA of the bundle (its signature is checked),
+    two CRLs of one CA, and a CA of the bundle without a CRL unless it issues
+    another CA of the bundle (a root above an intermediate: only the CA that
+    issued the client's own certificate is asked for a CRL). A CRL out of its
+    validity is a warning, logged again at every reload: the config is right,
+    the CRL's publisher is late, and every client of that CA is refused until
+    a fresh one is loaded.
+    """
+    check = VerifyCheck()
+    bundle = _read_ca_bundle(ca_file)
+    if isinstance(bundle, str):
+        check.errors.append((("client_ca",), bundle))
+        return check
+    ca_pem, cas = bundle
+    crls: list[CRL] = []
+    by_issuer: dict[str, int] = {}
+    for index, path in enumerate(crl_files):
+        where: Where = ("client_crl", index)
+        for crl in _read_crls(path, where, check):
+            issuer = crl.issuer.rfc4514_string()
+            if issuer in by_issuer:
+                check.errors.append(
+                    (
+                        where,
+                        f"a second CRL of {issuer!r} (the first is in "
+                        f"client_crl[{by_issuer[issuer]}]); keep only the newest: {path}",
+                    )
+                )
+                continue
+            if not _signed_by_one_of(crl, cas):
+                check.errors.append(
+                    (
+                        where,
+                        f"CRL of {issuer!r} is not signed by any CA in client_ca "
+                        f"({ca_file}): {path}",
+                    )
+                )
+                continue
+            by_issuer[issuer] = index
+            check.warnings += [(where, p) for p in _crl_time_problems(crl, issuer, path, now)]
+            crls.append(
+                CRL(path, crl.public_bytes(serialization.Encoding.PEM), issuer, crl.next_update_utc)
+            )
+    if crl_files:
+        issuers = {cert.issuer for cert in cas if cert.issuer != cert.subject}
+        for ca in cas:
+            subject = ca.subject.rfc4514_string()
+            if ca.subject not in issuers and subject not in by_issuer:
+                check.errors.append(
+                    (
+                        ("client_crl",),
+                        f"no CRL for {subject!r} of client_ca: with client_crl "
+                        "set, every client certificate it issues would be refused "
+                        '(client_cert_error = "crl_missing"); add its CRL',
+                    )
+                )
+    if not check.errors:
+        check.material = VerifyMaterial(ca_pem, tuple(crls))
+    return check
+
+
+def _read_crls(
+    path: Path, where: Where, check: VerifyCheck
+) -> list[x509.CertificateRevocationList]:
+    findings = CertCheck()
+    pem = _read(path, "cert", Path.read_bytes, findings)
+    if pem is None:
+        check.errors.append((where, findings.errors[0].message))
+        return []
+    blocks = [_CRL_BEGIN + block for block in pem.split(_CRL_BEGIN)[1:]]
+    try:
+        crls = [x509.load_pem_x509_crl(block) for block in blocks]
+    except ValueError:
+        crls = []
+    if not crls:
+        check.errors.append(
+            (where, f"not a PEM CRL file: {path} (expected '-----BEGIN X509 CRL-----')")
+        )
+    return crls
+
+
+def _signed_by_one_of(crl: x509.CertificateRevocationList, cas: list[x509.Certificate]) -> bool:
+    for ca in cas:
+        if ca.subject != crl.issuer:
+            continue
+        key = ca.public_key()
+        if isinstance(key, rsa.RSAPublicKey | ec.EllipticCurvePublicKey | ed25519.Ed25519PublicKey):
+            with suppress(InvalidSignature, TypeError, ValueError):
+                if crl.is_signature_valid(key):
+                    return True
+    return False
+
+
+def _crl_time_problems(
+    crl: x509.CertificateRevocationList, issuer: str, path: Path, now: datetime
+) -> list[str]:
+    problems = []
+    next_update = crl.next_update_utc
+    if next_update is not None and next_update <= now:
+        problems.append(
+            f"CRL of {issuer!r} expired on {next_update:%Y-%m-%d %H:%M}Z (its nextUpdate): "
+            "OpenSSL refuses every client certificate this CA issued "
+            f'(client_cert_error = "crl_expired") until a new CRL is loaded: {path}'
+        )
+    if crl.last_update_utc > now:
+        problems.append(
+            f"CRL of {issuer!r} is not valid until {crl.last_update_utc:%Y-%m-%d %H:%M}Z "
+            "(its lastUpdate): OpenSSL refuses every client certificate this CA issued "
+            f'(client_cert_error = "crl_not_yet_valid") until then: {path}'
+        )
+    return problems
 
 
 def ensure_self_signed(state_dir: Path) -> tuple[Path, Path]:

@@ -38,7 +38,7 @@ from pydantic import (
 )
 from pydantic_core import ErrorDetails, PydanticCustomError, core_schema
 
-from proxy import certs, openssl, sni
+from proxy import certs, identity, openssl, sni
 
 
 class ConfigError(Exception):
@@ -336,6 +336,10 @@ class _Model(BaseModel):
 _FILE_ERRORS = "certificate_files"
 # pydantic error type whose ctx carries (TOML location, message) pairs
 _LOCATED_ERRORS = "located"
+# the same, raised by a field but located relative to its table
+_SIBLING_ERRORS = "located_in_table"
+# validation context key: the verify stores read, by (client_ca, client_crl)
+_VERIFY_READ = "verify_stores"
 
 
 class CertificatePair(_Model):
@@ -372,16 +376,51 @@ def _checking_files(info: ValidationInfo) -> bool:
     return bool((info.context or {}).get("check_files", True))
 
 
-def _client_ca(path: Path | None, info: ValidationInfo) -> Path | None:
-    if path is not None and _checking_files(info) and (problem := certs.check_ca_bundle(path)):
-        raise ValueError(problem)
-    return path
-
-
 def _server_name(pattern: str) -> str:
     if problem := sni.check_pattern(pattern):
         raise ValueError(f"{problem}; got {pattern!r}")
     return pattern
+
+
+def _entry(check: Callable[[str], str | None]) -> AfterValidator:
+    """An `allow` list entry, checked by the identity matcher's own rules."""
+
+    def validate(value: str) -> str:
+        if problem := check(value):
+            raise ValueError(f"{problem}; got {value!r}")
+        return value
+
+    return AfterValidator(validate)
+
+
+class AllowConfig(_Model):
+    """Who may connect: a verified certificate matching any entry of any list
+    (proxy.identity says how each list matches)."""
+
+    uri: tuple[Annotated[StrictStr, _entry(identity.check_uri_pattern)], ...] = ()
+    dns: tuple[Annotated[StrictStr, _entry(identity.check_dns_pattern)], ...] = ()
+    cn: tuple[Annotated[StrictStr, _entry(identity.check_name)], ...] = ()
+    ou: tuple[Annotated[StrictStr, _entry(identity.check_name)], ...] = ()
+
+    @model_validator(mode="after")
+    def lists_someone(self) -> Self:
+        if not (self.uri or self.dns or self.cn or self.ou):
+            raise ValueError(
+                "lists no one (uri, dns, cn and ou are all empty), so it would admit no one; "
+                "list who may connect"
+            )
+        return self
+
+    def compile(self) -> identity.AllowList:
+        """The matcher, built once per listener or route when the runtime is."""
+        return identity.AllowList(uri=self.uri, dns=self.dns, cn=self.cn, ou=self.ou)
+
+
+def _needs_require(client_auth: str) -> str:
+    return (
+        f'an allow table needs client_auth = "require" (it is "{client_auth}"): '
+        "only a verified certificate has an identity to match"
+    )
 
 
 class TLSConfig(_Model):
@@ -393,9 +432,9 @@ class TLSConfig(_Model):
     ciphers: Annotated[StrictStr, AfterValidator(_cipher_string)] = ""
     alpn: tuple[Annotated[StrictStr, Field(min_length=1, max_length=255)], ...] = ()
     client_auth: Literal["none", "optional", "require"] = "none"
-    client_ca: Annotated[
-        Path | None, PlainValidator(_optional_file), AfterValidator(_client_ca)
-    ] = None
+    client_ca: Annotated[Path | None, PlainValidator(_optional_file)] = None
+    # validated even when absent: its validator reads the CA bundle too
+    client_crl: tuple[FilePath, ...] = Field(default=(), validate_default=True)
     session_tickets: StrictBool = True
     groups: Annotated[
         tuple[Annotated[StrictStr, AfterValidator(_group)], ...], _nonempty("group")
@@ -405,6 +444,19 @@ class TLSConfig(_Model):
         _nonempty("cipher suite"),
     ] = DEFAULT_CIPHERSUITES
     keylog_file: Annotated[Path | None, PlainValidator(_optional_file)] = None
+    allow: AllowConfig | None = None
+    _verify: certs.VerifyMaterial | None = PrivateAttr(default=None)
+    _verify_warnings: tuple[tuple[certs.Where, str], ...] = PrivateAttr(default=())
+
+    @property
+    def verify_material(self) -> certs.VerifyMaterial | None:
+        """The client CA bundle and CRLs as validation read and checked them
+        (None without client_ca): what the verify store is given."""
+        if self.client_ca is None:
+            return None
+        if self._verify is None:
+            raise ValueError(f"{self.client_ca}: CA file not read (check-config --no-files)")
+        return self._verify
 
     @model_validator(mode="after")
     def one_pair_per_key_type_and_names(self) -> Self:
@@ -446,10 +498,43 @@ class TLSConfig(_Model):
             )
         return self
 
+    @field_validator("client_crl")
+    @classmethod
+    def check_verify_store(cls, crls: tuple[Path, ...], info: ValidationInfo) -> tuple[Path, ...]:
+        """Read the CA bundle and the CRL files, once, as a field, so that
+        their problems are reported with the certificates' (a model check
+        would not run once a certificate failed). What was read waits in the
+        validation context for the model, keyed by the files."""
+        ca = info.data.get("client_ca")
+        if ca is None or not _checking_files(info):
+            return crls
+        context = info.context if info.context is not None else {}
+        now: datetime = context.get("now") or datetime.now(UTC)
+        check = certs.check_verify_store(ca, crls, now)
+        if check.errors:
+            raise PydanticCustomError(
+                _SIBLING_ERRORS, "client CA or CRL files", {"errors": check.errors}
+            )
+        context.setdefault(_VERIFY_READ, {})[(ca, crls)] = check
+        return crls
+
+    @model_validator(mode="after")
+    def check_client_verification(self, info: ValidationInfo) -> Self:
+        """`allow` against `client_auth`; the verify store read above."""
+        if self.allow is not None and self.client_auth != "require":
+            errors = [(("allow",), _needs_require(self.client_auth))]
+            raise PydanticCustomError(_LOCATED_ERRORS, "client verification", {"errors": errors})
+        check = (info.context or {}).get(_VERIFY_READ, {}).get((self.client_ca, self.client_crl))
+        if check is not None:
+            self._verify = check.material
+            self._verify_warnings = tuple(check.warnings)
+        return self
+
 
 class RouteConfig(_Model):
     sni: Annotated[StrictStr, AfterValidator(_server_name)]
     backend: BackendAddress
+    allow: AllowConfig | None = None  # replaces the listener's for this SNI
 
 
 class ListenerConfig(_Model):
@@ -478,6 +563,17 @@ class ListenerConfig(_Model):
                 )
             first[name] = index
         return routes
+
+    @model_validator(mode="after")
+    def route_allow_needs_require(self) -> Self:
+        errors: list[tuple[tuple[int | str, ...], str]] = [
+            (("routes", index, "allow"), _needs_require(self.tls.client_auth))
+            for index, route in enumerate(self.routes)
+            if route.allow is not None and self.tls.client_auth != "require"
+        ]
+        if errors:
+            raise PydanticCustomError(_LOCATED_ERRORS, "route allow", {"errors": errors})
+        return self
 
 
 class AdminConfig(_Model):
@@ -601,6 +697,11 @@ def parse_config(
         for j, pair in enumerate(listener.tls.certificates)
         for finding in pair._warnings
     ]
+    warnings += [
+        f"{_toml_path(('listeners', i, 'tls', *where))}: {message}"
+        for i, listener in enumerate(parsed.listeners)
+        for where, message in listener.tls._verify_warnings
+    ]
     return Config(**dict(parsed), source=source, warnings=tuple(warnings))
 
 
@@ -667,6 +768,9 @@ def _render(error: ErrorDetails) -> Iterator[str]:
     elif error["type"] == _LOCATED_ERRORS:
         for where, message in ctx["errors"]:
             yield f"{_toml_path((*loc, *where))}: {message}"
+    elif error["type"] == _SIBLING_ERRORS:
+        for where, message in ctx["errors"]:
+            yield f"{_toml_path((*loc[:-1], *where))}: {message}"
     else:
         yield f"{_toml_path(loc)}: {_describe(error['type'], loc, ctx, error['input'])}"
 

@@ -18,14 +18,19 @@ from proxy import accept_proxy, backend, openssl
 from proxy.buffers import BufferPool
 from proxy.config import Address, ListenerConfig, format_sockaddr
 from proxy.handshake import HandshakeResult, run_handshake
+from proxy.identity import AllowList, Identity
 from proxy.ja4 import ja4
 from proxy.log import Logger
 from proxy.metrics import ListenerMetrics
-from proxy.outcome import Outcome, client_cert_reason
+from proxy.outcome import NOT_ALLOWED, Outcome, client_cert_reason
 from proxy.sni import NameTable
 from proxy.splice import CloseReason, IdleWatch, Splice
 from proxy.tls import server_name
 from proxy.tlsio import TLSConn
+
+# An allow table and its name in the access log (`allow_rules`): "listener",
+# or "route:<sni>" with the route's configured name.
+Rules = tuple[str, AllowList]
 
 
 @dataclass
@@ -39,9 +44,39 @@ class ListenerRuntime:
     access_log: bool
     # [[listeners.routes]]: backend by SNI, built once from the config
     routes: NameTable[Address] = field(init=False, repr=False)
+    # `allow` tables compiled once, in the build: the listener's, and by SNI
+    # the routes' (every route, so that the route whose backend the SNI picks
+    # is the one whose table applies; None where a route has no table)
+    allow: Rules | None = field(init=False, repr=False)
+    route_allow: NameTable[Rules | None] = field(init=False, repr=False)
+    # the certificate's identity is read only when something uses it
+    needs_identity: bool = field(init=False, repr=False)
 
     def __post_init__(self) -> None:
         self.routes = NameTable((route.sni, route.backend) for route in self.config.routes)
+        tls = self.config.tls
+        self.allow = None if tls.allow is None else ("listener", tls.allow.compile())
+        self.route_allow = NameTable(
+            (
+                route.sni,
+                None if route.allow is None else (f"route:{route.sni}", route.allow.compile()),
+            )
+            for route in self.config.routes
+        )
+        self.needs_identity = tls.client_auth != "none" and (
+            self.access_log
+            or self.config.proxy_protocol == "v2"
+            or self.allow is not None
+            or any(route.allow is not None for route in self.config.routes)
+        )
+
+    def allow_for(self, sni: str | None) -> Rules | None:
+        """The allow table for this SNI: its route's, which replaces the
+        listener's, else the listener's; None when no table applies."""
+        found = self.route_allow.lookup(sni) if self.route_allow else None
+        if found is not None and found[1] is not None:
+            return found[1]
+        return self.allow
 
     def backend_for(self, sni: str | None) -> Address:
         """The route matching the SNI (exact before wildcard), else the listener's."""
@@ -128,11 +163,13 @@ class _Connection:
     """
 
     __slots__ = (
+        "allow_rules",
         "backend",
         "backend_address",
         "client",
         "client_cert",
         "close_reason",
+        "identity",
         "ja4",
         "negotiated",
         "peer",
@@ -156,6 +193,8 @@ class _Connection:
         self.ja4: str | None = None
         self.negotiated: tuple[str, str, str, bool] | None = None
         self.client_cert: dict[str, Any] | None = None
+        self.identity: Identity | None = None  # the verified client certificate's, read once
+        self.allow_rules: str | None = None  # the allow table that judged it
         self.tls: TLSConn | None = None  # set once the handshake succeeded
         self.backend_address: Address | None = None
         self.backend: socket.socket | None = None
@@ -196,7 +235,12 @@ class _Connection:
             )
         finally:
             lm.in_progress.dec()
+        if result.outcome is Outcome.SUCCESS and result.tls is not None:
+            self._authorize(result, result.tls)
         self._record_handshake(result)
+        if result.outcome is Outcome.CLIENT_CERT_DENIED:
+            self.tls = result.tls  # closed with close_notify, the backend never connected
+            return
         if result.outcome is not Outcome.SUCCESS or result.tls is None:
             return
         self.tls = result.tls
@@ -242,6 +286,10 @@ class _Connection:
                 fields.update(tls_version=version, cipher=cipher, alpn=alpn, resumed=resumed)
             if self.client_cert is not None:
                 fields.update(self.client_cert)
+            if self.allow_rules is not None:
+                fields["allow_rules"] = self.allow_rules
+                if result.outcome is Outcome.CLIENT_CERT_DENIED:
+                    fields["client_cert_error"] = NOT_ALLOWED
         if self.backend_address is not None:
             fields["backend"] = str(self.backend_address)
         if self.close_reason is not None:
@@ -251,6 +299,22 @@ class _Connection:
             fields["bytes_to_client"] = self.splice.bytes_to_client
         fields["duration_ms"] = round((trio.current_time() - self.start) * 1000, 3)
         return fields
+
+    def _authorize(self, result: HandshakeResult, tls: TLSConn) -> None:
+        """The allow table's decision: after the chain verified, before the
+        backend is connected. A denial turns the handshake's outcome into
+        client_cert_denied before it is counted, so it is counted once."""
+        runtime = self.runtime
+        if not runtime.needs_identity:
+            return
+        cert = tls.obj.getpeercert()
+        self.identity = Identity.from_peercert(cert) if cert else None
+        rules = runtime.allow_for(result.notes.sni)
+        if rules is None:
+            return
+        self.allow_rules, allow = rules
+        if self.identity is None or not allow.admits(self.identity):
+            result.outcome = Outcome.CLIENT_CERT_DENIED
 
     def _record_handshake(self, result: HandshakeResult) -> None:
         """Count the handshake's outcome and keep what the access line says;
@@ -266,6 +330,7 @@ class _Connection:
             lm.wants_write.inc(result.wants_write)
         ok = result.outcome is Outcome.SUCCESS
         (lm.handshake_ok if ok else lm.handshake_failed).observe(result.seconds)
+        completed = ok or result.outcome is Outcome.CLIENT_CERT_DENIED
         notes = result.notes
         if notes.hello is not None and runtime.access_log:
             self.ja4 = ja4(notes.hello)
@@ -274,16 +339,17 @@ class _Connection:
         ):
             notes.no_shared = "group"
         notes.hello = None  # the notes live as long as the connection; the hello need not
-        if ok and result.tls is not None:
+        if completed and result.tls is not None:
             tls = result.tls.obj
             version = tls.version() or "unknown"
             cipher = (tls.cipher() or ("unknown",))[0]
             alpn = tls.selected_alpn_protocol() or "none"
             resumed = bool(tls.session_reused)
-            lm.negotiated(version, cipher, alpn, resumed)
+            if ok:
+                lm.negotiated(version, cipher, alpn, resumed)
             self.negotiated = (version, cipher, alpn, resumed)
             if runtime.config.tls.client_auth != "none" and runtime.access_log:
-                self.client_cert = _client_cert_fields(tls)
+                self.client_cert = _client_cert_fields(self.identity)
         elif result.outcome is Outcome.INTERNAL_ERROR:
             runtime.log.error(
                 "handshake failed unexpectedly; please report this",
@@ -296,7 +362,11 @@ class _Connection:
         address = self.backend_address = runtime.backend_for(server_name(tls.obj))
         lm = runtime.metrics
         version = runtime.config.proxy_protocol
-        preamble = b"" if version == "off" else backend.proxy_header(version, tls, self.peer)
+        preamble = (
+            b""
+            if version == "off"
+            else backend.proxy_header(version, tls, self.peer, self.identity)
+        )
         start = trio.current_time()
         try:
             sock = await backend.connect(address, runtime.config.connect_timeout, preamble)
@@ -333,32 +403,12 @@ def _handshake_fields(result: HandshakeResult) -> dict[str, Any]:
     return fields
 
 
-# getpeercert() spells attribute names out; RFC 4514 (and the certificate
-# expiry metric's subject label) use the short forms.
-_RDN_KEYS = {
-    "commonName": "CN",
-    "organizationName": "O",
-    "organizationalUnitName": "OU",
-    "countryName": "C",
-    "stateOrProvinceName": "ST",
-    "localityName": "L",
-    "streetAddress": "STREET",
-    "domainComponent": "DC",
-    "userId": "UID",
-}
-
-
-def _client_cert_fields(tls: ssl.SSLObject) -> dict[str, Any]:
+def _client_cert_fields(identity: Identity | None) -> dict[str, Any]:
     """The verified client certificate's subject and SAN DNS names and URIs."""
-    cert = tls.getpeercert()
-    if not cert:
+    if identity is None:
         return {"client_subject": None}
-    rdns: Any = cert.get("subject", ())
-    sans: Any = cert.get("subjectAltName", ())
     return {
-        "client_subject": ",".join(
-            f"{_RDN_KEYS.get(key, key)}={value}" for rdn in reversed(rdns) for key, value in rdn
-        ),
-        "client_san_dns": [value for kind, value in sans if kind == "DNS"],
-        "client_san_uri": [value for kind, value in sans if kind == "URI"],
+        "client_subject": identity.subject,
+        "client_san_dns": list(identity.dns),
+        "client_san_uri": list(identity.uris),
     }

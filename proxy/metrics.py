@@ -142,7 +142,8 @@ class Metrics:
         )
         self.certificate_expiry = Gauge(
             "certificate_expiry_timestamp_seconds",
-            "Not-after time of each loaded certificate, as a Unix timestamp.",
+            "Not-after time of each loaded certificate (and nextUpdate of each client CRL, "
+            "subject crl:<issuer>, key_type empty), as a Unix timestamp.",
             ["listener", "subject", "key_type"],
             namespace=NAMESPACE,
             registry=registry,

@@ -28,6 +28,9 @@ class Outcome(StrEnum):
     NO_SHARED_CIPHER = "no_shared_cipher"
     CLIENT_CERT_MISSING = "client_cert_missing"
     CLIENT_CERT_INVALID = "client_cert_invalid"
+    # The chain verified but the identity matches no `allow` entry: decided
+    # by proxy.connection after the handshake, never by this classifier.
+    CLIENT_CERT_DENIED = "client_cert_denied"
     CERTIFICATE_REJECTED_BY_CLIENT = "certificate_rejected_by_client"
     ALPN_MISMATCH = "alpn_mismatch"
     PROTOCOL_ERROR = "protocol_error"
@@ -113,9 +116,13 @@ REASONS: dict[str, Outcome] = {
 # with OpenSSL's own message.
 CLIENT_CERT_REASONS: dict[int, str] = {
     2: "unknown_ca",  # unable to get issuer certificate
+    3: "crl_missing",  # unable to get certificate CRL: client_crl has none of its issuer
     7: "bad_signature",  # certificate signature failure
+    8: "crl_bad_signature",  # CRL signature failure
     9: "not_yet_valid",
     10: "expired",
+    11: "crl_not_yet_valid",  # the issuer's CRL: its lastUpdate is ahead
+    12: "crl_expired",  # the issuer's CRL: past its nextUpdate
     18: "unknown_ca",  # self-signed certificate
     19: "unknown_ca",  # self-signed certificate in chain
     20: "unknown_ca",  # unable to get local issuer certificate
@@ -124,6 +131,10 @@ CLIENT_CERT_REASONS: dict[int, str] = {
     24: "invalid_ca",  # invalid CA certificate
     26: "wrong_purpose",  # unsupported certificate purpose (not for client auth)
 }
+
+# The access log's client_cert_error for a verified certificate whose
+# identity no `allow` entry admits (outcome client_cert_denied).
+NOT_ALLOWED = "not_allowed"
 
 
 def classify_first_bytes(first: bytes) -> Outcome | None:

@@ -26,6 +26,10 @@ The TLVs carry what the TLS handshake taught us: ALPN (0x01), the authority
          verify   uint32    0 only when a client certificate was verified
          sub-TLVs           version (0x21), CN (0x22), cipher (0x23)
 
+and, in the range the spec leaves to applications (0xE0-0xEF), the client
+certificate's SPIFFE ID (0xE0, `PP2_TYPE_TLSPROXY_SPIFFE_ID`): the URI as
+ASCII, only for a verified certificate with exactly one valid SPIFFE ID.
+
 "src" is the client as accepted, "dst" the listener address it connected
 to. Everything here is bytes in, bytes out: no sockets, so the byte layout
 is unit-tested against the spec and against an independent parser.
@@ -48,6 +52,9 @@ PP2_TYPE_SSL = 0x20
 PP2_SUBTYPE_SSL_VERSION = 0x21
 PP2_SUBTYPE_SSL_CN = 0x22
 PP2_SUBTYPE_SSL_CIPHER = 0x23
+# Application-specific (PP2_TYPE_MIN_CUSTOM 0xE0 .. PP2_TYPE_MAX_CUSTOM 0xEF):
+# the first of them, published in the README.
+PP2_TYPE_TLSPROXY_SPIFFE_ID = 0xE0
 
 PP2_CLIENT_SSL = 0x01
 PP2_CLIENT_CERT_CONN = 0x02  # a client certificate was presented on this connection
@@ -77,6 +84,7 @@ class TLSFacts:
     alpn: str | None = None  # the negotiated protocol, "h2"
     sni: str | None = None  # the server name the client asked for
     client_cn: str | None = None  # CN of a client certificate that was verified
+    client_spiffe_id: str | None = None  # its SPIFFE ID, when it has exactly one
     # The session was resumed: the verified certificate (if any) was presented
     # on an earlier connection of this TLS session, not on this one.
     resumed: bool = False
@@ -109,13 +117,17 @@ def encode_v2(source: tuple[str, int], dest: tuple[str, int], tls: TLSFacts | No
 
 
 def tlvs(tls: TLSFacts) -> bytes:
-    """ALPN, authority and SSL TLVs, in ascending type order, as HAProxy writes them."""
+    """ALPN, authority, SSL and SPIFFE ID TLVs, in ascending type order, as
+    HAProxy writes its own."""
     out = b""
     if tls.alpn:
         out += tlv(PP2_TYPE_ALPN, tls.alpn.encode("ascii"))
     if tls.sni:
         out += tlv(PP2_TYPE_AUTHORITY, tls.sni.encode("utf-8"))
-    return out + tlv(PP2_TYPE_SSL, ssl_value(tls))
+    out += tlv(PP2_TYPE_SSL, ssl_value(tls))
+    if tls.client_spiffe_id is not None:
+        out += tlv(PP2_TYPE_TLSPROXY_SPIFFE_ID, tls.client_spiffe_id.encode("ascii"))
+    return out
 
 
 def ssl_value(tls: TLSFacts) -> bytes:

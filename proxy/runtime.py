@@ -45,6 +45,9 @@ def build_runtimes(config: Config, metrics: Metrics, log: Logger) -> list[Listen
 # (listener, certificate subject, key type) -> the earliest expiry, a Unix timestamp
 Expiries = dict[tuple[str, str, str], float]
 
+# The expiry metric's subject label for a CRL: this, then its issuer (RFC 4514).
+CRL_SUBJECT_PREFIX = "crl:"
+
 
 def certificate_expiries(config: Config) -> Expiries:
     """The expiry of exactly the certificates `config` serves, from what its
@@ -53,7 +56,8 @@ def certificate_expiries(config: Config) -> Expiries:
     An RSA and an ECDSA certificate for one name usually share their subject
     and are renewed apart: the key type keeps their series apart. Two of one
     subject and key type (for different names) show the earlier expiry, the
-    one to act on.
+    one to act on. A CRL's nextUpdate is an expiry too (past it every client
+    of its CA is refused), under the subject `crl:<issuer>` and no key type.
     """
     earliest: Expiries = {}
     for lc in config.listeners:
@@ -62,6 +66,12 @@ def certificate_expiries(config: Config) -> Expiries:
             labels = (lc.name, leaf.subject.rfc4514_string(), pair.material.key_type)
             expiry = leaf.not_valid_after_utc.timestamp()
             earliest[labels] = min(expiry, earliest.get(labels, expiry))
+        verify = lc.tls.verify_material
+        for crl in verify.crls if verify is not None else ():
+            if crl.next_update is not None:
+                earliest[(lc.name, f"{CRL_SUBJECT_PREFIX}{crl.issuer}", "")] = (
+                    crl.next_update.timestamp()
+                )
     return earliest
 
 

@@ -302,6 +302,8 @@ class Server:
             if self._count_reloads:
                 self.metrics.config_reloads.labels("success").inc()
             self.log.info("config reloaded", trigger=trigger, listeners=len(runtimes))
+            for warning in config.warnings:  # as at start: an expired CRL, say, at every reload
+                self.log.warning("config warning", detail=warning)
             return True
 
     def _serving(self) -> bool:

@@ -7,8 +7,8 @@ Theory of operation
 of the certificate and key bytes that validating it read
 (`CertificatePair.material`): OpenSSL gets those very bytes, so what is
 served is what was checked, and what the expiry metric shows, even if the
-files change on disk meanwhile (the client CA bundle is read from its file
-here). It is the only place OpenSSL parses certificates, keys and cipher
+files change on disk meanwhile (the client CA bundle and its CRLs too,
+`TLSConfig.verify_material`). It is the only place OpenSSL parses certificates, keys and cipher
 strings: once per listener at start-up or reload, never per handshake. It
 builds one complete `SSLContext` per set of certificates served together,
 all with the same policy (versions, ciphers, groups, TLS 1.3 suites, ALPN,
@@ -64,7 +64,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from proxy import openssl
-from proxy.certs import PairMaterial
+from proxy.certs import PairMaterial, VerifyMaterial
 from proxy.clienthello import ClientHello
 from proxy.config import CertificatePair, TLSConfig
 from proxy.outcome import Outcome
@@ -195,8 +195,9 @@ def _certificate_context(tls: TLSConfig, pairs: list[CertificatePair]) -> ssl.SS
     if tls.alpn:
         context.set_alpn_protocols(list(tls.alpn))
     context.verify_mode = _VERIFY_MODES[tls.client_auth]
-    if tls.client_ca is not None:
-        context.load_verify_locations(cafile=str(tls.client_ca))
+    verify = tls.verify_material
+    if verify is not None:
+        _load_verify_store(context, verify)
     if not tls.session_tickets:
         # OP_NO_TICKET alone still lets OpenSSL send stateful TLS 1.3 tickets
         # backed by its session cache; zero tickets means no resumption at all.
@@ -211,6 +212,18 @@ def _load_pair(context: ssl.SSLContext, material: PairMaterial) -> None:
     """Give OpenSSL the chain and key that validation read, from memory."""
     with _pem_file(material.cert_pem + b"\n" + material.key_pem) as path:
         context.load_cert_chain(path)  # the key follows the chain in the same file
+
+
+def _load_verify_store(context: ssl.SSLContext, verify: VerifyMaterial) -> None:
+    """The client CAs and their CRLs, from the bytes validation read: one PEM
+    text through a path, since only OpenSSL's file lookup loads CRLs (Python's
+    `cadata` takes certificates only). With CRLs, the client's own
+    certificate is checked against its issuer's (CRL_CHECK_LEAF: the CAs
+    above it are the bundle's, trusted as configured)."""
+    with _pem_file(verify.pem) as path:
+        context.load_verify_locations(cafile=path)
+    if verify.crls:
+        context.verify_flags |= ssl.VERIFY_CRL_CHECK_LEAF
 
 
 @contextmanager

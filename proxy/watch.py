@@ -1,4 +1,4 @@
-"""Reload when the config file or a certificate, key or CA file changes.
+"""Reload when the config file or a certificate, key, CA or CRL file changes.
 
 Polling, on purpose. Certificates in a sidecar arrive through mounts that
 inotify watches badly: a Kubernetes Secret volume swaps a `..data` symlink
@@ -61,6 +61,7 @@ def watched_paths(config: Config) -> Iterator[Path]:
             yield pair.key
         if tls.client_ca is not None:
             yield tls.client_ca
+        yield from tls.client_crl
 
 
 def snapshot(paths: Iterator[Path]) -> Snapshot:

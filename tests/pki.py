@@ -97,18 +97,18 @@ class CA:
         client: bool = False,
         not_before: datetime | None = None,
         not_after: datetime | None = None,
+        ou: str | None = None,
     ) -> Leaf:
         now = datetime.now(UTC)
         key = _key(key_type)
         sans: list[x509.GeneralName] = [x509.DNSName(n) for n in names]
         sans += [x509.UniformResourceIdentifier(u) for u in uris]
         usage = ExtendedKeyUsageOID.CLIENT_AUTH if client else ExtendedKeyUsageOID.SERVER_AUTH
-        subject = x509.Name(
-            [
-                x509.NameAttribute(NameOID.ORGANIZATION_NAME, "tlsproxy tests"),
-                x509.NameAttribute(NameOID.COMMON_NAME, names[0] if names else stem),
-            ]
-        )
+        attributes = [x509.NameAttribute(NameOID.ORGANIZATION_NAME, "tlsproxy tests")]
+        if ou is not None:
+            attributes.append(x509.NameAttribute(NameOID.ORGANIZATIONAL_UNIT_NAME, ou))
+        attributes.append(x509.NameAttribute(NameOID.COMMON_NAME, names[0] if names else stem))
+        subject = x509.Name(attributes)
         serial = x509.random_serial_number()
         builder = (
             x509.CertificateBuilder()
@@ -132,6 +132,32 @@ class CA:
         leaf.cert.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
         leaf.key.write_bytes(_pem_key(key))
         return leaf
+
+    def crl(
+        self,
+        path: Path,
+        *revoked: int,
+        last_update: datetime | None = None,
+        next_update: datetime | None = None,
+    ) -> Path:
+        """A PEM CRL of this CA revoking the serials `revoked`, written to `path`."""
+        now = datetime.now(UTC)
+        builder = (
+            x509.CertificateRevocationListBuilder()
+            .issuer_name(self.cert.subject)
+            .last_update(last_update or now - timedelta(hours=1))
+            .next_update(next_update or now + timedelta(days=7))
+        )
+        for serial in revoked:
+            builder = builder.add_revoked_certificate(
+                x509.RevokedCertificateBuilder()
+                .serial_number(serial)
+                .revocation_date(now - timedelta(minutes=5))
+                .build()
+            )
+        crl = builder.sign(self.key, hashes.SHA256())
+        path.write_bytes(crl.public_bytes(serialization.Encoding.PEM))
+        return path
 
     def trust(self, context: ssl.SSLContext) -> ssl.SSLContext:
         context.load_verify_locations(cafile=str(self.ca_file))

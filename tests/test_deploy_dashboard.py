@@ -59,3 +59,8 @@ def test_negotiated_parameters_each_have_a_panel() -> None:
     for label in ("version", "cipher", "alpn", "resumed"):
         assert any(f"sum by ({label}) (rate(tlsproxy_tls_negotiated_total" in e for e in exprs)
     assert any(p["type"] == "heatmap" for p in load()["panels"])
+
+
+def test_a_panel_shows_the_clients_the_allow_table_denied() -> None:
+    exprs = [t["expr"] for p in load()["panels"] for t in p.get("targets", [])]
+    assert any('outcome="client_cert_denied"' in expr for expr in exprs)

@@ -349,11 +349,12 @@ async def test_unknown_protocol_only_counts_alpn_mismatch(
     await _expect(proxy, certs, Outcome.ALPN_MISMATCH, client)
 
 
-async def _mtls_proxy(nursery: trio.Nursery, pki: PKI, echo_port: int) -> Running:
+async def _mtls_proxy(nursery: trio.Nursery, pki: PKI, echo_port: int, **keys: object) -> Running:
     tls = {
         "certificates": [pki.server.pair()],
         "client_auth": "require",
         "client_ca": str(pki.clients.ca_file),
+        **keys,
     }
     certs = Certs(None, pki.server.cert, pki.server.key, pki.servers.ca_file)  # type: ignore[arg-type]
     return await start_server(nursery, build_config(certs, echo_port, tls=tls))
@@ -393,6 +394,23 @@ async def test_client_certificate_from_another_ca_counts_client_cert_invalid(
     assert lines[0]["client_cert_error"] == "unknown_ca"
 
 
+async def test_a_certificate_no_allow_entry_admits_counts_client_cert_denied(
+    nursery: trio.Nursery, certs: Certs, echo_port: int, pki: PKI
+) -> None:
+    proxy = await _mtls_proxy(nursery, pki, echo_port, allow={"dns": ["billing.test"]})
+    other = pki.clients.issue("other", "other.test", client=True)
+
+    def client() -> None:
+        # TLS 1.3: the handshake completes; the close_notify ends the first read
+        with contextlib.suppress(ssl.SSLError, OSError):
+            assert handshake(proxy.port, client_context(pki.servers, other)).reply == b""
+
+    good = client_context(pki.servers, pki.good)
+    await _expect(proxy, certs, Outcome.CLIENT_CERT_DENIED, _in_thread(client), good)
+    lines = await proxy.access_log(2)
+    assert lines[0]["client_cert_error"] == "not_allowed"
+
+
 def test_every_outcome_has_a_live_test() -> None:
     names = {name for name in globals() if name.startswith("test_")}
     produced = {
@@ -405,6 +423,9 @@ def test_every_outcome_has_a_live_test() -> None:
         Outcome.CLIENT_CERT_MISSING: "test_no_client_certificate_counts_client_cert_missing",
         Outcome.CLIENT_CERT_INVALID: (
             "test_client_certificate_from_another_ca_counts_client_cert_invalid"
+        ),
+        Outcome.CLIENT_CERT_DENIED: (
+            "test_a_certificate_no_allow_entry_admits_counts_client_cert_denied"
         ),
         Outcome.CERTIFICATE_REJECTED_BY_CLIENT: (
             "test_python_client_without_our_ca_counts_certificate_rejected"

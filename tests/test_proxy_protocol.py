@@ -427,3 +427,45 @@ async def test_v2_on_a_resumed_session_says_the_certificate_came_with_the_sessio
     assert (resumed.has_cert_conn, resumed.has_cert_sess) == (False, True)
     assert resumed.verified
     assert resumed.cn == full.cn == "billing.test"
+
+
+# ---------------------------------------------------------------- the SPIFFE ID TLV
+
+
+def test_v2_spiffe_id_tlv_is_type_0xe0_after_the_ssl_tlv() -> None:
+    spiffe = "spiffe://prod.example/ns/web/sa/frontend"
+    facts = TLSFacts(version="TLSv1.3", client_cn="web", client_spiffe_id=spiffe)
+    tlvs = pp.tlvs(facts)
+    assert tlvs.endswith(b"\xe0" + struct.pack("!H", len(spiffe)) + spiffe.encode())
+    assert b"\xe0" not in pp.tlvs(TLSFacts(version="TLSv1.3", client_cn="web"))
+
+
+@pytest.mark.parametrize(
+    ("uris", "expected"),
+    [
+        pytest.param(("spiffe://prod.example/ns/web",), b"spiffe://prod.example/ns/web", id="one"),
+        pytest.param(("spiffe://a.example/x", "spiffe://b.example/y"), None, id="two"),
+        pytest.param(("https://id.example/alice",), None, id="not-spiffe"),
+    ],
+)
+async def test_v2_carries_the_verified_spiffe_id_when_there_is_exactly_one(
+    nursery: trio.Nursery,
+    mtls: tuple[CA, CA, Leaf, Leaf],
+    uris: tuple[str, ...],
+    expected: bytes | None,
+) -> None:
+    servers, clients, _, _ = mtls
+    leaf = clients.issue(f"svid-{len(uris)}-{uris[0][:5]}", "svid.test", uris=uris, client=True)
+    backend = _HeaderBackend()
+    port = await start_backend(nursery, backend.handler)
+    proxy = await start_server(nursery, _mtls_config(mtls, port, "require"))
+    with trio.fail_after(STEP):
+        seen = await trio.to_thread.run_sync(
+            partial(handshake, proxy.port, client_context(servers, leaf))
+        )
+    assert seen.reply == b"ping"
+    (header,) = backend.headers
+    tlv = ProxyProtocolV2().unpack(header).tlv  # the independent parser
+    assert tlv.get(pp.PP2_TYPE_TLSPROXY_SPIFFE_ID) == expected
+    assert tlv.ssl.cn == "svid.test"
+    assert pp.PP2_TYPE_TLSPROXY_SPIFFE_ID == 0xE0
