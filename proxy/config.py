@@ -278,30 +278,32 @@ def _cipher_string(ciphers: str) -> str:
     return ciphers
 
 
-def _group(name: str) -> str:
-    try:
-        openssl.set_groups(ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER), (name,))
-    except ValueError as exc:
-        raise ValueError(
-            f"unknown key-exchange group {name!r}; OpenSSL knows e.g. X25519, P-256, "
-            "P-384, P-521, X448, ffdhe2048"
-        ) from exc
-    except openssl.PolicyUnavailable as exc:
-        raise ValueError(str(exc)) from exc
-    return name
+def _accepted_by(
+    apply: Callable[[ssl.SSLContext, tuple[str, ...]], None], what: str, known: str
+) -> Callable[[str], str]:
+    """A validator: OpenSSL, through `apply` on a scratch context, knows the name."""
+
+    def check(name: str) -> str:
+        try:
+            apply(ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER), (name,))
+        except ValueError as exc:
+            raise ValueError(f"unknown {what} {name!r}; OpenSSL knows e.g. {known}") from exc
+        except openssl.PolicyUnavailable as exc:
+            raise ValueError(str(exc)) from exc
+        return name
+
+    return check
 
 
-def _ciphersuite(name: str) -> str:
-    try:
-        openssl.set_ciphersuites(ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER), (name,))
-    except ValueError as exc:
-        raise ValueError(
-            f"unknown TLS 1.3 cipher suite {name!r}; one of TLS_AES_128_GCM_SHA256, "
-            "TLS_AES_256_GCM_SHA384, TLS_CHACHA20_POLY1305_SHA256, TLS_AES_128_CCM_SHA256"
-        ) from exc
-    except openssl.PolicyUnavailable as exc:
-        raise ValueError(str(exc)) from exc
-    return name
+_group = _accepted_by(
+    openssl.set_groups, "key-exchange group", "X25519, P-256, P-384, P-521, X448, ffdhe2048"
+)
+_ciphersuite = _accepted_by(
+    openssl.set_ciphersuites,
+    "TLS 1.3 cipher suite",
+    "TLS_AES_128_GCM_SHA256, TLS_AES_256_GCM_SHA384, TLS_CHACHA20_POLY1305_SHA256, "
+    "TLS_AES_128_CCM_SHA256",
+)
 
 
 # Mozilla's "intermediate" profile (version 5.7): its key-exchange groups and
