@@ -45,10 +45,12 @@ def config_text(
     drain_timeout: float = 30.0,
     process_lines: str = "",
     listener_lines: str = "",
+    tls_lines: str = "",
     more_listeners: str = "",
 ) -> str:
     """One listener named "web" (its backend `backend`, else 127.0.0.1 at
-    `backend_port`); `more_listeners` from `listener_table`."""
+    `backend_port`), `tls_lines` after its certificate (in [listeners.tls],
+    whose subtables may follow); `more_listeners` from `listener_table`."""
     backend = backend or f"127.0.0.1:{backend_port}"
     return f"""\
 [admin]
@@ -66,6 +68,7 @@ backend = "{backend}"
 
 [listeners.tls]
 certificates = [{{ cert = {toml_str(cert)}, key = {toml_str(key)} }}]
+{tls_lines}
 {more_listeners}"""
 
 

@@ -20,7 +20,7 @@ import pytest
 import trio
 
 from proxy.config import ConfigError, load_config, parse_config
-from tests.daemon import PYTHON_M_PROXY, Daemon, env_for, spawn
+from tests.daemon import PYTHON_M_PROXY, Daemon, config_text, env_for, spawn, toml_str
 from tests.helpers import (
     STEP,
     Running,
@@ -241,26 +241,19 @@ async def test_each_denial_is_one_count_and_exported_at_zero(
 
 
 def _config_file(path: Path, pki: PKI, backend: int, uris: list[str], workers: int = 1) -> Path:
-    pair = pki.server.pair()
-    uri_list = ", ".join(f'"{uri}"' for uri in uris)
-    path.write_text(
-        f"""
-[admin]
-listen = "127.0.0.1:0"
-[process]
-watch = false
-workers = {workers}
-[[listeners]]
-name = "web"
-listen = "127.0.0.1:0"
-backend = "127.0.0.1:{backend}"
-[listeners.tls]
-certificates = [{{ cert = "{pair["cert"]}", key = "{pair["key"]}" }}]
-client_auth = "require"
-client_ca = "{pki.clients.ca_file}"
+    uri_list = ", ".join(toml_str(uri) for uri in uris)
+    tls = f"""client_auth = "require"
+client_ca = {toml_str(pki.clients.ca_file)}
 [listeners.tls.allow]
-uri = [{uri_list}]
-""",
+uri = [{uri_list}]"""
+    path.write_text(
+        config_text(
+            pki.server.cert,
+            pki.server.key,
+            backend_port=backend,
+            process_lines=f"watch = false\nworkers = {workers}",
+            tls_lines=tls,
+        ),
         encoding="utf-8",
     )
     return path

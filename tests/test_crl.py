@@ -16,6 +16,7 @@ import trio
 
 from proxy.config import ConfigError, load_config, parse_config
 from proxy.watch import watched_paths
+from tests.daemon import config_text, toml_str
 from tests.helpers import STEP, Running, sample, scrape, start_backend, start_server
 from tests.pki import CA, Leaf, client_context, handshake
 from tests.test_allow import RecordingBackend
@@ -37,24 +38,18 @@ def pki(tmp_path: Path) -> PKI:
 
 
 def _write(path: Path, pki: PKI, backend: int, crls: list[Path], ca: Path | None = None) -> Path:
-    pair = pki.server.pair()
-    crl_list = ", ".join(f'"{crl}"' for crl in crls)
+    crl_list = ", ".join(toml_str(crl) for crl in crls)
+    tls = f"""client_auth = "require"
+client_ca = {toml_str(ca or pki.clients.ca_file)}
+client_crl = [{crl_list}]"""
     path.write_text(
-        f"""
-[admin]
-listen = "127.0.0.1:0"
-[process]
-watch = false
-[[listeners]]
-name = "web"
-listen = "127.0.0.1:0"
-backend = "127.0.0.1:{backend}"
-[listeners.tls]
-certificates = [{{ cert = "{pair["cert"]}", key = "{pair["key"]}" }}]
-client_auth = "require"
-client_ca = "{ca or pki.clients.ca_file}"
-client_crl = [{crl_list}]
-""",
+        config_text(
+            pki.server.cert,
+            pki.server.key,
+            backend_port=backend,
+            process_lines="watch = false",
+            tls_lines=tls,
+        ),
         encoding="utf-8",
     )
     return path

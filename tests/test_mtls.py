@@ -16,6 +16,7 @@ import pytest
 import trio
 
 from proxy.config import load_config, parse_config
+from tests.daemon import config_text, toml_str
 from tests.helpers import STEP, Running, echo_handler, outcomes, start_backend, start_server
 from tests.pki import CA, Leaf, client_context, handshake
 
@@ -147,22 +148,14 @@ async def test_reload_picks_up_a_new_client_ca_bundle(
     bundle.write_bytes(pki.clients.ca_file.read_bytes())
     backend = await start_backend(nursery, echo_handler)
     config_file = tmp_path / "tlsproxy.toml"
-    server_pair = pki.server.pair()
     config_file.write_text(
-        f"""
-[admin]
-listen = "127.0.0.1:0"
-[process]
-watch = false
-[[listeners]]
-name = "web"
-listen = "127.0.0.1:0"
-backend = "127.0.0.1:{backend}"
-[listeners.tls]
-certificates = [{{ cert = "{server_pair["cert"]}", key = "{server_pair["key"]}" }}]
-client_auth = "require"
-client_ca = "{bundle}"
-"""
+        config_text(
+            pki.server.cert,
+            pki.server.key,
+            backend_port=backend,
+            process_lines="watch = false",
+            tls_lines=f'client_auth = "require"\nclient_ca = {toml_str(bundle)}',
+        )
     )
     proxy = await start_server(nursery, load_config(config_file))
     assert (await _one(proxy, newcomer, pki))[0] == "client_cert_invalid"
