@@ -34,11 +34,12 @@ import trio
 
 from proxy.admin import Admin
 from proxy.config import Address, Config, ConfigError, addresses_overlap, format_sockaddr
-from proxy.connection import ConnectionSet, ListenerRuntime, ListenerState, handle_connection
+from proxy.connection import ConnectionSet, ListenerState, handle_connection
 from proxy.log import Logger
 from proxy.metrics import Metrics
 from proxy.runtime import (
     Expiries,
+    ListenerRuntime,
     build_runtimes,
     certificate_expiries,
     export_certificates,

@@ -22,8 +22,7 @@ import trustme
 from cryptography import x509
 
 from proxy.config import Config, load_config
-from proxy.connection import ListenerRuntime
-from proxy.runtime import build_runtimes
+from proxy.runtime import ListenerRuntime, build_runtimes
 from proxy.server import State
 from proxy.watch import watch_files
 from tests import pki
