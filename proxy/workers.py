@@ -62,11 +62,12 @@ import trio
 from prometheus_client import CollectorRegistry
 from prometheus_client.multiprocess import mark_process_dead
 
+from proxy.accept import StartupError, bind_socket
 from proxy.admin import Admin
 from proxy.config import Address, Config, ConfigError, format_sockaddr
 from proxy.log import Logger
 from proxy.metrics import MergedWorkers, SupervisorMetrics
-from proxy.server import Server, StartupError, State, bind_socket
+from proxy.server import Server, State
 from proxy.tls import build_context
 from proxy.watch import watch_files
 
