@@ -23,12 +23,12 @@ from prometheus_client import CollectorRegistry
 
 from proxy import __version__, unraisable
 from proxy.accept import StartupError
-from proxy.certs import default_state_dir, ensure_self_signed
 from proxy.config import Config, ConfigError, default_config, load_config, with_overrides
 from proxy.fdlimit import ensure_fd_limit
 from proxy.log import Logger, LogSink, make_logger
 from proxy.metrics import Metrics
 from proxy.openssl import PolicyUnavailable
+from proxy.selfsigned import default_state_dir, ensure_self_signed
 from proxy.server import Server, State
 from proxy.watch import watch_files
 from proxy.workers import Supervisor, SupervisorLink, pin_ports, prepare_worker
