@@ -31,7 +31,8 @@ from proxy.openssl import PolicyUnavailable
 from proxy.selfsigned import default_state_dir, ensure_self_signed
 from proxy.server import Server, State
 from proxy.watch import watch_files
-from proxy.workers import Supervisor, SupervisorLink, pin_ports, prepare_worker
+from proxy.worker import SupervisorLink, pin_ports, prepare_worker
+from proxy.workers import Supervisor
 
 EXIT_CONFIG = 1
 EXIT_STARTUP = 2
