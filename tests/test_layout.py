@@ -9,12 +9,14 @@ where it belongs.
 from __future__ import annotations
 
 import ast
+import re
 from collections.abc import Mapping
 from pathlib import Path
 
 import pytest
 
 PACKAGE = Path(__file__).resolve().parent.parent / "proxy"
+README = PACKAGE.parent / "README.md"
 
 # Lowest first. The README's Layout section names the same layers.
 LAYERS: tuple[tuple[str, frozenset[str]], ...] = (
@@ -163,6 +165,30 @@ def test_every_module_keeps_to_its_layer() -> None:
     assert not found, "\n".join(found)
 
 
+# Below the data path no module touches the network: it may read files and
+# write logs, but imports neither of these.
+NETWORK = frozenset({"socket", "trio"})
+
+
+def test_no_sockets_below_the_data_path() -> None:
+    below = {module for _, modules in LAYERS[:2] for module in modules}
+    found = []
+    for path in sorted(PACKAGE.rglob("*.py")):
+        if _module_name(path) not in below:
+            continue
+        for node in ast.walk(ast.parse(path.read_text(), str(path))):
+            if isinstance(node, ast.Import):
+                names = [alias.name for alias in node.names]
+            elif isinstance(node, ast.ImportFrom) and node.module is not None:
+                names = [node.module]
+            else:
+                continue
+            found += [
+                f"{_module_name(path)} imports {n}" for n in names if n.split(".")[0] in NETWORK
+            ]
+    assert not found, "\n".join(found)
+
+
 def test_every_layer_has_a_module() -> None:
     """LAYERS names no module that is gone (a moved module must be moved here too)."""
     assert set(LAYER_OF) == set(import_graph())
@@ -189,3 +215,31 @@ def test_every_layer_has_a_module() -> None:
 )
 def test_the_rule_catches(graph: dict[str, set[str]], expected: list[str]) -> None:
     assert violations(graph) == expected
+
+
+def readme_layers() -> list[tuple[str, set[str]]]:
+    """The README's Layout tree: each `# N. layer` heading and the modules
+    listed under it (`config/` with its files: config, config.load, ...)."""
+    text = README.read_text()
+    tree = text[text.index("## Layout") :].split("```")[1]
+    layers: list[tuple[str, set[str]]] = []
+    package = ""
+    for line in tree.splitlines():
+        if heading := re.fullmatch(r"  # \d+\. (.+)", line):
+            layers.append((heading[1], set()))
+        elif entry := re.fullmatch(r"( +)(\w+)(\.py|/) .*", line):
+            indent, name, kind = entry.groups()
+            if kind == "/":
+                package = name
+                layers[-1][1].add(name)
+            elif len(indent) > 2:
+                layers[-1][1].add(f"{package}.{name}")
+            else:
+                layers[-1][1].add(name)
+    return layers
+
+
+def test_the_readme_shows_these_layers() -> None:
+    """README.md's Layout names every module, in the layer this test gives it."""
+    expected = [(name, set(modules) - {"proxy"}) for name, modules in LAYERS]
+    assert readme_layers() == expected
