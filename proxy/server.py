@@ -211,7 +211,7 @@ class Server(Reloading):
             except (OSError, trio.ClosedResourceError):
                 if sock.fileno() != -1:
                     raise
-                # closed under the loop by a reload that moved the address (reload.py)
+                # closed under the loop by a reload that moved the address (release)
             finally:
                 sock.close()  # refuse new connects; live ones are unaffected
 
