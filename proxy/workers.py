@@ -46,11 +46,9 @@ environment from their first instruction, run in it.
 from __future__ import annotations
 
 import os
-import shutil
 import signal
 import socket
 import subprocess
-import tempfile
 from collections.abc import Callable, Iterable, Sequence
 from contextlib import suppress
 from dataclasses import dataclass
@@ -61,17 +59,16 @@ import trio
 from prometheus_client import CollectorRegistry
 from prometheus_client.multiprocess import mark_process_dead
 
-from proxy.accept import StartupError, bind_socket
+from proxy.accept import StartupError
 from proxy.admin import Admin
-from proxy.config import Address, Config, ConfigError, format_sockaddr
+from proxy.config import Config, ConfigError, format_sockaddr
 from proxy.log import Logger
-from proxy.metrics import MergedWorkers, SupervisorMetrics
+from proxy.metrics import SupervisorMetrics
 from proxy.server import State
-from proxy.tls import build_context
+from proxy.supervisor_start import SupervisorStart
 from proxy.watch import watch_files
 from proxy.worker import READY, RELOADED
 
-METRICS_DIR_ENV = "TLSPROXY_METRICS_DIR"
 MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
 
 # Seconds before a worker that exited on its own is started again. Doubled
@@ -131,7 +128,7 @@ class _Reload:
             self.done.set()
 
 
-class Supervisor:
+class Supervisor(SupervisorStart):
     """Starts, watches, signals and restarts the workers; serves the admin endpoint."""
 
     def __init__(
@@ -154,64 +151,6 @@ class Supervisor:
         self._pins: list[str] = []
         self._stop = trio.Event()
         self._failure: str | None = None
-
-    # -- start-up, synchronous: every failure is one StartupError (exit 2)
-
-    def bind(self) -> None:
-        """Check the certificates, reserve every port, bind admin, prepare the
-        metrics directory; raise StartupError (or OSError / ssl.SSLError for
-        certificate files) with nothing left behind."""
-        try:
-            for listener in self.config.listeners:
-                build_context(listener.tls)
-            self._reserve_ports()
-            self._admin_socket = bind_socket(self.config.admin.listen, "admin")
-            self.metrics_dir = self._prepare_metrics_dir()
-        except BaseException:
-            self.close()
-            raise
-        self.registry.register(MergedWorkers(str(self.metrics_dir), self.metrics))
-
-    def _reserve_ports(self) -> None:
-        seen: dict[Address, str] = {}
-        for listener in self.config.listeners:
-            address, what = listener.listen, f"listener {listener.name!r}"
-            if address.port and address in seen:
-                raise StartupError(f"cannot listen on {address} ({what}): {seen[address]} does")
-            seen[address] = what
-            # A plain bind first: it fails wherever anyone listens.
-            with bind_socket(address, what, listen=False) as probe:
-                port = int(probe.getsockname()[1])
-            self._reservations.append(
-                bind_socket(Address(address.host, port), what, reuse_port=True, listen=False)
-            )
-            if address.port == 0:
-                self._pins.append(f"{listener.name}={port}")
-
-    def _prepare_metrics_dir(self) -> Path:
-        configured = os.environ.get(METRICS_DIR_ENV)
-        if not configured:
-            self._temporary_dir = True
-            return Path(tempfile.mkdtemp(prefix="tlsproxy-metrics-"))
-        path = Path(configured)
-        try:
-            path.mkdir(parents=True, exist_ok=True)
-            for stale in path.glob("*.db"):  # a previous run's workers: not ours to merge
-                stale.unlink()
-        except OSError as exc:
-            raise StartupError(
-                f"cannot use {METRICS_DIR_ENV}={configured} for the workers' metrics: "
-                f"{exc.strerror}; point it at a writable directory"
-            ) from exc
-        return path
-
-    def close(self) -> None:
-        for sock in self._reservations:
-            sock.close()
-        if self._admin_socket is not None:
-            self._admin_socket.close()
-        if self._temporary_dir and self.metrics_dir is not None:
-            shutil.rmtree(self.metrics_dir, ignore_errors=True)
 
     # -- running
 

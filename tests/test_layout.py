@@ -71,6 +71,7 @@ LAYERS: tuple[tuple[str, frozenset[str]], ...] = (
                 "fdlimit",
                 "worker",
                 "workers",
+                "supervisor_start",
                 "__main__",
             }
         ),
