@@ -56,7 +56,7 @@ from typing import TypeVar
 import trio
 
 from benchmarks.harness import OPEN_CONCURRENCY, Daemon, raise_fd_limit, running_daemon
-from proxy.server import EXHAUSTED_EVENT
+from proxy.accept import EXHAUSTED_EVENT
 
 TARGET = 10_000  # established connections (the goal)
 LOAD_CONCURRENCY = 16  # new connections in flight during a load

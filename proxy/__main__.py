@@ -22,15 +22,17 @@ import trio
 from prometheus_client import CollectorRegistry
 
 from proxy import __version__, unraisable
-from proxy.certs import default_state_dir, ensure_self_signed
+from proxy.accept import StartupError
 from proxy.config import Config, ConfigError, default_config, load_config, with_overrides
 from proxy.fdlimit import ensure_fd_limit
 from proxy.log import Logger, LogSink, make_logger
 from proxy.metrics import Metrics
 from proxy.openssl import PolicyUnavailable
-from proxy.server import Server, StartupError, State
+from proxy.selfsigned import default_state_dir, ensure_self_signed
+from proxy.server import Server, State
 from proxy.watch import watch_files
-from proxy.workers import Supervisor, SupervisorLink, pin_ports, prepare_worker
+from proxy.worker import SupervisorLink, pin_ports, prepare_worker
+from proxy.workers import Supervisor
 
 EXIT_CONFIG = 1
 EXIT_STARTUP = 2

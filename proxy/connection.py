@@ -8,80 +8,22 @@ and one access-log line when the connection ends, whatever ended it.
 from __future__ import annotations
 
 import socket
-import ssl
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import trio
 
 from proxy import accept_proxy, backend, openssl
 from proxy.buffers import BufferPool
-from proxy.config import Address, ListenerConfig, format_sockaddr
+from proxy.config import Address, format_sockaddr
 from proxy.handshake import HandshakeResult, run_handshake
-from proxy.identity import AllowList, Identity
+from proxy.identity import Identity
 from proxy.ja4 import ja4
-from proxy.log import Logger
-from proxy.metrics import ListenerMetrics
 from proxy.outcome import NOT_ALLOWED, Outcome, client_cert_reason
-from proxy.sni import NameTable
+from proxy.runtime import ListenerRuntime
 from proxy.splice import CloseReason, IdleWatch, Splice
 from proxy.tls import server_name
 from proxy.tlsio import TLSConn
-
-# An allow table and its name in the access log (`allow_rules`): "listener",
-# or "route:<sni>" with the route's configured name.
-Rules = tuple[str, AllowList]
-
-
-@dataclass
-class ListenerRuntime:
-    """What a connection needs from its listener, swapped as a whole on reload."""
-
-    config: ListenerConfig
-    context: ssl.SSLContext
-    metrics: ListenerMetrics
-    log: Logger
-    access_log: bool
-    # [[listeners.routes]]: backend by SNI, built once from the config
-    routes: NameTable[Address] = field(init=False, repr=False)
-    # `allow` tables compiled once, in the build: the listener's, and by SNI
-    # the routes' (every route, so that the route whose backend the SNI picks
-    # is the one whose table applies; None where a route has no table)
-    allow: Rules | None = field(init=False, repr=False)
-    route_allow: NameTable[Rules | None] = field(init=False, repr=False)
-    # the certificate's identity is read only when something uses it
-    needs_identity: bool = field(init=False, repr=False)
-
-    def __post_init__(self) -> None:
-        self.routes = NameTable((route.sni, route.backend) for route in self.config.routes)
-        tls = self.config.tls
-        self.allow = None if tls.allow is None else ("listener", tls.allow.compile())
-        self.route_allow = NameTable(
-            (
-                route.sni,
-                None if route.allow is None else (f"route:{route.sni}", route.allow.compile()),
-            )
-            for route in self.config.routes
-        )
-        self.needs_identity = tls.client_auth != "none" and (
-            self.access_log
-            or self.config.proxy_protocol == "v2"
-            or self.allow is not None
-            or any(route.allow is not None for route in self.config.routes)
-        )
-
-    def allow_for(self, sni: str | None) -> Rules | None:
-        """The allow table for this SNI: its route's, which replaces the
-        listener's, else the listener's; None when no table applies."""
-        found = self.route_allow.lookup(sni) if self.route_allow else None
-        if found is not None and found[1] is not None:
-            return found[1]
-        return self.allow
-
-    def backend_for(self, sni: str | None) -> Address:
-        """The route matching the SNI (exact before wildcard), else the listener's."""
-        found = self.routes.lookup(sni) if self.routes else None
-        return self.config.backend if found is None else found[1]
 
 
 @dataclass

@@ -1,4 +1,4 @@
-"""Build what a listener's connections use at run time, from its config.
+"""What a listener's connections use at run time (`ListenerRuntime`), and its build from config.
 
 Start-up and reload share this code: reload builds a complete new set of
 runtimes (every SSLContext, every certificate read and checked) before
@@ -9,11 +9,70 @@ once) and handed to OpenSSL here, never per handshake.
 
 from __future__ import annotations
 
-from proxy.config import Config, ListenerConfig
-from proxy.connection import ListenerRuntime
+import ssl
+from dataclasses import dataclass, field
+
+from proxy.config import Address, Config, ListenerConfig
+from proxy.identity import AllowList
 from proxy.log import Logger
-from proxy.metrics import Metrics
+from proxy.metrics import ListenerMetrics, Metrics
+from proxy.sni import NameTable
 from proxy.tls import build_context
+
+# An allow table and its name in the access log (`allow_rules`): "listener",
+# or "route:<sni>" with the route's configured name.
+Rules = tuple[str, AllowList]
+
+
+@dataclass
+class ListenerRuntime:
+    """What a connection needs from its listener, swapped as a whole on reload."""
+
+    config: ListenerConfig
+    context: ssl.SSLContext
+    metrics: ListenerMetrics
+    log: Logger
+    access_log: bool
+    # [[listeners.routes]]: backend by SNI, built once from the config
+    routes: NameTable[Address] = field(init=False, repr=False)
+    # `allow` tables compiled once, in the build: the listener's, and by SNI
+    # the routes' (every route, so that the route whose backend the SNI picks
+    # is the one whose table applies; None where a route has no table)
+    allow: Rules | None = field(init=False, repr=False)
+    route_allow: NameTable[Rules | None] = field(init=False, repr=False)
+    # the certificate's identity is read only when something uses it
+    needs_identity: bool = field(init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        self.routes = NameTable((route.sni, route.backend) for route in self.config.routes)
+        tls = self.config.tls
+        self.allow = None if tls.allow is None else ("listener", tls.allow.compile())
+        self.route_allow = NameTable(
+            (
+                route.sni,
+                None if route.allow is None else (f"route:{route.sni}", route.allow.compile()),
+            )
+            for route in self.config.routes
+        )
+        self.needs_identity = tls.client_auth != "none" and (
+            self.access_log
+            or self.config.proxy_protocol == "v2"
+            or self.allow is not None
+            or any(route.allow is not None for route in self.config.routes)
+        )
+
+    def allow_for(self, sni: str | None) -> Rules | None:
+        """The allow table for this SNI: its route's, which replaces the
+        listener's, else the listener's; None when no table applies."""
+        found = self.route_allow.lookup(sni) if self.route_allow else None
+        if found is not None and found[1] is not None:
+            return found[1]
+        return self.allow
+
+    def backend_for(self, sni: str | None) -> Address:
+        """The route matching the SNI (exact before wildcard), else the listener's."""
+        found = self.routes.lookup(sni) if self.routes else None
+        return self.config.backend if found is None else found[1]
 
 
 def build_runtime(

@@ -46,12 +46,9 @@ environment from their first instruction, run in it.
 from __future__ import annotations
 
 import os
-import shutil
 import signal
 import socket
 import subprocess
-import tempfile
-import warnings
 from collections.abc import Callable, Iterable, Sequence
 from contextlib import suppress
 from dataclasses import dataclass
@@ -62,15 +59,16 @@ import trio
 from prometheus_client import CollectorRegistry
 from prometheus_client.multiprocess import mark_process_dead
 
+from proxy.accept import StartupError
 from proxy.admin import Admin
-from proxy.config import Address, Config, ConfigError, format_sockaddr
+from proxy.config import Config, ConfigError, format_sockaddr
 from proxy.log import Logger
-from proxy.metrics import MergedWorkers, SupervisorMetrics
-from proxy.server import Server, StartupError, State, bind_socket
-from proxy.tls import build_context
+from proxy.metrics import SupervisorMetrics
+from proxy.server import State
+from proxy.supervisor_start import SupervisorStart
 from proxy.watch import watch_files
+from proxy.worker import READY, RELOADED
 
-METRICS_DIR_ENV = "TLSPROXY_METRICS_DIR"
 MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
 
 # Seconds before a worker that exited on its own is started again. Doubled
@@ -91,69 +89,6 @@ EXIT_GRACE = 5.0
 
 # Bytes read from a worker's control link at once: its messages are a few bytes.
 CONTROL_READ = 256
-
-READY = b"ready\n"
-# A worker's answer to each SIGHUP, on the same link: the supervisor counts
-# one reload per SIGHUP (or file change), not one per worker.
-RELOADED = b"reloaded\n"
-RELOAD_REJECTED = b"reload rejected\n"
-
-
-# ---------------------------------------------------------------------------
-# The worker's side
-
-
-class SupervisorLink:
-    """A worker's end of its socketpair with the supervisor."""
-
-    def __init__(self, fd: int) -> None:
-        self._sock = trio.socket.from_stdlib_socket(socket.socket(fileno=fd))
-
-    async def report_ready(self) -> None:
-        await self._sock.send(READY)
-
-    async def report_reload(self, ok: bool) -> None:
-        with suppress(OSError):  # the supervisor is gone: drain_when_gone sees to that
-            await self._sock.send(RELOADED if ok else RELOAD_REJECTED)
-
-    async def drain_when_gone(self, server: Server, log: Logger) -> None:
-        """The supervisor never writes: EOF means it died. Drain then, so no
-        worker outlives it (nobody would restart or stop it)."""
-        with self._sock:
-            while await self._sock.recv(64):
-                pass
-        log.warning("the supervisor is gone; draining")
-        server.request_drain()
-
-
-def prepare_worker() -> None:
-    """Process-wide settings of a worker, before its Server is built."""
-    # runtime.export_certificates clears the expiry gauge before setting it;
-    # multiprocess files cannot forget a series, so a subject removed by a
-    # reload keeps its last value until the worker exits (README, Workers).
-    warnings.filterwarnings(
-        "ignore", "Clearing labels has not been implemented", UserWarning, "prometheus_client"
-    )
-
-
-def pin_ports(config: Config, pins: Iterable[str]) -> Config:
-    """Give each `NAME=PORT` pin's listener that port where the config says 0.
-
-    The supervisor resolved port 0 once for all workers; every load in a
-    worker, at start and on reload, must agree with it, or a reload would see
-    a changed address and move the listener to a fresh port of its own.
-    """
-    ports = {name: int(port) for name, _, port in (pin.partition("=") for pin in pins)}
-    if not ports:
-        return config
-    listeners = tuple(
-        listener.model_copy(update={"listen": Address(listener.listen.host, ports[listener.name])})
-        if listener.listen.port == 0 and listener.name in ports
-        else listener
-        for listener in config.listeners
-    )
-    return config.model_copy(update={"listeners": listeners})
-
 
 # ---------------------------------------------------------------------------
 # The supervisor
@@ -193,7 +128,7 @@ class _Reload:
             self.done.set()
 
 
-class Supervisor:
+class Supervisor(SupervisorStart):
     """Starts, watches, signals and restarts the workers; serves the admin endpoint."""
 
     def __init__(
@@ -216,64 +151,6 @@ class Supervisor:
         self._pins: list[str] = []
         self._stop = trio.Event()
         self._failure: str | None = None
-
-    # -- start-up, synchronous: every failure is one StartupError (exit 2)
-
-    def bind(self) -> None:
-        """Check the certificates, reserve every port, bind admin, prepare the
-        metrics directory; raise StartupError (or OSError / ssl.SSLError for
-        certificate files) with nothing left behind."""
-        try:
-            for listener in self.config.listeners:
-                build_context(listener.tls)
-            self._reserve_ports()
-            self._admin_socket = bind_socket(self.config.admin.listen, "admin")
-            self.metrics_dir = self._prepare_metrics_dir()
-        except BaseException:
-            self.close()
-            raise
-        self.registry.register(MergedWorkers(str(self.metrics_dir), self.metrics))
-
-    def _reserve_ports(self) -> None:
-        seen: dict[Address, str] = {}
-        for listener in self.config.listeners:
-            address, what = listener.listen, f"listener {listener.name!r}"
-            if address.port and address in seen:
-                raise StartupError(f"cannot listen on {address} ({what}): {seen[address]} does")
-            seen[address] = what
-            # A plain bind first: it fails wherever anyone listens.
-            with bind_socket(address, what, listen=False) as probe:
-                port = int(probe.getsockname()[1])
-            self._reservations.append(
-                bind_socket(Address(address.host, port), what, reuse_port=True, listen=False)
-            )
-            if address.port == 0:
-                self._pins.append(f"{listener.name}={port}")
-
-    def _prepare_metrics_dir(self) -> Path:
-        configured = os.environ.get(METRICS_DIR_ENV)
-        if not configured:
-            self._temporary_dir = True
-            return Path(tempfile.mkdtemp(prefix="tlsproxy-metrics-"))
-        path = Path(configured)
-        try:
-            path.mkdir(parents=True, exist_ok=True)
-            for stale in path.glob("*.db"):  # a previous run's workers: not ours to merge
-                stale.unlink()
-        except OSError as exc:
-            raise StartupError(
-                f"cannot use {METRICS_DIR_ENV}={configured} for the workers' metrics: "
-                f"{exc.strerror}; point it at a writable directory"
-            ) from exc
-        return path
-
-    def close(self) -> None:
-        for sock in self._reservations:
-            sock.close()
-        if self._admin_socket is not None:
-            self._admin_socket.close()
-        if self._temporary_dir and self.metrics_dir is not None:
-            shutil.rmtree(self.metrics_dir, ignore_errors=True)
 
     # -- running
 

@@ -13,14 +13,8 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ed25519
 
-from proxy.certs import (
-    EXPIRY_WARNING,
-    Finding,
-    check_pair,
-    default_state_dir,
-    ensure_self_signed,
-    load_leaf,
-)
+from proxy.certs import EXPIRY_WARNING, Finding, check_pair, load_leaf
+from proxy.selfsigned import default_state_dir, ensure_self_signed
 
 HANDSHAKE_TIMEOUT = 5.0  # seconds; loopback handshakes take milliseconds
 

@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 import trio
 
-from proxy.server import EXHAUSTED_EVENT as EXHAUSTED
+from proxy.accept import EXHAUSTED_EVENT as EXHAUSTED
 from tests.daemon import PYTHON_M_PROXY, Daemon, echo_through, env_for, spawn, write_config
 from tests.helpers import (
     STEP,

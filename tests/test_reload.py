@@ -22,8 +22,7 @@ import trustme
 from cryptography import x509
 
 from proxy.config import Config, load_config
-from proxy.connection import ListenerRuntime
-from proxy.runtime import build_runtimes
+from proxy.runtime import ListenerRuntime, build_runtimes
 from proxy.server import State
 from proxy.watch import watch_files
 from tests import pki
@@ -626,7 +625,7 @@ async def test_a_certificate_file_changing_after_the_build_does_not_change_what_
             cert.unlink()
         return runtimes
 
-    monkeypatch.setattr("proxy.server.build_runtimes", build_then_change)
+    monkeypatch.setattr("proxy.reload.build_runtimes", build_then_change)
     assert await proxy.server.reload(_loader(config_file), trigger="test")
 
     assert await _serial(proxy.port, context) == served.serial
