@@ -111,7 +111,7 @@ async def run_handshake(
             notes=loop.notes,
         )
 
-    with trio.move_on_after(timeout) as deadline, unraisable.attribute() as stray:
+    with trio.move_on_after(timeout) as deadline, unraisable.Stray() as stray:
         try:
             await loop.run(context)
         except Exception as exc:

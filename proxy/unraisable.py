@@ -10,7 +10,7 @@ host name as ASCII before it calls `sni_callback`, and a client may send any
 bytes there (RFC 6066 asks for ASCII; OpenSSL only refuses NUL). The decoding
 fails, CPython reports it as unraisable and fails the handshake with an
 internal_error alert, and OpenSSL says only "callback failed". So the
-handshake loop runs inside `attribute()`: an unraisable exception while it
+handshake loop runs inside a `Stray`: an unraisable exception while it
 runs belongs to that handshake, is not logged on its own, and `explain` turns
 it into the handshake's outcome and error (`protocol_error`, saying that the
 SNI was not ASCII; any other exception in a callback is our bug,
@@ -24,10 +24,7 @@ so concurrent handshakes never see each other's.
 from __future__ import annotations
 
 import sys
-from collections.abc import Iterator
-from contextlib import contextmanager
-from contextvars import ContextVar
-from dataclasses import dataclass
+from contextvars import ContextVar, Token
 from typing import Any
 
 from proxy.log import Logger
@@ -42,26 +39,28 @@ class ServerNameNotASCII(ValueError):
         self.name = name
 
 
-@dataclass(slots=True)
 class Stray:
-    """The first unraisable exception seen while a handshake ran, if any."""
+    """The first unraisable exception seen while the code run inside (`with
+    Stray() as stray:`) ran, in this task: a context manager of its own, not
+    a generator-based one, since one is entered per handshake."""
 
-    error: BaseException | None = None
-    object: Any = None
+    __slots__ = ("_token", "error", "object")
+
+    def __init__(self) -> None:
+        self.error: BaseException | None = None
+        self.object: Any = None
+        self._token: Token[Stray | None] | None = None
+
+    def __enter__(self) -> Stray:
+        self._token = _CURRENT.set(self)
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        assert self._token is not None
+        _CURRENT.reset(self._token)
 
 
 _CURRENT: ContextVar[Stray | None] = ContextVar("tlsproxy_unraisable", default=None)
-
-
-@contextmanager
-def attribute() -> Iterator[Stray]:
-    """Collect the unraisable exceptions of the code run inside, in this task."""
-    stray = Stray()
-    token = _CURRENT.set(stray)
-    try:
-        yield stray
-    finally:
-        _CURRENT.reset(token)
 
 
 def explain(stray: Stray) -> tuple[Outcome, BaseException]:

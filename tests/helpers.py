@@ -277,6 +277,17 @@ async def echo_on(tls: trio.SSLStream[trio.SocketStream], message: bytes) -> Non
     assert received == message
 
 
+def free_port(host: str = "127.0.0.1") -> int:
+    """A port nobody listens on now, for a peer that needs a fixed one.
+
+    WARNING: another process could take it between this close and the
+    caller's bind; on a loopback-only test machine that race is negligible.
+    """
+    with socket.socket() as sock:
+        sock.bind((host, 0))
+        return int(sock.getsockname()[1])
+
+
 async def raw_connect(port: int) -> trio.SocketStream:
     return await trio.open_tcp_stream("127.0.0.1", port)
 

@@ -30,6 +30,7 @@ from tests.helpers import (
     Certs,
     Running,
     build_config,
+    free_port,
     outcomes,
     sample,
     scrape,
@@ -39,7 +40,6 @@ from tests.helpers import (
 from tests.test_proxy_protocol import (
     HAPROXY,
     SIG,
-    _free_port,
     _HeaderBackend,
     _wait_listening,
 )
@@ -302,7 +302,7 @@ async def test_haproxy_send_proxy_v2_names_the_real_client(
     nursery: trio.Nursery, certs: Certs, backend: tuple[_HeaderBackend, int], tmp_path: Path
 ) -> None:
     proxy = await _proxy(nursery, certs, backend[1], accept="v2")
-    haproxy_port = _free_port()
+    haproxy_port = free_port()
     config_file = tmp_path / "haproxy.cfg"
     config_file.write_text(_HAPROXY_SENDING.format(port=haproxy_port, proxy=proxy.port))
     process = await trio.lowlevel.open_process(

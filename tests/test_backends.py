@@ -35,6 +35,7 @@ from tests.helpers import (
     build_config,
     echo_handler,
     echo_on,
+    free_port,
     listener_table,
     raw_connect,
     sample,
@@ -251,12 +252,6 @@ async def _serve_at(
     await nursery.start(partial(trio.serve_tcp, handler, port, host=host))
 
 
-def _free_port(host: str) -> int:
-    with socket.socket() as sock:
-        sock.bind((host, 0))
-        return int(sock.getsockname()[1])
-
-
 @contextmanager
 def _black_hole(host: str) -> Iterator[int]:
     """A port on `host` that never answers a connect, and its number.
@@ -286,7 +281,7 @@ async def _assert_hangs(host: str, port: int) -> None:
 async def test_backend_by_name_tries_the_next_address_when_the_first_refuses(
     nursery: trio.Nursery, certs: Certs, tmp_path: Path
 ) -> None:
-    port = _free_port(WORKING)  # nothing listens on BLACK_HOLED at it: refused
+    port = free_port(WORKING)  # nothing listens on BLACK_HOLED at it: refused
     await _serve_at(nursery, WORKING, port)
     hosts = tmp_path / "hosts"
     _write_hosts(hosts, BLACK_HOLED, WORKING)
@@ -335,7 +330,7 @@ async def test_a_black_holed_first_address_does_not_use_up_connect_timeout(
 async def test_a_resolved_name_is_reused_not_resolved_per_connection(
     nursery: trio.Nursery, certs: Certs, tmp_path: Path
 ) -> None:
-    port = _free_port(WORKING)
+    port = free_port(WORKING)
     for host in (WORKING, OTHER):
         await _serve_at(nursery, host, port, partial(_tagged, host.encode()))
     hosts = tmp_path / "hosts"

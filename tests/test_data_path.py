@@ -19,6 +19,7 @@ from tests.helpers import (
     Running,
     build_config,
     echo_handler,
+    free_port,
     http_handler,
     sample,
     scrape,
@@ -279,16 +280,10 @@ async def test_100_concurrent_clients_each_get_their_own_bytes_back(
     assert sample(text, "tlsproxy_handshakes_total", outcome="success") == 100
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
 async def test_dead_backend_is_counted_refused_and_client_gets_close_notify(
     nursery: trio.Nursery, certs: Certs
 ) -> None:
-    proxy = await start_server(nursery, build_config(certs, _free_port()))
+    proxy = await start_server(nursery, build_config(certs, free_port()))
     with trio.fail_after(STEP):
         client = await BioClient.connect(proxy.port, certs.client_context())
         assert await client.recv() == b""  # a clean close_notify, not a reset

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import shutil
-import socket
 import subprocess
 import urllib.error
 import urllib.parse
@@ -31,6 +30,7 @@ from tests.helpers import (
     Certs,
     build_config,
     echo_handler,
+    free_port,
     raw_connect,
     scrape,
     start_backend,
@@ -175,14 +175,6 @@ async def test_rules_and_dashboard_use_only_metric_names_the_daemon_exports(
 
 
 # ---------------------------------------------------------------- a real Prometheus
-
-
-def free_port() -> int:
-    # WARNING: the port could be taken between close() and Prometheus binding
-    # it; on a loopback-only test machine that race is negligible.
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 class PrometheusAPI:

@@ -11,7 +11,6 @@ import ipaddress
 import os
 import shutil
 import signal
-import socket
 import ssl
 import struct
 import subprocess
@@ -27,7 +26,15 @@ from proxyprotocol.v2 import ProxyProtocolV2
 from proxy import proxy_protocol as pp
 from proxy.config import Config, parse_config
 from proxy.proxy_protocol import TLSFacts
-from tests.helpers import STEP, Certs, build_config, echo_handler, start_backend, start_server
+from tests.helpers import (
+    STEP,
+    Certs,
+    build_config,
+    echo_handler,
+    free_port,
+    start_backend,
+    start_server,
+)
 from tests.pki import CA, Leaf, client_context, handshake
 
 SIG = b"\r\n\r\n\x00\r\nQUIT\n"
@@ -276,12 +283,6 @@ backend be
 """
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
 async def _haproxy_line(process: trio.Process, needle: bytes) -> bytes:
     assert process.stdout is not None
     seen = b""
@@ -301,7 +302,7 @@ async def test_haproxy_accept_proxy_logs_the_real_client(
     nursery: trio.Nursery, certs: Certs, tmp_path: Path, version: str
 ) -> None:
     echo = await start_backend(nursery, echo_handler)
-    haproxy_port = _free_port()
+    haproxy_port = free_port()
     config_file = tmp_path / "haproxy.cfg"
     config_file.write_text(_HAPROXY_CONFIG.format(port=haproxy_port, echo=echo))
     process = await trio.lowlevel.open_process(

@@ -32,6 +32,7 @@ from tests.helpers import (
     Certs,
     Running,
     echo_on,
+    free_port,
     issue_leaf,
     sample,
     scrape,
@@ -528,19 +529,13 @@ async def test_a_load_that_raises_something_unexpected_is_a_failed_reload(
     assert "a bug in the loader" in error["exception"]
 
 
-def _free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return int(probe.getsockname()[1])
-
-
 def _listening_on(proxy: Running) -> list[str]:
     return [e["address"] for e in proxy.log_events("listening")]
 
 
 def _on_loopback(config_file: Path, certs: Certs, echo_port: int) -> int:
     """Write a config listening on 127.0.0.1 and a free port; that port."""
-    port = _free_port()
+    port = free_port()
     config_file.write_text(
         config_text(certs.cert, certs.key, backend_port=echo_port, listen=f"127.0.0.1:{port}")
     )
