@@ -143,7 +143,8 @@ def _run_logged(args: argparse.Namespace, config: Config, sink: LogSink) -> int:
         log.error("cannot load the certificate or key; run check-config", error=str(exc))
         return EXIT_STARTUP
     if config.source is None and not worker:
-        cert = config.listeners[0].tls.certificates[0].cert
+        _, pair = next(config.listeners[0].certificate_pairs())
+        cert = pair.cert
         port = server.listen_ports()[config.listeners[0].name]
         log.info(
             "running the embedded default config",

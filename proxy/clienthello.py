@@ -29,6 +29,7 @@ from enum import Enum
 # header (content type, legacy version, length); the first record of every
 # TLS connection is a handshake record, content type 22.
 HANDSHAKE_RECORD = 0x16
+ALERT_RECORD = 0x15
 RECORD_HEADER = 5
 CLIENT_HELLO = 0x01
 

@@ -21,6 +21,7 @@ from proxy.accept import StartupError, bind_socket
 from proxy.config import Address, Config
 from proxy.metrics import MergedWorkers, SupervisorMetrics
 from proxy.tls import build_context
+from proxy.tls_upstream import build_upstream_context
 
 METRICS_DIR_ENV = "TLSPROXY_METRICS_DIR"
 
@@ -46,7 +47,10 @@ class SupervisorStart:
         certificate files) with nothing left behind."""
         try:
             for listener in self.config.listeners:
-                build_context(listener.tls)
+                if listener.tls is not None:
+                    build_context(listener.tls)
+                if listener.upstream_tls is not None:
+                    build_upstream_context(listener.upstream_tls)
             self._reserve_ports()
             self._admin_socket = bind_socket(self.config.admin.listen, "admin")
             self.metrics_dir = self._prepare_metrics_dir()

@@ -23,6 +23,7 @@ from proxy.config import (
     parse_config,
     with_overrides,
 )
+from tests.helpers import served
 
 EXAMPLES = sorted((Path(__file__).parent.parent / "config").glob("*.toml"))
 DELETE = object()
@@ -168,7 +169,7 @@ def test_design_defaults_written_out_are_accepted(tmp_path: Path) -> None:
             "listeners.0.tls.client_ca": "",
         }
     )
-    tls = parse_config(data, tmp_path).listeners[0].tls
+    tls = served(parse_config(data, tmp_path).listeners[0])
     assert tls.client_auth == "none"
     assert tls.client_ca is None
 
@@ -387,7 +388,7 @@ def test_relative_paths_are_relative_to_the_config_file(
     monkeypatch.chdir(tmp_path)
     config = load_config(Path("etc/tlsproxy.toml"))
     assert config.source == tmp_path / "etc" / "tlsproxy.toml"
-    (pair,) = config.listeners[0].tls.certificates
+    (pair,) = served(config.listeners[0]).certificates
     assert pair.cert == tmp_path / "etc" / "certs" / "tls.crt"
     assert pair.key == tmp_path / "etc" / "certs" / "tls.key"
 
@@ -407,7 +408,7 @@ def test_defaults_are_filled_in(tmp_path: Path) -> None:
     assert (listener.handshake_timeout, listener.idle_timeout) == (10.0, 300.0)
     assert (listener.connect_timeout, listener.max_connections) == (5.0, 10000)
     assert listener.routes == ()
-    tls = listener.tls
+    tls = served(listener)
     assert (tls.min_version, tls.ciphers, tls.alpn) == ("TLSv1.2", "", ())
     assert (tls.client_auth, tls.client_ca, tls.session_tickets) == ("none", None, True)
 
@@ -436,7 +437,7 @@ def test_config_is_immutable(tmp_path: Path) -> None:
     with pytest.raises(dataclasses.FrozenInstanceError):
         listener.listen.port = 1  # type: ignore[misc]
     assert isinstance(config.listeners, tuple)
-    assert isinstance(listener.tls.alpn, tuple)
+    assert isinstance(served(listener).alpn, tuple)
     assert isinstance(hash(config), int)
 
 
@@ -448,8 +449,8 @@ def test_default_config(pair: tuple[Path, Path]) -> None:
     assert listener.name == "default"
     assert str(listener.listen) == "127.0.0.1:8443"
     assert str(listener.backend) == "127.0.0.1:8080"
-    assert listener.tls.certificates[0].cert == pair[0]
-    assert listener.tls.certificates[0].key == pair[1]
+    assert served(listener).certificates[0].cert == pair[0]
+    assert served(listener).certificates[0].key == pair[1]
 
 
 def test_overrides_replace_the_first_listener(
@@ -469,7 +470,7 @@ def test_overrides_replace_the_first_listener(
     listener = changed.listeners[0]
     assert (str(listener.listen), str(listener.backend)) == ("[::1]:0", "app:80")
     assert str(changed.admin.listen) == "0.0.0.0:9100"
-    assert listener.tls.certificates[0].cert == tmp_path / "flags" / "new.crt"
+    assert served(listener).certificates[0].cert == tmp_path / "flags" / "new.crt"
     assert changed.source == config.source
     assert with_overrides(config) is config
 

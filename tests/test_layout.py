@@ -50,7 +50,9 @@ LAYERS: tuple[tuple[str, frozenset[str]], ...] = (
                 "buffers",
                 "tlsio",
                 "tls",
+                "tls_upstream",
                 "handshake",
+                "ends",
                 "splice",
                 "backend",
                 "resolver",
@@ -58,7 +60,7 @@ LAYERS: tuple[tuple[str, frozenset[str]], ...] = (
             }
         ),
     ),
-    ("connection", frozenset({"runtime", "connection"})),
+    ("connection", frozenset({"runtime", "upstream", "connection"})),
     (
         "process",
         frozenset(

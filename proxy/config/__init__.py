@@ -45,6 +45,7 @@ from proxy.config.schema import (
     ProcessConfig,
     RouteConfig,
     TLSConfig,
+    UpstreamTLSConfig,
 )
 
 __all__ = [
@@ -69,6 +70,7 @@ __all__ = [
     "Seconds",
     "SecondsOrZero",
     "TLSConfig",
+    "UpstreamTLSConfig",
     "addresses_overlap",
     "default_config",
     "format_hostport",

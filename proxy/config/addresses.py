@@ -134,6 +134,10 @@ def addresses_overlap(a: Address, b: Address) -> bool:
     return ip_a == ip_b or _covers(ip_a, ip_b) or _covers(ip_b, ip_a)
 
 
+def is_ip_literal(host: str) -> bool:
+    return _ip(host) is not None
+
+
 def _ip(host: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
     try:
         return ipaddress.ip_address(host)

@@ -1,0 +1,162 @@
+"""Egress: plaintext from the app, TLS (mutual, with a client certificate)
+originated to a real TLS server, the upstream outcome counted once."""
+
+from __future__ import annotations
+
+import io
+import ssl
+from collections.abc import Awaitable, Callable
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+import pytest
+import trio
+from prometheus_client import CollectorRegistry
+
+from proxy.config import Config, parse_config
+from proxy.log import make_logger
+from proxy.metrics import Metrics
+from proxy.server import Server
+from tests.helpers import STEP, Running, raw_connect, sample, scrape
+from tests.pki import CA, Leaf
+from tests.upstream_peers import thread_server, tls_behaviour
+
+Handler = Callable[[trio.SSLStream[trio.SocketStream]], Awaitable[None]]
+
+
+async def start_tls_server(nursery: trio.Nursery, context: ssl.SSLContext, handler: Handler) -> int:
+    """A Python ssl server on loopback; its handler gets each stream after the handshake."""
+
+    async def serve(stream: trio.SocketStream) -> None:
+        tls = trio.SSLStream(stream, context, server_side=True)
+        try:
+            await tls.do_handshake()
+            await handler(tls)
+        except (trio.BrokenResourceError, trio.ClosedResourceError):
+            pass
+        finally:
+            await trio.aclose_forcefully(tls)
+
+    (listener,) = await nursery.start(partial(trio.serve_tcp, serve, 0, host="127.0.0.1"))
+    return listener.socket.getsockname()[1]
+
+
+def server_context(
+    ca: CA, leaf: Leaf, *, client_ca: CA | None, tls13: bool = True
+) -> ssl.SSLContext:
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.load_cert_chain(leaf.cert, leaf.key)
+    if not tls13:
+        context.maximum_version = ssl.TLSVersion.TLSv1_2
+    if client_ca is not None:
+        context.verify_mode = ssl.CERT_REQUIRED
+        context.load_verify_locations(client_ca.ca_file)
+    return context
+
+
+def egress_config(
+    directory: Path, port: int, ca: CA, client: Leaf | None, **upstream: Any
+) -> Config:
+    table: dict[str, Any] = {"ca": str(ca.ca_file)}
+    if client is not None:
+        table["certificates"] = [client.pair()]
+    table.update(upstream)
+    return parse_config(
+        {
+            "admin": {"listen": "127.0.0.1:0"},
+            "listeners": [
+                {
+                    "name": "web",
+                    "listen": "127.0.0.1:0",
+                    "backend": f"localhost:{port}",
+                    "upstream_tls": table,
+                }
+            ],
+        },
+        directory,
+    )
+
+
+async def start(nursery: trio.Nursery, config: Config) -> Running:
+    log = io.StringIO()
+    server = Server(config, Metrics(CollectorRegistry()), make_logger(stream=log))
+    bound = await nursery.start(server.run)
+    return Running(server, bound, log)
+
+
+async def echo_peer(tls: trio.SSLStream[trio.SocketStream]) -> None:
+    while data := await tls.receive_some():
+        await tls.send_all(data)
+
+
+@pytest.mark.parametrize("tls13", [True, False], ids=["TLSv1.3", "TLSv1.2"])
+async def test_an_app_reaches_an_mtls_upstream_through_the_egress_listener(
+    tmp_path: Path, nursery: trio.Nursery, tls13: bool
+) -> None:
+    ca = CA(tmp_path)
+    server = ca.issue("upstream", "localhost")
+    me = ca.issue("me", uris=("spiffe://test.example/ns/a/sa/app",), client=True)
+    seen: list[Any] = []
+
+    async def peer(tls: trio.SSLStream[trio.SocketStream]) -> None:
+        seen.append(tls.getpeercert())
+        await echo_peer(tls)
+
+    port = await start_tls_server(
+        nursery, server_context(ca, server, client_ca=ca, tls13=tls13), peer
+    )
+    proxy = await start(nursery, egress_config(tmp_path, port, ca, me))
+    with trio.fail_after(STEP):
+        app = await raw_connect(proxy.port)
+        await app.send_all(b"hello")
+        assert await app.receive_some() == b"hello"
+        await app.aclose()
+        (line,) = await proxy.access_log()
+    assert seen[0]["subjectAltName"] == (("URI", "spiffe://test.example/ns/a/sa/app"),)
+    assert line["upstream_outcome"] == "success"
+    _, text = await scrape(proxy.admin_port)
+    assert (
+        sample(text, "tlsproxy_upstream_handshakes_total", listener="web", outcome="success") == 1
+    )
+    assert "tlsproxy_handshakes_total{" not in text
+
+
+@pytest.mark.parametrize("tls13", [True, False], ids=["TLSv1.3", "TLSv1.2"])
+async def test_an_upstream_refusing_our_missing_certificate_is_counted_and_the_app_reset(
+    tmp_path: Path, nursery: trio.Nursery, tls13: bool
+) -> None:
+    ca = CA(tmp_path)
+    server = ca.issue("upstream", "localhost")
+    with thread_server(
+        tls_behaviour(server_context(ca, server, client_ca=ca, tls13=tls13))
+    ) as peer:
+        await refused_by(peer.port, tmp_path, nursery, ca)
+
+
+async def refused_by(port: int, tmp_path: Path, nursery: trio.Nursery, ca: CA) -> None:
+    proxy = await start(nursery, egress_config(tmp_path, port, ca, None))
+    with trio.fail_after(STEP):
+        app = await raw_connect(proxy.port)
+        await app.send_all(b"hello")
+        try:
+            got = await app.receive_some()
+        except trio.BrokenResourceError as exc:
+            got = exc
+        await app.aclose()
+        (line,) = await proxy.access_log()
+    assert line["upstream_outcome"] == "client_cert_rejected_by_server", (line, got)
+    assert isinstance(got, trio.BrokenResourceError), (line, got)
+    _, text = await scrape(proxy.admin_port)
+    assert (
+        sample(
+            text,
+            "tlsproxy_upstream_handshakes_total",
+            listener="web",
+            outcome="client_cert_rejected_by_server",
+        )
+        == 1
+    )
+    assert (
+        sample(text, "tlsproxy_upstream_handshakes_total", listener="web", outcome="success") == 0
+    )
