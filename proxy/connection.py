@@ -242,7 +242,8 @@ class _Connection:
         if runtime.upstream is None:
             return PlainEnd(sock, BACKEND, self.shared.buffers, speaks_first=False)
         assert self.backend_address is not None
-        upstream = self.upstream = Upstream(runtime.upstream, self.backend_address)
+        sni = None if self.tls is None else server_name(self.tls.obj)
+        upstream = self.upstream = Upstream(runtime.upstream, self.backend_address, sni)
         end = await upstream.handshake(sock, runtime.config.handshake_timeout, self.shared.buffers)
         if end is None:
             assert upstream.result is not None

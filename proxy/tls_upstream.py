@@ -64,12 +64,18 @@ def build_upstream_context(upstream: UpstreamTLSConfig) -> ssl.SSLContext:
     return context
 
 
-def upstream_name(upstream: UpstreamTLSConfig, backend: Address) -> str | None:
+def upstream_name(
+    upstream: UpstreamTLSConfig, backend: Address, client_sni: str | None = None
+) -> str | None:
     """The name we dial: sent as SNI (unless an IP) and checked, unless an
-    allow table judges instead. None only for a unix backend with an allow
-    table and no server_name (the config refuses it without one)."""
+    allow table judges instead. `server_name` if set; else, bridging, the
+    name the client asked us for (passed on, as a TLS client would have sent
+    it to the upstream itself); else the backend's host. None only for a
+    unix backend with an allow table and neither of the other two."""
     if upstream.server_name:
         return upstream.server_name
+    if client_sni:
+        return client_sni
     if backend.unix_path is not None:
         return None
     return backend.host

@@ -48,9 +48,11 @@ class Upstream:
 
     __slots__ = ("identity", "name", "pending", "result", "runtime")
 
-    def __init__(self, runtime: UpstreamRuntime, backend: Address) -> None:
+    def __init__(
+        self, runtime: UpstreamRuntime, backend: Address, client_sni: str | None
+    ) -> None:
         self.runtime = runtime
-        self.name = upstream_name(runtime.config, backend)
+        self.name = upstream_name(runtime.config, backend, client_sni)
         self.result: HandshakeResult[UpstreamOutcome] | None = None
         self.identity: Identity | None = None
         self.pending = False  # a TLS 1.3 success waiting for the first read

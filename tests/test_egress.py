@@ -18,8 +18,8 @@ from proxy.config import Config, parse_config
 from proxy.log import make_logger
 from proxy.metrics import Metrics
 from proxy.server import Server
-from tests.helpers import STEP, Running, raw_connect, sample, scrape
-from tests.pki import CA, Leaf
+from tests.helpers import STEP, Running, echo_handler, raw_connect, sample, scrape, start_backend
+from tests.pki import CA, Leaf, client_context
 from tests.upstream_peers import thread_server, tls_behaviour
 
 Handler = Callable[[trio.SSLStream[trio.SocketStream]], Awaitable[None]]
@@ -159,4 +159,144 @@ async def refused_by(port: int, tmp_path: Path, nursery: trio.Nursery, ca: CA) -
     )
     assert (
         sample(text, "tlsproxy_upstream_handshakes_total", listener="web", outcome="success") == 0
+    )
+
+
+def ingress_config(directory: Path, backend_port: int, ca: CA, server: Leaf, uri: str) -> Config:
+    """tlsproxy's own way in: mTLS required, one SPIFFE ID allowed."""
+    tls = {
+        "certificates": [server.pair()],
+        "client_auth": "require",
+        "client_ca": str(ca.ca_file),
+        "allow": {"uri": [uri]},
+    }
+    return parse_config(
+        {
+            "admin": {"listen": "127.0.0.1:0"},
+            "listeners": [
+                {
+                    "name": "web",
+                    "listen": "127.0.0.1:0",
+                    "backend": f"127.0.0.1:{backend_port}",
+                    "tls": tls,
+                }
+            ],
+        },
+        directory,
+    )
+
+
+APP_ID = "spiffe://test.example/ns/a/sa/app"
+
+
+@pytest.mark.parametrize("admitted", [True, False], ids=["allowed", "denied"])
+async def test_the_tunnel_app_to_egress_to_ingress_to_backend(
+    tmp_path: Path, nursery: trio.Nursery, admitted: bool
+) -> None:
+    """The ghostunnel-style deployment, both halves tlsproxy: the app's
+    plaintext crosses mTLS between two sidecars and reaches the backend, and
+    each side counts its own handshake."""
+    ca = CA(tmp_path)
+    me = ca.issue("me", uris=(APP_ID if admitted else "spiffe://test.example/ns/b/sa/x",), client=True)
+    backend_port = await start_backend(nursery, echo_handler)
+    ingress = await start(
+        nursery, ingress_config(tmp_path, backend_port, ca, ca.issue("in", "localhost"), APP_ID)
+    )
+    egress = await start(nursery, egress_config(tmp_path, ingress.port, ca, me))
+    payload = b"through the tunnel" * 1000
+    with trio.fail_after(STEP):
+        app = await raw_connect(egress.port)
+        await app.send_all(payload)
+        if admitted:  # else the ingress side closes first, unasked
+            await app.send_eof()
+        received = b""
+        while data := await app.receive_some():
+            received += data
+        await app.aclose()
+        (ingress_line,) = await ingress.access_log()
+        (egress_line,) = await egress.access_log()
+    _, ingress_text = await scrape(ingress.admin_port)
+    _, egress_text = await scrape(egress.admin_port)
+    outcome = "success" if admitted else "client_cert_denied"
+    assert ingress_line["outcome"] == outcome
+    assert sample(ingress_text, "tlsproxy_handshakes_total", listener="web", outcome=outcome) == 1
+    assert ingress_line["client_san_uri"] == list(me_uris(me))
+    # A denial is close_notify after a completed handshake (the README's
+    # "Who may connect"): to the egress side the upstream handshake succeeded
+    # and the upstream then closed.
+    assert egress_line["upstream_outcome"] == "success"
+    assert (
+        sample(egress_text, "tlsproxy_upstream_handshakes_total", listener="web", outcome="success")
+        == 1
+    )
+    if admitted:
+        assert received == payload
+        assert egress_line["bytes_to_backend"] == egress_line["bytes_to_client"] == len(payload)
+        assert ingress_line["bytes_to_backend"] == len(payload)
+    else:
+        assert received == b""
+        # the ingress side closed with the app's bytes unread: its kernel
+        # may follow the close_notify with a reset
+        assert egress_line["close_reason"] in ("backend_closed", "backend_reset")
+
+
+def me_uris(leaf: Leaf) -> tuple[str, ...]:
+    from cryptography import x509
+
+    cert = x509.load_pem_x509_certificate(leaf.cert.read_bytes())
+    san = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    return tuple(san.get_values_for_type(x509.UniformResourceIdentifier))
+
+
+@pytest.mark.parametrize("server_name", ["", "api.internal"], ids=["sni passed", "server_name"])
+async def test_bridging_re_encrypts_with_the_sni_passed_on_or_set(
+    tmp_path: Path, nursery: trio.Nursery, server_name: str
+) -> None:
+    ca = CA(tmp_path)
+    upstream_cert = ca.issue("upstream", "shop.example", "api.internal")
+    seen: list[str | None] = []
+    context = server_context(ca, upstream_cert, client_ca=None)
+
+    def record_sni(obj: ssl.SSLObject, name: str | None, _ctx: ssl.SSLContext) -> None:
+        seen.append(name)
+
+    context.sni_callback = record_sni  # type: ignore[assignment]
+    port = await start_tls_server(nursery, context, echo_peer)
+    front = ca.issue("front", "shop.example")
+    upstream: dict[str, Any] = {"ca": str(ca.ca_file)}
+    if server_name:
+        upstream["server_name"] = server_name
+    config = parse_config(
+        {
+            "admin": {"listen": "127.0.0.1:0"},
+            "listeners": [
+                {
+                    "name": "web",
+                    "listen": "127.0.0.1:0",
+                    "backend": f"127.0.0.1:{port}",
+                    "tls": {"certificates": [front.pair()]},
+                    "upstream_tls": upstream,
+                }
+            ],
+        },
+        tmp_path,
+    )
+    proxy = await start(nursery, config)
+    client = client_context(ca)
+    with trio.fail_after(STEP):
+        stream = trio.SSLStream(
+            await raw_connect(proxy.port), client, server_hostname="shop.example"
+        )
+        await stream.send_all(b"bridged")
+        assert await stream.receive_some() == b"bridged"
+        await stream.aclose()
+        (line,) = await proxy.access_log()
+    assert seen == [server_name or "shop.example"]
+    assert line["outcome"] == "success" and line["upstream_outcome"] == "success"
+    assert line["sni"] == "shop.example"
+    assert line["upstream_name"] == (server_name or "shop.example")
+    _, text = await scrape(proxy.admin_port)
+    assert sample(text, "tlsproxy_handshakes_total", listener="web", outcome="success") == 1
+    assert (
+        sample(text, "tlsproxy_upstream_handshakes_total", listener="web", outcome="success") == 1
     )
