@@ -120,10 +120,11 @@ async def connect(
 def proxy_header(
     version: proxy_protocol.Version,
     tls: TLSConn,
-    peer: tuple[str, int],
+    peer: object,
     client: Identity | None = None,
 ) -> bytes:
-    """The PROXY header for a client at `peer` that completed the handshake on `tls`.
+    """The PROXY header for a client at `peer` (a socket address) that
+    completed the handshake on `tls`.
 
     `peer` is the address from accept: `getpeername()` fails once the client
     has reset, while the local address of the accepted socket stays known.
@@ -146,7 +147,15 @@ def proxy_header(
         client_spiffe_id=client.spiffe_id() if client is not None else None,
         resumed=bool(obj.session_reused),
     )
-    return proxy_protocol.encode(version, (peer[0], peer[1]), (local[0], local[1]), facts)
+    return proxy_protocol.encode(version, _ip_endpoint(peer), _ip_endpoint(local), facts)
+
+
+def _ip_endpoint(sockaddr: object) -> tuple[str, int] | None:
+    """(host, port) of an IP socket address; None for a unix one (a path, or
+    '' for an unnamed client), which a PROXY header cannot carry."""
+    if isinstance(sockaddr, tuple) and len(sockaddr) >= 2:
+        return (str(sockaddr[0]), int(sockaddr[1]))
+    return None
 
 
 @functools.lru_cache(maxsize=1024)
