@@ -5,6 +5,7 @@ against the real daemon (in-process `Server` and the subprocess)."""
 
 from __future__ import annotations
 
+import errno
 import io
 import os
 import shutil
@@ -355,7 +356,9 @@ async def test_the_tls_listener_is_served_over_a_unix_socket(
     assert proxy.bound.listeners["web"] == (str(path), 0)
     (listening,) = proxy.log_events("listening")
     assert listening["address"] == f"unix:{path}"
-    assert stat.S_IMODE(os.lstat(path).st_mode) == 0o660  # the default listen_mode
+    found = os.lstat(path)
+    assert stat.S_IMODE(found.st_mode) == 0o660  # the default listen_mode
+    assert (found.st_uid, found.st_gid) == (os.geteuid(), os.getegid())  # no listen_owner
     await echo_over(path, certs.client_context())
     (line,) = await proxy.access_log()
     assert line["client"] == "unix"  # format_sockaddr's spelling of an unnamed peer
@@ -447,6 +450,17 @@ async def test_a_path_that_is_not_a_socket_is_refused_and_left_alone(
     assert path.read_text() == "someone's file"
 
 
+async def test_a_path_in_a_missing_directory_is_refused_at_start(
+    certs: Certs, echo_port: int, sock_dir: Path
+) -> None:
+    path = sock_dir / "missing" / "web.sock"
+    with pytest.raises(StartupError) as caught:
+        unstarted(unix_config(certs, echo_port, path)).bind()
+    assert str(caught.value) == (
+        f"cannot listen on unix:{path} (listener 'web'): No such file or directory"
+    )
+
+
 async def test_the_file_is_removed_when_the_server_stops(
     certs: Certs, echo_port: int, sock_dir: Path
 ) -> None:
@@ -474,6 +488,68 @@ async def test_a_successors_socket_on_the_path_is_not_removed(
         assert identity(path) == theirs
         with socket.socket(socket.AF_UNIX) as client:
             client.connect(str(path))
+
+
+# An interpreter another user may run (the virtualenv's may sit in root's home).
+SYSTEM_PYTHON = shutil.which("python3", path="/usr/bin:/bin")
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="running a client as another user needs root")
+@pytest.mark.skipif(SYSTEM_PYTHON is None, reason="no system python3 for the other user")
+async def test_the_mode_and_owner_decide_which_users_may_connect(
+    nursery: trio.Nursery, certs: Certs, echo_port: int, sock_dir: Path
+) -> None:
+    os.chmod(sock_dir, 0o755)  # the directory lets anyone reach the file; the file decides
+    path = sock_dir / "web.sock"
+    await start_server(nursery, unix_config(certs, echo_port, path, listen_owner=":54322"))
+
+    async def connect_as(uid: int, gid: int) -> str:
+        script = (
+            "import socket, sys\n"
+            "s = socket.socket(socket.AF_UNIX)\n"
+            "try:\n    s.connect(sys.argv[1])\nexcept OSError as e:\n    print(e.errno)\n"
+            "else:\n    print('connected')\n"
+        )
+        with trio.fail_after(STEP):
+            result = await trio.run_process(
+                [str(SYSTEM_PYTHON), "-c", script, str(path)],
+                capture_stdout=True,
+                user=uid,
+                group=gid,
+                extra_groups=[],
+            )
+        return result.stdout.decode().strip()
+
+    assert await connect_as(54321, 54322) == "connected"  # in the socket's group: 0660
+    assert await connect_as(54321, 54323) == str(errno.EACCES)  # neither owner nor group
+
+
+async def test_a_reload_onto_a_file_or_a_live_socket_is_rejected_and_the_old_one_serves(
+    nursery: trio.Nursery, certs: Certs, echo_port: int, sock_dir: Path
+) -> None:
+    old, taken = sock_dir / "web.sock", sock_dir / "taken"
+    taken.write_text("someone's file")
+    proxy = await start_server(nursery, unix_config(certs, echo_port, old))
+    moved = unix_config(certs, echo_port, taken)
+    assert not await proxy.server.reload(lambda: moved, trigger="test")
+    (rejected,) = proxy.log_events("reload rejected; the previous config keeps serving")
+    assert "the path exists and is not a socket" in rejected["error"]
+    assert taken.read_text() == "someone's file"
+    await echo_over(old, certs.client_context())
+
+    live = sock_dir / "live.sock"
+    with socket.socket(socket.AF_UNIX) as other:
+        other.bind(str(live))
+        other.listen()
+        onto_live = unix_config(certs, echo_port, live)
+        assert not await proxy.server.reload(lambda: onto_live, trigger="test")
+        with socket.socket(socket.AF_UNIX) as client:
+            client.connect(str(live))  # and still the other process's
+    errors = [
+        e["error"] for e in proxy.log_events("reload rejected; the previous config keeps serving")
+    ]
+    assert "another process is listening on it" in errors[1]
+    await echo_over(old, certs.client_context())
 
 
 # ---------------------------------------------------------------- reload
@@ -602,15 +678,26 @@ def _daemon_config(
     return config
 
 
-async def test_sigterm_drains_and_removes_the_file_exit_0(
+async def test_sigterm_removes_the_file_as_the_listener_closes_and_live_connections_finish(
     nursery: trio.Nursery, tmp_path: Path, certs: Certs, echo_port: int, sock_dir: Path
 ) -> None:
     path = sock_dir / "web.sock"
     config = _daemon_config(tmp_path, certs, path, echo_port)
+    context = certs.client_context()
     async with run_daemon(nursery, tmp_path, "--config", config) as daemon:
         await daemon.wait_for("listening", address=f"unix:{path}")
-        await echo_over(path, certs.client_context())
+        with trio.fail_after(STEP):
+            live = await unix_tls_connect(path, context)
         daemon.signal(signal.SIGTERM)
+        await daemon.wait_for("draining", connections=1)
+
+        async def file_gone() -> bool:
+            return not present(path)
+
+        await until(file_gone)
+        with trio.fail_after(STEP):
+            await echo_on(live, b"draining, with the file already gone")
+            await live.aclose()
         assert await daemon.exit_code() == 0
     assert not present(path)
 
@@ -633,3 +720,105 @@ async def test_a_live_socket_at_the_path_stops_the_daemon_with_exit_2(
             "listening on it (another tlsproxy?)"
         ), daemon.output()
         assert present(path)
+
+
+# ---------------------------------------------------------------- workers
+
+# Connections tried, one after another, until both workers have served one:
+# the kernel hands each to whichever worker accepts first, so a handful
+# suffice; the bound only stops a broken daemon from looping for ever.
+MAX_CONNECTIONS_FOR_BOTH = 200
+
+
+async def _served_by(daemon: Any, count: int) -> set[int]:
+    await daemon.wait_until(
+        lambda: len([e for e in daemon.events if e.get("event") == "connection"]) >= count,
+        f"{count} access lines",
+    )
+    return {e["pid"] for e in daemon.events if e.get("event") == "connection"}
+
+
+async def test_two_workers_serve_connections_on_the_one_socket_file(
+    nursery: trio.Nursery, tmp_path: Path, certs: Certs, echo_port: int, sock_dir: Path
+) -> None:
+    path = sock_dir / "web.sock"
+    config = _daemon_config(tmp_path, certs, path, echo_port, "workers = 2")
+    async with run_daemon(nursery, tmp_path, "--config", config) as daemon:
+        ready = await daemon.wait_for("workers ready")
+        workers = set(ready["worker_pids"])
+        assert stat.S_IMODE(os.lstat(path).st_mode) == 0o660
+        context = certs.client_context()
+        served: set[int] = set()
+        for count in range(1, MAX_CONNECTIONS_FOR_BOTH + 1):
+            await echo_over(path, context)
+            served = await _served_by(daemon, count)
+            if served == workers:
+                break
+        assert served == workers, f"only {served} of {workers} served in {count} connections"
+        daemon.signal(signal.SIGTERM)
+        assert await daemon.exit_code() == 0
+    assert not present(path)
+
+
+async def test_with_workers_a_reload_applies_the_mode_and_refuses_a_moved_path(
+    nursery: trio.Nursery, tmp_path: Path, certs: Certs, echo_port: int, sock_dir: Path
+) -> None:
+    path, moved = sock_dir / "web.sock", sock_dir / "moved.sock"
+    config = _daemon_config(tmp_path, certs, path, echo_port, "workers = 2")
+    async with spawn(
+        nursery,
+        [*PYTHON_M_PROXY, "run", "--config", str(config)],
+        env=env_for(tmp_path / "state"),
+        errors_expected=True,  # the refused reload is logged at error level
+    ) as daemon:
+        await daemon.wait_for("workers ready")
+        bound = identity(path)
+        config.write_text(
+            config.read_text().replace('listen = "unix:', 'listen_mode = "0600"\nlisten = "unix:')
+        )
+        daemon.signal(signal.SIGHUP)
+        await daemon.wait_for("reload counted", result="success")
+        assert stat.S_IMODE(os.lstat(path).st_mode) == 0o600
+        assert identity(path) == bound
+
+        config.write_text(config.read_text().replace(str(path), str(moved)))
+        daemon.signal(signal.SIGHUP)
+        await daemon.wait_for("reload counted", result="failure")
+        refused = daemon.find("reload rejected; the previous config keeps serving")
+        assert refused is not None
+        assert refused["error"].startswith(
+            "with workers > 1 the unix listeners are bound by the supervisor at start"
+        )
+        assert not present(moved)
+        await echo_over(path, certs.client_context())
+        daemon.signal(signal.SIGTERM)
+        assert await daemon.exit_code() == 0
+    assert not present(path)
+
+
+async def test_a_killed_worker_is_restarted_on_the_same_socket(
+    nursery: trio.Nursery, tmp_path: Path, certs: Certs, echo_port: int, sock_dir: Path
+) -> None:
+    path = sock_dir / "web.sock"
+    config = _daemon_config(tmp_path, certs, path, echo_port, "workers = 2")
+    async with spawn(
+        nursery,
+        [*PYTHON_M_PROXY, "run", "--config", str(config)],
+        env=env_for(tmp_path / "state"),
+        errors_expected=True,  # the unexpected exit is logged at error level
+    ) as daemon:
+        ready = await daemon.wait_for("workers ready")
+        bound = identity(path)
+        os.kill(ready["worker_pids"][0], signal.SIGKILL)
+        restarted = await daemon.wait_for("worker ready", restarts=1)
+        assert identity(path) == bound  # the supervisor's socket, never closed
+        context = certs.client_context()
+        served: set[int] = set()
+        for count in range(1, MAX_CONNECTIONS_FOR_BOTH + 1):
+            await echo_over(path, context)
+            served = await _served_by(daemon, count)
+            if restarted["worker_pid"] in served:
+                break
+        assert restarted["worker_pid"] in served
+        daemon.signal(signal.SIGTERM)
+        assert await daemon.exit_code() == 0
