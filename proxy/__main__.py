@@ -153,12 +153,15 @@ def _run_logged(args: argparse.Namespace, config: Config, sink: LogSink) -> int:
         return EXIT_STARTUP
     if config.source is None and not worker:
         cert = config.listeners[0].tls.certificates[0].cert
+        path = config.listeners[0].listen.unix_path
         port = server.listen_ports()[config.listeners[0].name]
         log.info(
             "running the embedded default config",
             certificate=str(cert),
             backend=str(config.listeners[0].backend),
-            try_it=f"curl --cacert {cert} https://localhost:{port}/",
+            try_it=f"curl --unix-socket {path} --cacert {cert} https://localhost/"
+            if path is not None
+            else f"curl --cacert {cert} https://localhost:{port}/",
         )
     link = SupervisorLink(args.control_fd) if worker else None
     trio.run(_serve, server, log, partial(_load_for_run, args), link)

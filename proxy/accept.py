@@ -39,12 +39,6 @@ ACCEPT_BATCH = 64
 # (trio's serve_listeners uses the same pause).
 ACCEPT_BACKOFF = 0.1
 
-# Seconds a connect to an existing socket file may take to tell a live socket
-# from a stale one. A local connect answers at once (refused, or accepted into
-# the backlog); only a listener whose backlog is full makes it wait, and that
-# one is alive.
-STALE_PROBE_TIMEOUT = 1.0
-
 STALE_REMOVED_EVENT = "removed a stale socket file (nothing listened on it)"
 
 EXHAUSTED_EVENT = (
@@ -284,22 +278,29 @@ def _clear_stale(path: str, what: str, log: Logger) -> None:
             f"cannot listen on unix:{path} ({what}): the path exists and is not a socket; "
             "it is left as it is: remove it or choose another path"
         )
+    # Non-blocking, so a reload never waits here: a local connect answers at
+    # once, refused (nobody listens: stale), accepted, or EAGAIN (a listener
+    # whose backlog is full: alive).
     with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as probe:
-        probe.settimeout(STALE_PROBE_TIMEOUT)
+        probe.setblocking(False)
         try:
             probe.connect(path)
         except ConnectionRefusedError:
-            pass  # a socket file without a listener: stale
+            live = False
+        except BlockingIOError:
+            live = True
         except OSError as exc:
             raise StartupError(
                 f"cannot listen on unix:{path} ({what}): cannot tell whether the socket "
-                f"there is in use ({exc.strerror or exc}); remove it if it is stale"
+                f"there is in use ({exc.strerror}); remove it if it is stale"
             ) from exc
         else:
-            raise StartupError(
-                f"cannot listen on unix:{path} ({what}): another process is listening "
-                "on it (another tlsproxy?)"
-            )
+            live = True
+    if live:
+        raise StartupError(
+            f"cannot listen on unix:{path} ({what}): another process is listening "
+            "on it (another tlsproxy?)"
+        )
     with suppress(FileNotFoundError):  # removed meanwhile: as good
         os.unlink(path)
     log.warning(STALE_REMOVED_EVENT, address=f"unix:{path}", what=what)

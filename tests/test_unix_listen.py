@@ -8,6 +8,7 @@ from __future__ import annotations
 import errno
 import io
 import os
+import shlex
 import shutil
 import signal
 import socket
@@ -417,13 +418,30 @@ async def test_a_stale_socket_file_is_removed_at_start_and_logged(
     await echo_over(path, certs.client_context())
 
 
+def fill_backlog(path: Path, queued: list[socket.socket]) -> None:
+    """Connect without accepting until the listener's backlog is full (EAGAIN)."""
+    for _ in range(16):  # a backlog of 0 queues one or two connects on Linux
+        client = socket.socket(socket.AF_UNIX)
+        client.setblocking(False)
+        queued.append(client)
+        try:
+            client.connect(str(path))
+        except BlockingIOError:
+            return
+    raise AssertionError("the backlog never filled")
+
+
+@pytest.mark.parametrize("backlog_full", [False, True])
 async def test_a_live_socket_at_the_path_is_refused_at_start(
-    certs: Certs, echo_port: int, sock_dir: Path
+    certs: Certs, echo_port: int, sock_dir: Path, backlog_full: bool
 ) -> None:
     path = sock_dir / "web.sock"
+    queued: list[socket.socket] = []
     with socket.socket(socket.AF_UNIX) as other:
         other.bind(str(path))
-        other.listen()
+        other.listen(0)
+        if backlog_full:
+            fill_backlog(path, queued)
         before = identity(path)
         with pytest.raises(StartupError) as caught:
             unstarted(unix_config(certs, echo_port, path)).bind()
@@ -431,9 +449,9 @@ async def test_a_live_socket_at_the_path_is_refused_at_start(
             f"cannot listen on unix:{path} (listener 'web'): another process is listening "
             "on it (another tlsproxy?)"
         )
-        assert identity(path) == before  # left alone, and still reachable
-        with socket.socket(socket.AF_UNIX) as client:
-            client.connect(str(path))
+        assert identity(path) == before  # left alone
+        for client in queued:
+            client.close()
 
 
 async def test_a_path_that_is_not_a_socket_is_refused_and_left_alone(
@@ -822,3 +840,19 @@ async def test_a_killed_worker_is_restarted_on_the_same_socket(
         assert restarted["worker_pid"] in served
         daemon.signal(signal.SIGTERM)
         assert await daemon.exit_code() == 0
+
+
+async def test_the_embedded_default_on_a_unix_socket_logs_a_curl_line_that_works(
+    nursery: trio.Nursery, tmp_path: Path, certs: Certs, sock_dir: Path
+) -> None:
+    backend_port = await start_backend(nursery, http_handler)
+    path = sock_dir / "web.sock"
+    args = ["--listen", f"unix:{path}", "--backend", f"127.0.0.1:{backend_port}"]
+    async with run_daemon(nursery, tmp_path, *args, "--admin", "127.0.0.1:0") as daemon:
+        running = await daemon.wait_for("running the embedded default config")
+        assert running["try_it"].startswith(f"curl --unix-socket {path} --cacert ")
+        with trio.fail_after(STEP):
+            result = await trio.run_process(
+                [*shlex.split(running["try_it"]), "-sS"], capture_stdout=True, capture_stderr=True
+            )
+        assert result.stdout == b"hello from the backend\n", result.stderr
