@@ -128,6 +128,8 @@ def encode_v2(source: tuple[str, int], dest: tuple[str, int], tls: TLSFacts | No
 
 
 def encode_v2_local(tls: TLSFacts | None = None) -> bytes:
+    """A v2 LOCAL header with no addresses: the receiver keeps the
+    connection's own endpoints; the TLVs still say what TLS established."""
     body = tlvs(tls) if tls is not None else b""
     return V2_SIGNATURE + struct.pack("!BBH", _V2_LOCAL, _V2_UNSPEC, len(body)) + body
 

@@ -191,6 +191,24 @@ def test_unix_addresses_overlap(one: str, other: str, overlap: bool) -> None:
     assert addresses_overlap(b, a) is overlap
 
 
+@pytest.mark.parametrize(
+    ("source", "dest"),
+    [(None, None), (None, ("127.0.0.1", 8443)), (("127.0.0.1", 5000), None)],
+)
+def test_a_header_without_ip_endpoints_is_unknown_or_local(
+    source: tuple[str, int] | None, dest: tuple[str, int] | None
+) -> None:
+    assert proxy_protocol.encode("v1", source, dest) == b"PROXY UNKNOWN\r\n"
+    v1 = proxy_protocol.parse_header(proxy_protocol.encode("v1", source, dest), "v1")
+    assert v1 == proxy_protocol.Received("v1", 15, None, None)
+    facts = proxy_protocol.TLSFacts(version="TLSv1.3", sni="api.example.com")
+    header = proxy_protocol.encode("v2", source, dest, facts)
+    tlvs = proxy_protocol.tlvs(facts)
+    assert header == proxy_protocol.V2_SIGNATURE + bytes([0x20, 0x00, 0, len(tlvs)]) + tlvs
+    v2 = proxy_protocol.parse_header(header, "v2")
+    assert v2 == proxy_protocol.Received("v2", len(header), None, None)
+
+
 # ---------------------------------------------------------------- config errors
 
 
@@ -856,3 +874,30 @@ async def test_the_embedded_default_on_a_unix_socket_logs_a_curl_line_that_works
                 [*shlex.split(running["try_it"]), "-sS"], capture_stdout=True, capture_stderr=True
             )
         assert result.stdout == b"hello from the backend\n", result.stderr
+
+
+async def test_with_workers_connects_are_refused_once_the_workers_stop_accepting(
+    nursery: trio.Nursery, tmp_path: Path, certs: Certs, echo_port: int, sock_dir: Path
+) -> None:
+    """The supervisor closes its copy of the socket when draining: else the
+    socket would stay listening after the workers closed theirs, and connects
+    would wait in its backlog for nobody until the supervisor exits."""
+    path = sock_dir / "web.sock"
+    config = _daemon_config(tmp_path, certs, path, echo_port, "workers = 2")
+    context = certs.client_context()
+    async with run_daemon(nursery, tmp_path, "--config", config) as daemon:
+        ready = await daemon.wait_for("workers ready")
+        with trio.fail_after(STEP):
+            live = await unix_tls_connect(path, context)  # keeps one worker draining
+        daemon.signal(signal.SIGTERM)
+        for pid in ready["worker_pids"]:
+            await daemon.wait_for("draining", pid=pid)
+        assert present(path)  # the supervisor removes it at exit
+        client = trio.socket.socket(socket.AF_UNIX)
+        with client, trio.fail_after(STEP), pytest.raises(ConnectionRefusedError):
+            await client.connect(str(path))
+        with trio.fail_after(STEP):
+            await echo_on(live, b"still draining")
+            await live.aclose()
+        assert await daemon.exit_code() == 0
+    assert not present(path)
