@@ -591,7 +591,7 @@ async def test_a_reload_onto_a_file_or_a_live_socket_is_rejected_and_the_old_one
 # ---------------------------------------------------------------- reload
 
 
-async def test_reload_keeps_the_socket_of_an_unchanged_path_and_applies_its_new_mode(
+async def test_reload_keeps_the_socket_of_an_unchanged_path_and_applies_its_new_mode_and_owner(
     nursery: trio.Nursery, certs: Certs, echo_port: int, sock_dir: Path
 ) -> None:
     path = sock_dir / "web.sock"
@@ -600,10 +600,15 @@ async def test_reload_keeps_the_socket_of_an_unchanged_path_and_applies_its_new_
     with trio.fail_after(STEP):
         before_reload = await unix_tls_connect(path, context)
     bound = identity(path)
-    reloaded = unix_config(certs, echo_port, path, listen_mode="0600")
+    root = os.geteuid() == 0  # chown to another user needs root
+    owner = {"listen_owner": "54321:54322"} if root else {}
+    reloaded = unix_config(certs, echo_port, path, listen_mode="0600", **owner)
     assert await proxy.server.reload(lambda: reloaded, trigger="test")
     assert identity(path) == bound  # the same socket file: never unbound
-    assert stat.S_IMODE(os.lstat(path).st_mode) == 0o600
+    found = os.lstat(path)
+    assert stat.S_IMODE(found.st_mode) == 0o600
+    if root:
+        assert (found.st_uid, found.st_gid) == (54321, 54322)
     with trio.fail_after(STEP):
         await echo_on(before_reload, b"still here after the reload")
         await before_reload.aclose()
