@@ -121,11 +121,12 @@ def proxy_header(
     version: proxy_protocol.Version,
     client: socket.socket,
     tls: TLSConn | None,
-    peer: tuple[str, int],
+    peer: object,
     identity: Identity | None = None,
 ) -> bytes:
-    """The PROXY header for a client at `peer`, accepted on `client`, that
-    completed the handshake on `tls` (None: a plaintext client, no TLS facts).
+    """The PROXY header for a client at `peer` (a socket address), accepted
+    on `client`, that completed the handshake on `tls` (None: a plaintext
+    client, no TLS facts).
 
     `peer` is the address from accept: `getpeername()` fails once the client
     has reset, while the local address of the accepted socket stays known.
@@ -138,7 +139,7 @@ def proxy_header(
     """
     local = client.getsockname()
     facts = None if tls is None else _tls_facts(tls, identity)
-    return proxy_protocol.encode(version, (peer[0], peer[1]), (local[0], local[1]), facts)
+    return proxy_protocol.encode(version, _ip_endpoint(peer), _ip_endpoint(local), facts)
 
 
 def _tls_facts(tls: TLSConn, identity: Identity | None) -> proxy_protocol.TLSFacts:
@@ -153,6 +154,14 @@ def _tls_facts(tls: TLSConn, identity: Identity | None) -> proxy_protocol.TLSFac
         client_spiffe_id=identity.spiffe_id() if identity is not None else None,
         resumed=bool(obj.session_reused),
     )
+
+
+def _ip_endpoint(sockaddr: object) -> tuple[str, int] | None:
+    """(host, port) of an IP socket address; None for a unix one (a path, or
+    '' for an unnamed client), which a PROXY header cannot carry."""
+    if isinstance(sockaddr, tuple) and len(sockaddr) >= 2:
+        return (str(sockaddr[0]), int(sockaddr[1]))
+    return None
 
 
 @functools.lru_cache(maxsize=1024)

@@ -39,7 +39,7 @@ async def start_tls_server(nursery: trio.Nursery, context: ssl.SSLContext, handl
             await trio.aclose_forcefully(tls)
 
     (listener,) = await nursery.start(partial(trio.serve_tcp, serve, 0, host="127.0.0.1"))
-    return listener.socket.getsockname()[1]
+    return int(listener.socket.getsockname()[1])
 
 
 def server_context(
@@ -139,6 +139,7 @@ async def refused_by(port: int, tmp_path: Path, nursery: trio.Nursery, ca: CA) -
     with trio.fail_after(STEP):
         app = await raw_connect(proxy.port)
         await app.send_all(b"hello")
+        got: bytes | trio.BrokenResourceError
         try:
             got = await app.receive_some()
         except trio.BrokenResourceError as exc:
@@ -197,7 +198,9 @@ async def test_the_tunnel_app_to_egress_to_ingress_to_backend(
     plaintext crosses mTLS between two sidecars and reaches the backend, and
     each side counts its own handshake."""
     ca = CA(tmp_path)
-    me = ca.issue("me", uris=(APP_ID if admitted else "spiffe://test.example/ns/b/sa/x",), client=True)
+    me = ca.issue(
+        "me", uris=(APP_ID if admitted else "spiffe://test.example/ns/b/sa/x",), client=True
+    )
     backend_port = await start_backend(nursery, echo_handler)
     ingress = await start(
         nursery, ingress_config(tmp_path, backend_port, ca, ca.issue("in", "localhost"), APP_ID)
@@ -260,7 +263,7 @@ async def test_bridging_re_encrypts_with_the_sni_passed_on_or_set(
     def record_sni(obj: ssl.SSLObject, name: str | None, _ctx: ssl.SSLContext) -> None:
         seen.append(name)
 
-    context.sni_callback = record_sni  # type: ignore[assignment]
+    context.sni_callback = record_sni
     port = await start_tls_server(nursery, context, echo_peer)
     front = ca.issue("front", "shop.example")
     upstream: dict[str, Any] = {"ca": str(ca.ca_file)}

@@ -34,6 +34,7 @@ LAYERS: tuple[tuple[str, frozenset[str]], ...] = (
                 "config.fields",
                 "config.schema",
                 "config.load",
+                "config.socketfile",
                 "certs",
                 "selfsigned",
                 "openssl",
@@ -66,6 +67,7 @@ LAYERS: tuple[tuple[str, frozenset[str]], ...] = (
         frozenset(
             {
                 "accept",
+                "socket_file",
                 "reload",
                 "server",
                 "admin",

@@ -28,6 +28,7 @@ from pydantic_core import PydanticCustomError
 from proxy import certs, identity, sni
 from proxy.config.addresses import (
     Address,
+    AdminAddress,
     BackendAddress,
     ListenAddress,
     addresses_overlap,
@@ -49,6 +50,7 @@ from proxy.config.fields import (
     _optional_file,
     _require,
 )
+from proxy.config.socketfile import DEFAULT_LISTEN_MODE, ListenMode, SocketOwner, parse_mode
 
 
 class _Model(BaseModel):
@@ -313,6 +315,9 @@ class RouteConfig(_Model):
 class ListenerConfig(_Model):
     name: Annotated[StrictStr, AfterValidator(_metric_label)]
     listen: ListenAddress
+    # A unix listen's socket file (None: DEFAULT_LISTEN_MODE, the owner bind gives it).
+    listen_mode: ListenMode | None = None
+    listen_owner: SocketOwner | None = None
     backend: BackendAddress
     proxy_protocol: Literal["off", "v1", "v2"] = "off"
     accept_proxy_protocol: Literal["off", "v1", "v2", "any"] = "off"
@@ -375,6 +380,29 @@ class ListenerConfig(_Model):
             raise PydanticCustomError(_LOCATED_ERRORS, "upstream name", {"errors": errors})
         return self
 
+    @property
+    def socket_mode(self) -> int:
+        """The mode a unix listen's socket file is given."""
+        return parse_mode(self.listen_mode or DEFAULT_LISTEN_MODE)
+
+    @model_validator(mode="after")
+    def socket_file_keys_need_a_unix_listen(self) -> Self:
+        errors: list[tuple[tuple[int | str, ...], str]] = [
+            (
+                (key,),
+                f"applies to a unix socket's file only, and listen is '{self.listen}'; "
+                "remove it, or listen on 'unix:/path'",
+            )
+            for key, value in (
+                ("listen_mode", self.listen_mode),
+                ("listen_owner", self.listen_owner),
+            )
+            if value is not None and self.listen.unix_path is None
+        ]
+        if errors:
+            raise PydanticCustomError(_LOCATED_ERRORS, "socket file keys", {"errors": errors})
+        return self
+
     @model_validator(mode="after")
     def route_allow_needs_require(self) -> Self:
         errors: list[tuple[tuple[int | str, ...], str]]
@@ -398,7 +426,7 @@ class ListenerConfig(_Model):
 
 
 class AdminConfig(_Model):
-    listen: ListenAddress = Address("127.0.0.1", 9090)
+    listen: AdminAddress = Address("127.0.0.1", 9090)
 
 
 class ProcessConfig(_Model):
