@@ -19,11 +19,12 @@ import socket
 import tomllib
 from pathlib import Path
 
+import pytest
 import trio
 
 from benchmarks.harness import rss_kib
 from tests.daemon import PYTHON_M_PROXY, env_for, spawn
-from tests.deploy.kustomize import BASE, container, render, rendered_sidecar_config
+from tests.deploy.kustomize import BASE, OVERLAYS, container, render, rendered_sidecar_config
 from tests.helpers import (
     STEP,
     Certs,
@@ -73,8 +74,11 @@ def quantity(value: str) -> int:
     return int(match[1]) * UNITS[match[2]]
 
 
-def test_the_memory_limit_holds_max_connections_active_and_the_request_holds_them_idle() -> None:
-    resources = render(BASE)
+@pytest.mark.parametrize("kustomization", [BASE, *OVERLAYS], ids=lambda p: p.name)
+def test_the_memory_limit_holds_max_connections_active_and_the_request_holds_them_idle(
+    kustomization: Path,
+) -> None:
+    resources = render(kustomization)
     memory = container(resources, "tlsproxy")["resources"]
     limit, request = quantity(memory["limits"]["memory"]), quantity(memory["requests"]["memory"])
     config = tomllib.loads(rendered_sidecar_config(resources))
