@@ -1,6 +1,13 @@
 """deploy/kubernetes/overlays/egress: the sidecar also carries the app's calls
 to an upstream over mutual TLS.
 
+Then the real daemon runs on the rendered config, in the projected volume
+as the kubelet writes it (only the listening addresses and the upstream's
+address are changed, to loopback ports of the test): the app's plaintext
+reaches a real mTLS upstream that sees the projected client certificate, a
+renewed certificate is presented after the kubelet swaps the Secret with no
+signal sent, and an upstream with another SPIFFE ID is refused and counted.
+
 What the overlay must keep true, checked on the `kubectl kustomize` output:
 the sidecar's config is the base's plus one egress listener, on loopback
 only (whoever reaches it speaks to the upstream as this workload), where the
@@ -13,14 +20,19 @@ cluster DNS, nothing else, and still admits exactly what the base admits.
 
 from __future__ import annotations
 
+import functools
+import ssl
 import tomllib
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
 import pytest
+import trio
 
 from proxy.config import load_config, parse_address
+from tests.daemon import PYTHON_M_PROXY, env_for, spawn
 from tests.deploy.kubelet import write_volume
 from tests.deploy.kustomize import (
     BASE,
@@ -34,8 +46,10 @@ from tests.deploy.kustomize import (
     rendered_sidecar_config,
 )
 from tests.deploy.networkpolicy import Peer, admits, admits_egress
-from tests.pki import CA
+from tests.helpers import STEP, free_port, sample, scrape, until
+from tests.pki import CA, Leaf, served_serial
 from tests.test_deploy_kubernetes import ADMITTED, NEIGHBOUR, PEERS
+from tests.test_deploy_renewal import not_after
 
 # The namespace label Kubernetes sets on every namespace, which the policy selects by.
 NAMESPACE_LABEL = "kubernetes.io/metadata.name"
@@ -249,3 +263,167 @@ def test_network_policy_still_admits_what_the_base_admits(port_name: str, peer_n
     )
 
     assert admitted is ADMITTED[port_name, peer_name]
+
+
+# ---------------------------------------------------------------- the real daemon
+
+CLIENT_SECRET = "web-upstream-tls"  # certificate.yaml
+
+
+def certificate_spec(resources: list[dict[str, Any]], secret: str) -> dict[str, Any]:
+    specs: list[dict[str, Any]] = [
+        r["spec"]
+        for r in resources
+        if r["kind"] == "Certificate" and r["spec"]["secretName"] == secret
+    ]
+    (spec,) = specs
+    return spec
+
+
+class Upstream:
+    """A mutual-TLS server, as the payments service would be: it requires a
+    client certificate from `ca`, records each one's serial, and echoes."""
+
+    def __init__(self, ca: CA, leaf: Leaf) -> None:
+        self.context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        self.context.load_cert_chain(str(leaf.cert), str(leaf.key))
+        self.context.verify_mode = ssl.CERT_REQUIRED
+        ca.trust(self.context)
+        self.client_serials: list[int] = []
+
+    async def handle(self, stream: trio.SocketStream) -> None:
+        tls = trio.SSLStream(stream, self.context, server_side=True)
+        try:
+            await tls.do_handshake()
+            self.client_serials.append(served_serial(tls.getpeercert(binary_form=True)))
+            while data := await tls.receive_some(65536):
+                await tls.send_all(data)
+        except trio.BrokenResourceError:
+            pass  # the proxy refused us (or reset): nothing to echo
+        finally:
+            await trio.aclose_forcefully(tls)
+
+    async def start(self, nursery: trio.Nursery) -> int:
+        serve = functools.partial(trio.serve_tcp, self.handle, 0, host="127.0.0.1")
+        listeners = await nursery.start(serve)
+        return int(listeners[0].socket.getsockname()[1])
+
+
+class Sidecar:
+    """The rendered egress overlay laid out as the kubelet would, with the
+    listening and upstream addresses moved to the test's loopback ports."""
+
+    def __init__(self, directory: Path, upstream_port: int) -> None:
+        self.resources = render(EGRESS)
+        self.etc = directory / "etc-tlsproxy"
+        self.egress_port = free_port()
+        listener = egress_listener(rendered_config(self.resources))
+        self.moves = {
+            f'listen = "{listener["listen"]}"': f'listen = "127.0.0.1:{self.egress_port}"',
+            f'backend = "{listener["backend"]}"': f'backend = "127.0.0.1:{upstream_port}"',
+        }
+
+    def write(self, secrets: dict[str, dict[str, bytes]]) -> Path:
+        config_path, payload = projected_payload(self.resources, secrets)
+        text = payload[config_path].decode()
+        for old, new in self.moves.items():
+            assert text.count(old) == 1, old
+            text = text.replace(old, new)
+        payload[config_path] = text.encode()
+        write_volume(self.etc, payload)
+        return self.etc / config_path
+
+
+def with_client_leaf(
+    resources: list[dict[str, Any]], ca: CA, leaf: Leaf
+) -> dict[str, dict[str, bytes]]:
+    secrets = secrets_as_issued(resources, ca)
+    secrets[CLIENT_SECRET]["tls.crt"] = leaf.cert.read_bytes()
+    secrets[CLIENT_SECRET]["tls.key"] = leaf.key.read_bytes()
+    return secrets
+
+
+async def call_through(port: int, message: bytes) -> bytes:
+    """What the app gets back for one plaintext request to the egress listener."""
+    with trio.fail_after(STEP):
+        stream = await trio.open_tcp_stream("127.0.0.1", port)
+        async with stream:
+            await stream.send_all(message)
+            received = b""
+            while len(received) < len(message):
+                chunk = await stream.receive_some(65536)
+                if not chunk:
+                    break
+                received += chunk
+    return received
+
+
+def argv_for(config: Path) -> list[str]:
+    # the ingress listener and admin move by flag, to loopback port 0
+    return [
+        *PYTHON_M_PROXY,
+        *("run", "--config", str(config)),
+        *("--listen", "127.0.0.1:0", "--admin", "127.0.0.1:0"),
+    ]
+
+
+async def test_the_app_reaches_the_upstream_over_mtls_and_a_renewed_client_certificate_is_used(
+    nursery: trio.Nursery, tmp_path: Path
+) -> None:
+    ca = CA(tmp_path)
+    resources = render(EGRESS)
+    (upstream_id,) = egress_listener(rendered_config(resources))["upstream_tls"]["allow"]["uri"]
+    upstream = Upstream(ca, ca.issue("upstream", "payments.example", uris=(upstream_id,)))
+    sidecar = Sidecar(tmp_path, await upstream.start(nursery))
+    own_id = tuple(certificate_spec(resources, CLIENT_SECRET)["uris"])
+    now = datetime.now(UTC).replace(microsecond=0)
+    first = ca.issue("first", uris=own_id, client=True, not_after=now + timedelta(days=60))
+    renewed = ca.issue("renewed", uris=own_id, client=True, not_after=now + timedelta(days=90))
+    config = sidecar.write(with_client_leaf(resources, ca, first))
+
+    async with spawn(nursery, argv_for(config), env=env_for(tmp_path / "state")) as daemon:
+        _, admin_port = await daemon.started()
+        await daemon.wait_for("listening", listener="payments")
+        assert await call_through(sidecar.egress_port, b"GET /charge") == b"GET /charge"
+        assert upstream.client_serials == [first.serial]
+        _, text = await scrape(admin_port)
+        expiry = "tlsproxy_certificate_expiry_timestamp_seconds"
+        assert sample(text, expiry, listener="payments") == not_after(first)
+        ok = {"listener": "payments", "outcome": "success"}
+        assert sample(text, "tlsproxy_upstream_handshakes_total", **ok) == 1
+
+        sidecar.write(with_client_leaf(resources, ca, renewed))  # the kubelet's swap
+
+        async def renewed_presented() -> bool:
+            assert await call_through(sidecar.egress_port, b"ping") == b"ping"
+            return upstream.client_serials[-1] == renewed.serial
+
+        await until(renewed_presented)
+        _, text = await scrape(admin_port)
+        assert sample(text, expiry, listener="payments") == not_after(renewed)
+        assert sample(text, "tlsproxy_config_reloads_total", result="failure") == 0
+
+
+async def test_an_upstream_with_another_spiffe_id_is_refused_before_any_byte_reaches_it(
+    nursery: trio.Nursery, tmp_path: Path
+) -> None:
+    ca = CA(tmp_path)
+    resources = render(EGRESS)
+    impostor = ca.issue("impostor", "payments.example", uris=("spiffe://prod.example/ns/x/sa/y",))
+    upstream = Upstream(ca, impostor)
+    sidecar = Sidecar(tmp_path, await upstream.start(nursery))
+    config = sidecar.write(secrets_as_issued(resources, ca))
+
+    async with spawn(nursery, argv_for(config), env=env_for(tmp_path / "state")) as daemon:
+        _, admin_port = await daemon.started()
+        await daemon.wait_for("listening", listener="payments")
+
+        assert await call_through(sidecar.egress_port, b"GET /charge") == b""
+
+        denied = {"listener": "payments", "outcome": "server_identity_denied"}
+
+        async def counted() -> bool:
+            _, text = await scrape(admin_port)
+            return sample(text, "tlsproxy_upstream_handshakes_total", **denied) == 1
+
+        await until(counted)
