@@ -20,7 +20,7 @@ cluster DNS, nothing else, and still admits exactly what the base admits.
 
 from __future__ import annotations
 
-import functools
+import socket
 import ssl
 import tomllib
 from contextlib import suppress
@@ -307,9 +307,15 @@ class Upstream:
         finally:
             await trio.aclose_forcefully(tls)
 
-    async def start(self, nursery: trio.Nursery) -> int:
-        serve = functools.partial(trio.serve_tcp, self.handle, 0, host="127.0.0.1")
-        listeners = await nursery.start(serve)
+    async def start(self, nursery: trio.Nursery, socket_buffer: int | None = None) -> int:
+        """Serve on a loopback port (accepted sockets inherit `socket_buffer`
+        as their send and receive buffer sizes) and return it."""
+        listeners = await trio.open_tcp_listeners(0, host="127.0.0.1")
+        if socket_buffer is not None:
+            for listener in listeners:
+                for option in (socket.SO_RCVBUF, socket.SO_SNDBUF):
+                    listener.socket.setsockopt(socket.SOL_SOCKET, option, socket_buffer)
+        nursery.start_soon(trio.serve_listeners, self.handle, listeners)
         return int(listeners[0].socket.getsockname()[1])
 
 
