@@ -24,6 +24,7 @@ import yaml
 
 from tests.deploy.kustomize import (
     BASE,
+    CERT_MANAGER,
     OVERLAYS,
     by_kind,
     container,
@@ -78,7 +79,7 @@ def test_the_schema_validation_rejects_a_misspelled_field() -> None:
 
 
 def test_cert_manager_overlay_issues_the_secret_the_sidecar_mounts() -> None:
-    resources = render(OVERLAYS[0])
+    resources = render(CERT_MANAGER)
     certificate = by_kind(resources)["Certificate"]
     (volume,) = [v for v in pod_spec(resources)["volumes"] if v["name"] == "tlsproxy-config"]
     secrets = [s["secret"]["name"] for s in volume["projected"]["sources"] if "secret" in s]
