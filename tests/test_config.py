@@ -504,7 +504,7 @@ def test_parse_address_rejects(text: str) -> None:
 
 
 def test_examples_are_listed() -> None:
-    assert {"minimal.toml", "full.toml"} <= {example.name for example in EXAMPLES}
+    assert {"minimal.toml", "full.toml", "egress.toml"} <= {example.name for example in EXAMPLES}
 
 
 @pytest.mark.parametrize("example", EXAMPLES, ids=lambda path: path.name)
@@ -513,13 +513,19 @@ def test_example_config_is_valid(tmp_path: Path, example: Path) -> None:
     shutil.copy(example, config_file)
     listeners = tomllib.loads(example.read_text())["listeners"]
     for listener in listeners:
-        for files in listener["tls"]["certificates"]:
-            assert not Path(files["cert"]).is_absolute(), "examples use relative paths"
-            # one name per file, as the examples mean them (one of a key type per name)
-            name = f"{Path(files['cert']).stem}.example"
-            make_pair(tmp_path / files["cert"], tmp_path / files["key"], name=name)
-        if client_ca := listener["tls"].get("client_ca"):
-            trustme.CA().cert_pem.write_to_path(str(tmp_path / client_ca))
+        # terminating ([listeners.tls]), originating ([listeners.upstream_tls]) or both
+        tables = [listener[key] for key in ("tls", "upstream_tls") if key in listener]
+        assert tables, f"listener {listener['name']} has neither tls nor upstream_tls"
+        for table in tables:
+            for files in table.get("certificates", []):
+                assert not Path(files["cert"]).is_absolute(), "examples use relative paths"
+                # one name per file, as the examples mean them (one of a key type per name)
+                name = f"{Path(files['cert']).stem}.example"
+                make_pair(tmp_path / files["cert"], tmp_path / files["key"], name=name)
+            for ca in (table.get("client_ca"), table.get("ca")):
+                if ca:
+                    (tmp_path / ca).parent.mkdir(parents=True, exist_ok=True)
+                    trustme.CA().cert_pem.write_to_path(str(tmp_path / ca))
     config = load_config(config_file)
     assert config.warnings == ()
     assert len(config.listeners) == len(listeners)
