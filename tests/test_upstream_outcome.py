@@ -203,7 +203,7 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[World]:
                 "expired-client", "client", client=True, not_before=long_ago, not_after=yesterday
             ),
             server_as_client=ca.issue("server-as-client", "client"),
-            nginx=running.ports,
+            nginx=running,
         )
 
 

@@ -47,7 +47,7 @@ class Attempt:
     incoming: ssl.MemoryBIO
     outgoing: ssl.MemoryBIO
 
-    def _flush(self) -> None:
+    def send_pending(self) -> None:
         if data := self.outgoing.read():
             self.sock.sendall(data)
 
@@ -69,7 +69,7 @@ class Attempt:
                 self.obj.do_handshake()
             except ssl.SSLWantReadError:
                 try:
-                    self._flush()
+                    self.send_pending()
                     self._feed()
                 except OSError as exc:
                     self.error = exc
@@ -78,12 +78,12 @@ class Attempt:
                 # Our own alert (e.g. unknown_ca after a failed verify) goes
                 # out, as a real client's does; the server may be gone.
                 with contextlib.suppress(OSError):
-                    self._flush()
+                    self.send_pending()
                 self.error = exc
                 return
             else:
                 with contextlib.suppress(OSError):
-                    self._flush()
+                    self.send_pending()
                 return
 
     def first_read(self) -> bytes:
@@ -93,7 +93,7 @@ class Attempt:
             try:
                 return self.obj.read(READ_SIZE)
             except ssl.SSLWantReadError:
-                self._flush()
+                self.send_pending()
                 self._feed()
 
 
@@ -117,7 +117,7 @@ def originate(
     if attempt.error is None and request:
         obj.write(request)
         with contextlib.suppress(OSError):
-            attempt._flush()
+            attempt.send_pending()
     return attempt
 
 
@@ -137,7 +137,7 @@ def attempt_on(
 
 @dataclass
 class ThreadServer:
-    """A loopback listener whose every accepted socket gets `behaviour` in a thread."""
+    """A loopback listener whose one accepted socket gets `behaviour` in a thread."""
 
     behaviour: Behaviour
     sock: socket.socket = field(init=False)
@@ -266,16 +266,10 @@ events {{ worker_connections 16; }}
 """
 
 
-@dataclass
-class Nginx:
-    ports: dict[str, int]
-    process: subprocess.Popen[bytes]
-
-
 @contextlib.contextmanager
 def nginx(
     directory: Path, blocks: Callable[[dict[str, int]], str], names: list[str]
-) -> Iterator[Nginx]:
+) -> Iterator[dict[str, int]]:
     """nginx in the foreground with the `http`/`stream` blocks `blocks(ports)`
     writes, one fixed loopback port per name (nginx cannot report a
     kernel-chosen one)."""
@@ -292,7 +286,7 @@ def nginx(
     ) as process:
         try:
             _wait_listening(process, ports.values())
-            yield Nginx(ports, process)
+            yield ports
         finally:
             process.terminate()
 
