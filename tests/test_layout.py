@@ -22,7 +22,20 @@ README = PACKAGE.parent / "README.md"
 LAYERS: tuple[tuple[str, frozenset[str]], ...] = (
     (
         "sans-IO",
-        frozenset({"proxy", "clienthello", "ja4", "sni", "identity", "outcome", "proxy_protocol"}),
+        frozenset(
+            {
+                "proxy",
+                "clienthello",
+                "ja4",
+                "sni",
+                "identity",
+                "outcome",
+                "outcome.ingress",
+                "outcome.upstream",
+                "outcome.reasons",
+                "proxy_protocol",
+            }
+        ),
     ),
     (
         "material",
