@@ -1,7 +1,7 @@
 """The upstream classifier on genuine exceptions from real servers.
 
-Each case runs a real server on loopback (openssl s_server, nginx, a Python
-ssl server, or a raw socket that misbehaves on purpose), drives a
+Each case runs a real server on loopback (openssl s_server, nginx, Java's
+JSSE, a Python ssl server, or a raw socket that misbehaves on purpose), drives a
 client-side SSLObject over memory BIOs against it (tests/upstream_peers.py),
 and asserts both what OpenSSL raised (class, reason, verify code: the table
 the classifier is built from) and the outcome `classify_upstream` gives it.
@@ -32,11 +32,12 @@ from tests.upstream_peers import (
     Attempt,
     ThreadServer,
     attempt_on,
+    close_unread,
     eof_at_once,
+    jsse,
     nginx,
     originate,
     read_then,
-    reset_at_once,
     s_server,
     thread_server,
     tls_behaviour,
@@ -72,6 +73,7 @@ class World:
     expired_client: Leaf
     server_as_client: Leaf  # serverAuth extended key usage only
     nginx: dict[str, int]
+    jsse: dict[str, int]
 
     def s_server(self, *options: str, leaf: Leaf | None = None) -> AbstractContextManager[int]:
         leaf = leaf or self.server
@@ -183,7 +185,10 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[World]:
     server = ca.issue("server", "localhost")
     nginx_dir = directory / "nginx"
     nginx_dir.mkdir()
-    with nginx(nginx_dir, _nginx_blocks(nginx_dir, server, ca), NGINX_SERVERS) as running:
+    with (
+        nginx(nginx_dir, _nginx_blocks(nginx_dir, server, ca), NGINX_SERVERS) as nginx_ports,
+        jsse(server.cert, server.key, ca.ca_file) as jsse_ports,
+    ):
         yield World(
             ca=ca,
             server=server,
@@ -203,7 +208,8 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[World]:
                 "expired-client", "client", client=True, not_before=long_ago, not_after=yesterday
             ),
             server_as_client=ca.issue("server-as-client", "client"),
-            nginx=running,
+            nginx=nginx_ports,
+            jsse=jsse_ports,
         )
 
 
@@ -264,6 +270,13 @@ CASES = [
         OK,
         UpstreamOutcome.SUCCESS,
     ),
+    Case(
+        "JSSE",
+        lambda w: contextlib.nullcontext(w.jsse["ok"]),
+        _default,
+        OK,
+        UpstreamOutcome.SUCCESS,
+    ),
     # ---- server_closed
     Case(
         "EOF at accept",
@@ -274,8 +287,8 @@ CASES = [
         first=b"",
     ),
     Case(
-        "reset at accept",
-        lambda w: _raw(reset_at_once),
+        "close with our hello unread",
+        lambda w: _raw(close_unread),
         _default,
         RESET,
         UpstreamOutcome.SERVER_CLOSED,
@@ -363,6 +376,13 @@ CASES = [
         PROTOCOL_VERSION,
         UpstreamOutcome.UNSUPPORTED_VERSION,
     ),
+    Case(
+        "JSSE TLS 1.3 only, we max 1.2",
+        lambda w: contextlib.nullcontext(w.jsse["tls13"]),
+        lambda w: w.client_context(maximum=T12),
+        PROTOCOL_VERSION,
+        UpstreamOutcome.UNSUPPORTED_VERSION,
+    ),
     # ---- no_shared_cipher: the alert answers our hello (first record an alert)
     Case(
         "s_server disjoint TLS 1.2 ciphers",
@@ -386,6 +406,22 @@ CASES = [
         lambda w: w.client_context(maximum=T12, group="prime256v1"),
         HANDSHAKE_FAILURE,
         UpstreamOutcome.NO_SHARED_CIPHER,
+    ),
+    Case(
+        "JSSE disjoint TLS 1.2 ciphers",
+        lambda w: contextlib.nullcontext(w.jsse["ciphers12"]),
+        lambda w: w.client_context(maximum=T12, ciphers="ECDHE-ECDSA-AES256-GCM-SHA384"),
+        HANDSHAKE_FAILURE,
+        UpstreamOutcome.NO_SHARED_CIPHER,
+        first=b"\x15\x03\x03\x00\x02",
+    ),
+    Case(
+        "JSSE disjoint groups, TLS 1.2",
+        lambda w: contextlib.nullcontext(w.jsse["ok"]),
+        lambda w: w.client_context(maximum=T12, group="X448"),
+        HANDSHAKE_FAILURE,
+        UpstreamOutcome.NO_SHARED_CIPHER,
+        first=b"\x15\x03\x03\x00\x02",
     ),
     # ---- server_cert_invalid
     Case(
@@ -482,6 +518,27 @@ CASES = [
         Seen(ssl.SSLError, "SSLV3_ALERT_UNSUPPORTED_CERTIFICATE"),
         UpstreamOutcome.CLIENT_CERT_REJECTED_BY_SERVER,
     ),
+    Case(
+        "JSSE TLS 1.2, no client cert",
+        lambda w: contextlib.nullcontext(w.jsse["need12"]),
+        _default,
+        Seen(ssl.SSLError, "SSLV3_ALERT_BAD_CERTIFICATE"),
+        UpstreamOutcome.CLIENT_CERT_REJECTED_BY_SERVER,
+    ),
+    Case(
+        "JSSE TLS 1.2, untrusted client cert",
+        lambda w: contextlib.nullcontext(w.jsse["need12"]),
+        lambda w: w.client_context(w.untrusted_client),
+        Seen(ssl.SSLError, "SSLV3_ALERT_CERTIFICATE_UNKNOWN"),
+        UpstreamOutcome.CLIENT_CERT_REJECTED_BY_SERVER,
+    ),
+    Case(
+        "JSSE TLS 1.2, expired client cert",
+        lambda w: contextlib.nullcontext(w.jsse["need12"]),
+        lambda w: w.client_context(w.expired_client),
+        Seen(ssl.SSLError, "SSLV3_ALERT_CERTIFICATE_UNKNOWN"),
+        UpstreamOutcome.CLIENT_CERT_REJECTED_BY_SERVER,
+    ),
     # ---- alpn_mismatch: servers that send no_application_protocol
     Case(
         "s_server -alpn h2, TLS 1.3",
@@ -508,6 +565,13 @@ CASES = [
         "nginx stream ssl_alpn h2",
         lambda w: contextlib.nullcontext(w.nginx["stream_alpn"]),
         lambda w: w.client_context(alpn=["imap"]),
+        NO_ALPN,
+        UpstreamOutcome.ALPN_MISMATCH,
+    ),
+    Case(
+        "JSSE ALPN h2",
+        lambda w: contextlib.nullcontext(w.jsse["alpn"]),
+        lambda w: w.client_context(alpn=["http/1.1"]),
         NO_ALPN,
         UpstreamOutcome.ALPN_MISMATCH,
     ),
@@ -627,6 +691,24 @@ READ_CASES = [
         lambda w: w.python_server(require_client_cert=True),
         lambda w: w.client_context(w.server_as_client),
         "SSLV3_ALERT_UNSUPPORTED_CERTIFICATE",
+    ),
+    ReadCase(
+        "JSSE, no client cert",
+        lambda w: contextlib.nullcontext(w.jsse["need13"]),
+        _default,
+        "SSLV3_ALERT_BAD_CERTIFICATE",
+    ),
+    ReadCase(
+        "JSSE, untrusted client cert",
+        lambda w: contextlib.nullcontext(w.jsse["need13"]),
+        lambda w: w.client_context(w.untrusted_client),
+        "SSLV3_ALERT_CERTIFICATE_UNKNOWN",
+    ),
+    ReadCase(
+        "JSSE, expired client cert",
+        lambda w: contextlib.nullcontext(w.jsse["need13"]),
+        lambda w: w.client_context(w.expired_client),
+        "SSLV3_ALERT_CERTIFICATE_UNKNOWN",
     ),
 ]
 

@@ -2,10 +2,11 @@
 
 The upstream classifier (proxy.outcome.upstream) is only as good as the
 exceptions it was tested on, so these are genuine ones: `openssl s_server`
-and nginx subprocesses, Python `ssl` servers in threads, and raw sockets that
-misbehave on purpose. The client is an `SSLObject` over a `MemoryBIO` pair,
-as the daemon's is, driven by a small blocking loop (tests only: the daemon
-drives its own on Trio).
+and nginx subprocesses, Java's TLS stack (JSSE, not OpenSSL: tests/jsse/),
+Python `ssl` servers in threads, and raw sockets that misbehave on purpose.
+The client is an `SSLObject` over a `MemoryBIO` pair, as the daemon's is,
+driven by a small blocking loop (tests only: the daemon drives its own on
+Trio).
 """
 
 from __future__ import annotations
@@ -198,9 +199,18 @@ def eof_at_once(conn: socket.socket) -> None:
     conn.recv(READ_SIZE)
 
 
-def reset_at_once(conn: socket.socket) -> None:
-    """Accept and reset (SO_LINGER 0): an RST before any byte."""
+def reset_on_close(conn: socket.socket) -> None:
+    """Make the close an RST (SO_LINGER 0)."""
     conn.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+
+
+def close_unread(conn: socket.socket) -> None:
+    """Close with the ClientHello arrived but unread: the kernel answers
+    with an RST, as for any server that closes without reading.
+
+    (Waiting for the hello keeps the RST after our connect; a reset at
+    accept could beat it and fail the connect, not the handshake.)"""
+    conn.recv(1, socket.MSG_PEEK)
 
 
 def read_then(answer: bytes, *, reset: bool = False) -> Behaviour:
@@ -211,7 +221,7 @@ def read_then(answer: bytes, *, reset: bool = False) -> Behaviour:
         if answer:
             conn.sendall(answer)
         if reset:
-            reset_at_once(conn)
+            reset_on_close(conn)
 
     return serve
 
@@ -304,3 +314,30 @@ def _wait_listening(process: subprocess.Popen[bytes], ports: Iterable[int]) -> N
             except ConnectionRefusedError:
                 assert time.monotonic() < deadline, "nginx did not listen"
                 time.sleep(NGINX_POLL)
+
+
+# ---------------------------------------------------------------- Java (JSSE)
+
+
+JSSE_SERVER = Path(__file__).parent / "jsse" / "TlsServer.java"
+
+
+@contextlib.contextmanager
+def jsse(cert: Path, key: Path, ca: Path) -> Iterator[dict[str, int]]:
+    """tests/jsse/TlsServer.java, run from source (a JDK's `java` compiles
+    it on start, about a second): its listeners' ports by name."""
+    java = shutil.which("java")
+    assert java is not None, "a JDK is in the Makefile's TEST_DEBS"
+    with subprocess.Popen(
+        [java, str(JSSE_SERVER), str(cert), str(key), str(ca)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+        text=True,
+    ) as process:
+        try:
+            assert process.stdout is not None
+            words = process.stdout.readline().split()
+            assert words[:1] == ["PORTS"], "the Java server exited before listening"
+            yield {name: int(port) for name, port in (word.split("=") for word in words[1:])}
+        finally:
+            process.kill()
