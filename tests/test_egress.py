@@ -303,3 +303,61 @@ async def test_bridging_re_encrypts_with_the_sni_passed_on_or_set(
     assert (
         sample(text, "tlsproxy_upstream_handshakes_total", listener="web", outcome="success") == 1
     )
+
+
+async def test_a_session_is_resumed_only_with_the_name_it_was_made_with(
+    tmp_path: Path, nursery: trio.Nursery
+) -> None:
+    """Re-encrypting with the client's SNI passed on: a session made with
+    one name is offered again to that name only."""
+    ca = CA(tmp_path)
+    context = server_context(ca, ca.issue("upstream", "a.example", "b.example"), client_ca=None)
+    port = await start_tls_server(nursery, context, echo_peer)
+    config = parse_config(
+        {
+            "admin": {"listen": "127.0.0.1:0"},
+            "listeners": [
+                {
+                    "name": "web",
+                    "listen": "127.0.0.1:0",
+                    "backend": f"127.0.0.1:{port}",
+                    "tls": {"certificates": [ca.issue("front", "a.example", "b.example").pair()]},
+                    "upstream_tls": {"ca": str(ca.ca_file)},
+                }
+            ],
+        },
+        tmp_path,
+    )
+    proxy = await start(nursery, config)
+    client = client_context(ca)
+    names = ["a.example", "a.example", "b.example", "b.example", "a.example"]
+    with trio.fail_after(STEP):
+        for name in names:
+            stream = trio.SSLStream(await raw_connect(proxy.port), client, server_hostname=name)
+            await stream.send_all(b"ping")
+            assert await stream.receive_some() == b"ping"
+            await stream.aclose()
+        lines = await proxy.access_log(len(names))
+    assert [(line["upstream_name"], line["upstream_resumed"]) for line in lines] == [
+        ("a.example", False),
+        ("a.example", True),
+        ("b.example", False),
+        ("b.example", True),
+        ("a.example", True),
+    ]
+    _, text = await scrape(proxy.admin_port)
+    resumed = {
+        flag: sample(
+            text,
+            "tlsproxy_upstream_tls_negotiated_total",
+            listener="web",
+            version="TLSv1.3",
+            cipher=lines[0]["upstream_cipher"],  # the server's choice
+            alpn="none",
+            resumed=flag,
+        )
+        for flag in ("true", "false")
+    }
+    assert resumed == {"true": 3, "false": 2}, [
+        line for line in text.splitlines() if line.startswith("tlsproxy_upstream_tls_neg")
+    ]
