@@ -190,7 +190,7 @@ class _Connection:
                 self.peer = header.source
             timeout -= trio.current_time() - start
         client = (
-            PlainEnd(self.client, CLIENT, self.shared.buffers, speaks_first=True)
+            PlainEnd(self.client, CLIENT, self.shared.buffers, speaks_first=True, early=early)
             if runtime.context is None
             else await self._terminate(runtime.context, timeout, early)
         )

@@ -48,9 +48,7 @@ class Upstream:
 
     __slots__ = ("identity", "name", "pending", "result", "runtime")
 
-    def __init__(
-        self, runtime: UpstreamRuntime, backend: Address, client_sni: str | None
-    ) -> None:
+    def __init__(self, runtime: UpstreamRuntime, backend: Address, client_sni: str | None) -> None:
         self.runtime = runtime
         self.name = upstream_name(runtime.config, backend, client_sni)
         self.result: HandshakeResult[UpstreamOutcome] | None = None

@@ -361,3 +361,26 @@ async def test_a_session_is_resumed_only_with_the_name_it_was_made_with(
     assert resumed == {"true": 3, "false": 2}, [
         line for line in text.splitlines() if line.startswith("tlsproxy_upstream_tls_neg")
     ]
+
+
+async def test_bytes_after_a_balancers_proxy_header_reach_the_upstream(
+    tmp_path: Path, nursery: trio.Nursery
+) -> None:
+    """accept_proxy_protocol on a plaintext-in listener: the app's first
+    bytes, read with the header, are not lost, and the header's source is
+    the connection's client."""
+    ca = CA(tmp_path)
+    port = await start_tls_server(
+        nursery, server_context(ca, ca.issue("upstream", "localhost"), client_ca=None), echo_peer
+    )
+    config = egress_config(tmp_path, port, ca, None)
+    listener = config.listeners[0].model_copy(update={"accept_proxy_protocol": "v1"})
+    proxy = await start(nursery, config.model_copy(update={"listeners": (listener,)}))
+    with trio.fail_after(STEP):
+        app = await raw_connect(proxy.port)
+        await app.send_all(b"PROXY TCP4 192.0.2.7 127.0.0.1 40000 15001\r\nhello")
+        assert await app.receive_some() == b"hello"
+        await app.aclose()
+        (line,) = await proxy.access_log()
+    assert line["client"] == "192.0.2.7:40000"
+    assert line["bytes_to_backend"] == len(b"hello")
