@@ -384,3 +384,34 @@ async def test_bytes_after_a_balancers_proxy_header_reach_the_upstream(
         (line,) = await proxy.access_log()
     assert line["client"] == "192.0.2.7:40000"
     assert line["bytes_to_backend"] == len(b"hello")
+
+
+async def test_an_idle_timeout_ends_the_upstream_session_with_close_notify(
+    tmp_path: Path, nursery: trio.Nursery
+) -> None:
+    ca = CA(tmp_path)
+    ended: list[object] = []
+    done = trio.Event()
+
+    async def peer(tls: trio.SSLStream[trio.SocketStream]) -> None:
+        await tls.send_all(await tls.receive_some())
+        try:
+            ended.append(await tls.receive_some())  # b"": close_notify
+        except trio.BrokenResourceError as exc:  # a bare FIN or a reset
+            ended.append(exc)
+        done.set()
+
+    context = server_context(ca, ca.issue("upstream", "localhost"), client_ca=None)
+    port = await start_tls_server(nursery, context, peer)
+    config = egress_config(tmp_path, port, ca, None)
+    listener = config.listeners[0].model_copy(update={"idle_timeout": 0.2})
+    proxy = await start(nursery, config.model_copy(update={"listeners": (listener,)}))
+    with trio.fail_after(STEP):
+        app = await raw_connect(proxy.port)
+        await app.send_all(b"ping")
+        assert await app.receive_some() == b"ping"
+        await done.wait()
+        (line,) = await proxy.access_log()
+        await app.aclose()
+    assert line["close_reason"] == "idle_timeout"
+    assert ended == [b""]
