@@ -103,7 +103,10 @@ workers: $(VENV)/.installed-dev
 # Instructions per full-handshake connection under valgrind's callgrind,
 # tlsproxy against HAProxy, split by shared object: repeatable where CPU-time
 # figures on a shared machine are not (about a minute; not part of `make
-# test`). More options in ARGS, e.g. `make instructions ARGS="--cert rsa"`.
+# test`). More options in ARGS, e.g. `make instructions ARGS="--cert rsa"`;
+# `ARGS="--keep-alive 100"` for 100 requests per connection (and the figure
+# per request), `ARGS="--direction egress"` for plain in and TLS out,
+# `ARGS="--tree DIR"` to measure another tlsproxy source tree.
 instructions: $(VENV)/.installed-dev
 	$(MAKE) system-deps TEST_DEBS="nginx-light util-linux valgrind haproxy"
 	$(BIN)/python -m benchmarks.instructions $(ARGS)
