@@ -1086,6 +1086,29 @@ def record(
 # -------------------------------------------------------------------- main --
 
 
+def check_load(ap: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """--keep-alive R and -n: their bounds, and -n's default (fewer
+    connections with R requests each)."""
+    if not 1 <= args.keep_alive <= MAX_KEEP_ALIVE:
+        ap.error(f"--keep-alive must be 1..{MAX_KEEP_ALIVE}")
+    if args.connections is None:
+        args.connections = FULL_HANDSHAKE_CONNECTIONS
+        if args.keep_alive > 1:
+            fit = MAX_REQUESTS // args.keep_alive
+            args.connections = max(MIN_CONNECTIONS, min(KEEP_ALIVE_CONNECTIONS, fit))
+    if not MIN_CONNECTIONS <= args.connections <= MAX_CONNECTIONS:
+        ap.error(f"--connections must be {MIN_CONNECTIONS}..{MAX_CONNECTIONS}")
+    if args.connections * args.keep_alive > MAX_REQUESTS:
+        ap.error(f"--connections x --keep-alive must be at most {MAX_REQUESTS}")
+
+
+def source_tree(ap: argparse.ArgumentParser, option: str, tree: Path) -> Path:
+    tree = tree.resolve()
+    if not (tree / "proxy" / "__main__.py").is_file():
+        ap.error(f"{option}: no tlsproxy source tree (proxy/__main__.py) in {tree}")
+    return tree
+
+
 def parse_args() -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
     ap.add_argument(
@@ -1161,20 +1184,8 @@ def parse_args() -> argparse.Namespace:
         help="copy the measured callgrind dumps here (for callgrind_annotate, kcachegrind)",
     )
     args = ap.parse_args()
-    if not 1 <= args.keep_alive <= MAX_KEEP_ALIVE:
-        ap.error(f"--keep-alive must be 1..{MAX_KEEP_ALIVE}")
-    if args.connections is None:
-        args.connections = FULL_HANDSHAKE_CONNECTIONS
-        if args.keep_alive > 1:
-            fit = MAX_REQUESTS // args.keep_alive
-            args.connections = max(MIN_CONNECTIONS, min(KEEP_ALIVE_CONNECTIONS, fit))
-    if not MIN_CONNECTIONS <= args.connections <= MAX_CONNECTIONS:
-        ap.error(f"--connections must be {MIN_CONNECTIONS}..{MAX_CONNECTIONS}")
-    if args.connections * args.keep_alive > MAX_REQUESTS:
-        ap.error(f"--connections x --keep-alive must be at most {MAX_REQUESTS}")
-    args.tree = args.tree.resolve()
-    if not (args.tree / "proxy" / "__main__.py").is_file():
-        ap.error(f"--tree: no tlsproxy source tree (proxy/__main__.py) in {args.tree}")
+    check_load(ap, args)
+    args.tree = source_tree(ap, "--tree", args.tree)
     if not 0 <= args.functions <= MAX_FUNCTIONS:
         ap.error(f"--functions must be 0..{MAX_FUNCTIONS}")
     if not 0 <= args.allow <= MAX_ALLOW or (args.allow and not args.mtls):
