@@ -4,6 +4,10 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 # Debian packages the tests drive as real clients and servers.
 TEST_DEBS := openssl curl haproxy
+# tests/test_upstream_outcome.py: nginx as a TLS backend, http and stream.
+TEST_DEBS += nginx-light libnginx-mod-stream
+# ... and Java's TLS stack (JSSE), run from source: a JDK, not only a JRE.
+TEST_DEBS += openjdk-17-jdk-headless
 # deploy/ checks: promtool and a real Prometheus server; systemd-analyze.
 TEST_DEBS += prometheus systemd
 

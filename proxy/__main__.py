@@ -31,7 +31,7 @@ from proxy.openssl import PolicyUnavailable
 from proxy.selfsigned import default_state_dir, ensure_self_signed
 from proxy.server import Server, State
 from proxy.watch import watch_files
-from proxy.worker import SupervisorLink, pin_ports, prepare_worker
+from proxy.worker import SupervisorLink, inherited_listeners, pin_ports, prepare_worker
 from proxy.workers import Supervisor
 
 EXIT_CONFIG = 1
@@ -68,6 +68,9 @@ def _parser() -> argparse.ArgumentParser:
     _add_run_arguments(worker)
     worker.add_argument("--control-fd", type=int, required=True)
     worker.add_argument("--pin", action="append", default=[], help="NAME=PORT")
+    worker.add_argument(
+        "--listen-fd", type=int, action="append", default=[], help="a unix listener's socket"
+    )
     return parser
 
 
@@ -133,7 +136,13 @@ def _run_logged(args: argparse.Namespace, config: Config, sink: LogSink) -> int:
         metrics = Metrics(CollectorRegistry())
         sink.count_drops(metrics.log_lines_dropped.inc)
         server = Server(
-            config, metrics, log, reuse_port=worker, admin=not worker, count_reloads=not worker
+            config,
+            metrics,
+            log,
+            reuse_port=worker,
+            admin=not worker,
+            count_reloads=not worker,
+            inherited=inherited_listeners(args.listen_fd) if worker else None,
         )
         server.bind()
     except (StartupError, PolicyUnavailable) as exc:
@@ -143,13 +152,17 @@ def _run_logged(args: argparse.Namespace, config: Config, sink: LogSink) -> int:
         log.error("cannot load the certificate or key; run check-config", error=str(exc))
         return EXIT_STARTUP
     if config.source is None and not worker:
-        cert = config.listeners[0].tls.certificates[0].cert
+        _, pair = next(config.listeners[0].certificate_pairs())
+        cert = pair.cert
+        path = config.listeners[0].listen.unix_path
         port = server.listen_ports()[config.listeners[0].name]
         log.info(
             "running the embedded default config",
             certificate=str(cert),
             backend=str(config.listeners[0].backend),
-            try_it=f"curl --cacert {cert} https://localhost:{port}/",
+            try_it=f"curl --unix-socket {path} --cacert {cert} https://localhost/"
+            if path is not None
+            else f"curl --cacert {cert} https://localhost:{port}/",
         )
     link = SupervisorLink(args.control_fd) if worker else None
     trio.run(_serve, server, log, partial(_load_for_run, args), link)

@@ -12,14 +12,16 @@ from __future__ import annotations
 import errno
 import os
 import socket
+import stat
 from contextlib import suppress
 from dataclasses import dataclass, field
 
 import trio
 
-from proxy.config import Address
+from proxy.config import Address, SocketOwner
 from proxy.connection import ConnectionSet, ListenerState, handle_connection
 from proxy.log import Logger
+from proxy.socket_file import SocketFile
 
 # Pending connections the kernel queues per listener before refusing SYNs.
 # Matches the Linux default somaxconn of 4096 (since 5.4); HAProxy uses the
@@ -36,6 +38,8 @@ ACCEPT_BATCH = 64
 # live connections keep being served and free descriptors as they close
 # (trio's serve_listeners uses the same pause).
 ACCEPT_BACKOFF = 0.1
+
+STALE_REMOVED_EVENT = "removed a stale socket file (nothing listened on it)"
 
 EXHAUSTED_EVENT = (
     "cannot accept: out of file descriptors or memory; refusing new connections "
@@ -60,6 +64,7 @@ class Listener:
     state: ListenerState
     sock: socket.socket
     scope: trio.CancelScope = field(default_factory=trio.CancelScope)
+    socket_file: SocketFile | None = None  # a unix listener's file, removed on close
 
     @property
     def name(self) -> str:
@@ -79,6 +84,7 @@ class Acceptor:
         self, sock: socket.socket, state: ListenerState, nursery: trio.Nursery
     ) -> None:
         exhausted = False  # inside an episode of EMFILE/ENFILE/ENOMEM: log it once
+        tcp = sock.family != socket.AF_UNIX  # Nagle is a TCP matter
         while True:
             await trio.lowlevel.wait_readable(sock)
             for _ in range(ACCEPT_BATCH):
@@ -117,7 +123,8 @@ class Acceptor:
                     runtime.metrics.rejected("max_connections")
                     continue
                 conn.setblocking(False)
-                conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+                if tcp:
+                    conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
                 # Counted here, not when the handler task first runs: the tasks
                 # of one accept burst start only after the burst, and the
                 # limit must already hold within it. The handler releases it.
@@ -180,7 +187,15 @@ def release(listener: Listener) -> None:
     runs, so that its port can be bound again at once."""
     listener.scope.cancel()
     trio.lowlevel.notify_closing(listener.sock)
+    close_listener(listener)
+
+
+def close_listener(listener: Listener) -> None:
+    """Close the listening socket (new connects are refused; live connections
+    are unaffected) and remove its unix socket file if it is still ours."""
     listener.sock.close()
+    if listener.socket_file is not None:
+        listener.socket_file.remove()
 
 
 def bind_socket(
@@ -215,6 +230,85 @@ def bind_socket(
     return sock
 
 
+def bind_unix(
+    address: Address, what: str, mode: int, owner: SocketOwner | None, log: Logger
+) -> tuple[socket.socket, SocketFile]:
+    """A listening non-blocking unix socket, its file given `mode` and
+    `owner`, or StartupError.
+
+    A stale file (a socket nobody listens on: a daemon that was killed) is
+    removed first; a live one, or anything that is not a socket, is left
+    alone and refused. chmod and chown come between bind and listen: until
+    listen() every connect is refused whatever the file's mode, so no client
+    ever connects through the wrong permissions. (Binding a temporary name
+    and renaming it into place would also be atomic, but the kernel would
+    report the temporary name as the socket's address for good, and it would
+    need a second name within sun_path.)
+    """
+    path = address.unix_path
+    assert path is not None
+    _clear_stale(path, what, log)
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    socket_file: SocketFile | None = None
+    try:
+        sock.bind(path)
+        socket_file = SocketFile.at(path)
+        socket_file.apply(mode, owner)
+        sock.listen(LISTEN_BACKLOG)
+        sock.setblocking(False)
+    except OSError as exc:
+        sock.close()
+        if socket_file is not None:
+            socket_file.remove()
+        hint = " (is another process using it?)" if exc.errno == errno.EADDRINUSE else ""
+        raise StartupError(f"cannot listen on {address} ({what}): {exc.strerror}{hint}") from exc
+    return sock, socket_file
+
+
+def _clear_stale(path: str, what: str, log: Logger) -> None:
+    """Remove a socket file nobody listens on; refuse anything else at `path`."""
+    try:
+        found = os.lstat(path)
+    except FileNotFoundError:
+        return
+    except OSError as exc:
+        raise StartupError(f"cannot listen on unix:{path} ({what}): {exc.strerror}") from exc
+    if not stat.S_ISSOCK(found.st_mode):
+        raise StartupError(
+            f"cannot listen on unix:{path} ({what}): the path exists and is not a socket; "
+            "it is left as it is: remove it or choose another path"
+        )
+    # Non-blocking, so a reload never waits here: a local connect answers at
+    # once, refused (nobody listens: stale), accepted, or EAGAIN (a listener
+    # whose backlog is full: alive).
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as probe:
+        probe.setblocking(False)
+        try:
+            probe.connect(path)
+        except ConnectionRefusedError:
+            live = False
+        except BlockingIOError:
+            live = True
+        except OSError as exc:
+            raise StartupError(
+                f"cannot listen on unix:{path} ({what}): cannot tell whether the socket "
+                f"there is in use ({exc.strerror}); remove it if it is stale"
+            ) from exc
+        else:
+            live = True
+    if live:
+        raise StartupError(
+            f"cannot listen on unix:{path} ({what}): another process is listening "
+            "on it (another tlsproxy?)"
+        )
+    with suppress(FileNotFoundError):  # removed meanwhile: as good
+        os.unlink(path)
+    log.warning(STALE_REMOVED_EVENT, address=f"unix:{path}", what=what)
+
+
 def sockname(sock: socket.socket) -> tuple[str, int]:
+    """(host, port); a unix socket's is (path, 0)."""
     name = sock.getsockname()
+    if isinstance(name, str):
+        return (name, 0)
     return (str(name[0]), int(name[1]))

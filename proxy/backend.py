@@ -119,34 +119,49 @@ async def connect(
 
 def proxy_header(
     version: proxy_protocol.Version,
-    tls: TLSConn,
-    peer: tuple[str, int],
-    client: Identity | None = None,
+    client: socket.socket,
+    tls: TLSConn | None,
+    peer: object,
+    identity: Identity | None = None,
 ) -> bytes:
-    """The PROXY header for a client at `peer` that completed the handshake on `tls`.
+    """The PROXY header for a client at `peer` (a socket address), accepted
+    on `client`, that completed the handshake on `tls` (None: a plaintext
+    client, no TLS facts).
 
     `peer` is the address from accept: `getpeername()` fails once the client
     has reset, while the local address of the accepted socket stays known.
-    `client` is the identity of the client's certificate, read once by the
+    `identity` is the identity of the client's certificate, read once by the
     connection: with `client_auth` optional or require, a certificate that
     fails verification fails the handshake, so after a successful one a
     certificate is a verified one (on a resumed session, the one verified
     when the session began). The TLVs carry its first subject CN, as
     HAProxy sends it, and its SPIFFE ID when it has exactly one.
     """
-    local = tls.sock.getsockname()
+    local = client.getsockname()
+    facts = None if tls is None else _tls_facts(tls, identity)
+    return proxy_protocol.encode(version, _ip_endpoint(peer), _ip_endpoint(local), facts)
+
+
+def _tls_facts(tls: TLSConn, identity: Identity | None) -> proxy_protocol.TLSFacts:
     obj = tls.obj
     cipher = obj.cipher()
-    facts = proxy_protocol.TLSFacts(
+    return proxy_protocol.TLSFacts(
         version=obj.version(),
         cipher=cipher[0] if cipher else None,
         alpn=obj.selected_alpn_protocol(),
         sni=server_name(obj),
-        client_cn=client.cn[0] if client is not None and client.cn else None,
-        client_spiffe_id=client.spiffe_id() if client is not None else None,
+        client_cn=identity.cn[0] if identity is not None and identity.cn else None,
+        client_spiffe_id=identity.spiffe_id() if identity is not None else None,
         resumed=bool(obj.session_reused),
     )
-    return proxy_protocol.encode(version, (peer[0], peer[1]), (local[0], local[1]), facts)
+
+
+def _ip_endpoint(sockaddr: object) -> tuple[str, int] | None:
+    """(host, port) of an IP socket address; None for a unix one (a path, or
+    '' for an unnamed client), which a PROXY header cannot carry."""
+    if isinstance(sockaddr, tuple) and len(sockaddr) >= 2:
+        return (str(sockaddr[0]), int(sockaddr[1]))
+    return None
 
 
 @functools.lru_cache(maxsize=1024)

@@ -93,8 +93,8 @@ def check_pair(cert: Path, key: Path, now: datetime) -> CertCheck:
     return check
 
 
-def _read_ca_bundle(path: Path) -> tuple[bytes, list[x509.Certificate]] | str:
-    """The bundle's bytes and certificates, or why it cannot be a client CA bundle."""
+def read_ca_bundle(path: Path) -> tuple[bytes, list[x509.Certificate]] | str:
+    """The bundle's bytes and certificates, or why it cannot be a CA bundle."""
     check = CertCheck()
     read = _read(path, "cert", _load_chain, check)
     if read is None:
@@ -159,7 +159,7 @@ def check_verify_store(ca_file: Path, crl_files: tuple[Path, ...], now: datetime
     a fresh one is loaded.
     """
     check = VerifyCheck()
-    bundle = _read_ca_bundle(ca_file)
+    bundle = read_ca_bundle(ca_file)
     if isinstance(bundle, str):
         check.errors.append((("client_ca",), bundle))
         return check

@@ -27,8 +27,10 @@ from enum import Enum
 
 # The TLS record layer (RFC 8446, 5.1): every record starts with a 5-byte
 # header (content type, legacy version, length); the first record of every
-# TLS connection is a handshake record, content type 22.
+# TLS connection is a handshake record, content type 22. A peer that refuses
+# our hello answers with an alert record, content type 21, instead.
 HANDSHAKE_RECORD = 0x16
+ALERT_RECORD = 0x15
 RECORD_HEADER = 5
 CLIENT_HELLO = 0x01
 

@@ -1,13 +1,31 @@
 """One client connection from accept to close: handshake, backend, splice, log.
 
+The steps, each optional by the listener's kind:
+
+    PROXY header from a load balancer   (accept_proxy_protocol)
+    TLS handshake with the client       ([listeners.tls]: terminate)
+    connect the backend                 (PROXY header to it, if configured)
+    TLS handshake with the upstream     ([listeners.upstream_tls]: originate)
+    splice the two ends                 (plain or TLS, either side)
+
 Each step's outcome is recorded exactly once: the handshake outcome on
 `handshakes_total`, a backend failure on `backend_connect_failures_total`,
+the upstream handshake's on `upstream_handshakes_total` (proxy.upstream),
 and one access-log line when the connection ends, whatever ended it.
+
+When the way to the backend fails (connect or upstream handshake), the
+client learns nothing more than that: a TLS client gets close_notify; a
+plaintext client gets a reset, as stunnel does by default (its `reset =
+yes`), so that an application cannot take the close for a complete, empty
+answer, as it could a FIN.
 """
 
 from __future__ import annotations
 
+import contextlib
 import socket
+import ssl
+import struct
 from dataclasses import dataclass
 from typing import Any
 
@@ -16,14 +34,19 @@ import trio
 from proxy import accept_proxy, backend, openssl
 from proxy.buffers import BufferPool
 from proxy.config import Address, format_sockaddr
-from proxy.handshake import HandshakeResult, run_handshake
+from proxy.ends import BACKEND, CLIENT, CloseReason, End, PlainEnd, TLSEnd
+from proxy.handshake import HandshakeResult, negotiated, run_handshake
 from proxy.identity import Identity
 from proxy.ja4 import ja4
 from proxy.outcome import NOT_ALLOWED, Outcome, client_cert_reason
 from proxy.runtime import ListenerRuntime
-from proxy.splice import CloseReason, IdleWatch, Splice
+from proxy.splice import IdleWatch, Splice
 from proxy.tls import server_name
 from proxy.tlsio import TLSConn
+from proxy.upstream import Upstream
+
+# SO_LINGER on, zero seconds: close() sends a reset instead of a FIN.
+RESET_ON_CLOSE = struct.pack("ii", 1, 0)
 
 
 @dataclass
@@ -121,6 +144,7 @@ class _Connection:
         "splice",
         "start",
         "tls",
+        "upstream",
     )
 
     def __init__(
@@ -131,7 +155,7 @@ class _Connection:
         self.start = trio.current_time()
         self.client = sock
         self.peer = peer  # kept for the PROXY header: getpeername() fails after a reset
-        self.result: HandshakeResult | None = None
+        self.result: HandshakeResult[Outcome] | None = None
         self.ja4: str | None = None
         self.negotiated: tuple[str, str, str, bool] | None = None
         self.client_cert: dict[str, Any] | None = None
@@ -141,6 +165,7 @@ class _Connection:
         self.backend_address: Address | None = None
         self.backend: socket.socket | None = None
         self.splice: Splice | None = None
+        self.upstream: Upstream | None = None
         self.close_reason: str | None = None
         runtime.metrics.accepted.inc()
         runtime.metrics.active.inc()
@@ -165,11 +190,35 @@ class _Connection:
             if header.source is not None:  # else LOCAL: the balancer's own connection
                 self.peer = header.source
             timeout -= trio.current_time() - start
+        client = (
+            PlainEnd(self.client, CLIENT, self.shared.buffers, speaks_first=True, early=early)
+            if runtime.context is None
+            else await self._terminate(runtime.context, timeout, early)
+        )
+        if client is None:
+            return
+        self.backend = await self._connect_backend()
+        if self.backend is None:
+            return
+        backend_end = await self._originate(self.backend)
+        if backend_end is None:
+            return
+        self.splice = Splice(client, backend_end, runtime.config.idle_timeout, lm)
+        await self.splice.run(nursery, self.shared.idle)
+
+    async def _terminate(
+        self,
+        context: ssl.SSLContext,
+        timeout: float,  # noqa: ASYNC109 - the handshake's own deadline
+        early: bytes,
+    ) -> TLSEnd | None:
+        """The client's handshake: its end once it succeeded and was admitted."""
+        lm = self.runtime.metrics
         lm.in_progress.inc()
         try:
             result = await run_handshake(
                 self.client,
-                runtime.context,
+                context,
                 timeout,
                 self.shared.buffers,
                 self._record_handshake,
@@ -182,20 +231,30 @@ class _Connection:
         self._record_handshake(result)
         if result.outcome is Outcome.CLIENT_CERT_DENIED:
             self.tls = result.tls  # closed with close_notify, the backend never connected
-            return
+            return None
         if result.outcome is not Outcome.SUCCESS or result.tls is None:
-            return
+            return None
         self.tls = result.tls
-        self.backend = await self._connect_backend(self.tls)
-        if self.backend is None:
-            return
-        self.splice = Splice(
-            self.tls, self.backend, runtime.config.idle_timeout, lm, self.shared.buffers
-        )
-        await self.splice.run(nursery, self.shared.idle)
+        return TLSEnd(self.tls, CLIENT, self.shared.buffers)
+
+    async def _originate(self, sock: socket.socket) -> End | None:
+        """The backend's end: TLS once the upstream handshake succeeded, or plain."""
+        runtime = self.runtime
+        if runtime.upstream is None:
+            return PlainEnd(sock, BACKEND, self.shared.buffers, speaks_first=False)
+        assert self.backend_address is not None
+        sni = None if self.tls is None else server_name(self.tls.obj)
+        upstream = self.upstream = Upstream(runtime.upstream, self.backend_address, sni)
+        return await upstream.handshake(sock, runtime.config.handshake_timeout, self.shared.buffers)
 
     def close(self, *, drained: bool) -> None:
         splice = self.splice
+        upstream = self.upstream
+        if upstream is not None:
+            upstream.finish()
+            if upstream.failed and self.close_reason is None:
+                assert upstream.result is not None
+                self.close_reason = f"upstream_{upstream.result.outcome.value}"
         if splice is not None:
             self.shared.idle.forget(splice)
             if self.close_reason is None and splice.close_reason is not None:
@@ -205,12 +264,24 @@ class _Connection:
         if self.tls is not None and self.close_reason != CloseReason.CLIENT_RESET.value:
             self.tls.queue_close_notify()
             self.tls.flush_nowait()
+        elif self.runtime.context is None and self._backend_failed():
+            with contextlib.suppress(OSError):
+                self.client.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, RESET_ON_CLOSE)
         self.client.close()
+        if upstream is not None and self.close_reason != CloseReason.BACKEND_RESET.value:
+            upstream.close_notify()
         if self.backend is not None:
             self.backend.close()
         self.runtime.metrics.active.dec()
         if self.runtime.access_log:
             self.runtime.log.info("connection", **self.fields())
+
+    def _backend_failed(self) -> bool:
+        """The way to the backend failed before the client got a byte: the
+        connect, or the upstream's handshake (at once, or on its first read)."""
+        if self.backend is None:
+            return self.backend_address is not None
+        return self.upstream is not None and self.upstream.failed
 
     def fields(self) -> dict[str, Any]:
         """The access-log line's fields, as far as the connection got."""
@@ -234,6 +305,8 @@ class _Connection:
                     fields["client_cert_error"] = NOT_ALLOWED
         if self.backend_address is not None:
             fields["backend"] = str(self.backend_address)
+        if self.upstream is not None:
+            fields.update(self.upstream.fields())
         if self.close_reason is not None:
             fields["close_reason"] = self.close_reason
         if self.splice is not None:
@@ -242,7 +315,7 @@ class _Connection:
         fields["duration_ms"] = round((trio.current_time() - self.start) * 1000, 3)
         return fields
 
-    def _authorize(self, result: HandshakeResult, tls: TLSConn) -> None:
+    def _authorize(self, result: HandshakeResult[Outcome], tls: TLSConn) -> None:
         """The allow table's decision: after the chain verified, before the
         backend is connected. A denial turns the handshake's outcome into
         client_cert_denied before it is counted, so it is counted once."""
@@ -258,7 +331,7 @@ class _Connection:
         if self.identity is None or not allow.admits(self.identity):
             result.outcome = Outcome.CLIENT_CERT_DENIED
 
-    def _record_handshake(self, result: HandshakeResult) -> None:
+    def _record_handshake(self, result: HandshakeResult[Outcome]) -> None:
         """Count the handshake's outcome and keep what the access line says;
         also called for a handshake cut by a drain, before the cancellation
         ends the connection."""
@@ -276,21 +349,20 @@ class _Connection:
         notes = result.notes
         if notes.hello is not None and runtime.access_log:
             self.ja4 = ja4(notes.hello)
-        if result.outcome is Outcome.NO_SHARED_CIPHER and openssl.shares_no_group(
-            notes.hello, runtime.config.tls.groups, result.error
+        tls_config = runtime.config.tls
+        if (
+            result.outcome is Outcome.NO_SHARED_CIPHER
+            and tls_config is not None
+            and openssl.shares_no_group(notes.hello, tls_config.groups, result.error)
         ):
             notes.no_shared = "group"
         notes.hello = None  # the notes live as long as the connection; the hello need not
         if completed and result.tls is not None:
-            tls = result.tls.obj
-            version = tls.version() or "unknown"
-            cipher = (tls.cipher() or ("unknown",))[0]
-            alpn = tls.selected_alpn_protocol() or "none"
-            resumed = bool(tls.session_reused)
+            self.negotiated = negotiated(result.tls.obj)
             if ok:
-                lm.negotiated(version, cipher, alpn, resumed)
-            self.negotiated = (version, cipher, alpn, resumed)
-            if runtime.config.tls.client_auth != "none" and runtime.access_log:
+                lm.negotiated(*self.negotiated)
+            tls = runtime.config.tls
+            if tls is not None and tls.client_auth != "none" and runtime.access_log:
                 self.client_cert = _client_cert_fields(self.identity)
         elif result.outcome is Outcome.INTERNAL_ERROR:
             runtime.log.error(
@@ -299,15 +371,17 @@ class _Connection:
                 **self.fields(),
             )
 
-    async def _connect_backend(self, tls: TLSConn) -> socket.socket | None:
+    async def _connect_backend(self) -> socket.socket | None:
         runtime = self.runtime
-        address = self.backend_address = runtime.backend_for(server_name(tls.obj))
+        tls = self.tls
+        sni = None if tls is None else server_name(tls.obj)
+        address = self.backend_address = runtime.backend_for(sni)
         lm = runtime.metrics
         version = runtime.config.proxy_protocol
         preamble = (
             b""
             if version == "off"
-            else backend.proxy_header(version, tls, self.peer, self.identity)
+            else backend.proxy_header(version, self.client, tls, self.peer, self.identity)
         )
         start = trio.current_time()
         try:
@@ -326,7 +400,7 @@ class _Connection:
         return sock
 
 
-def _handshake_fields(result: HandshakeResult) -> dict[str, Any]:
+def _handshake_fields(result: HandshakeResult[Outcome]) -> dict[str, Any]:
     notes = result.notes
     fields: dict[str, Any] = {
         "outcome": result.outcome.value,

@@ -13,17 +13,26 @@ all the handshake state in between. Python surfaces the same contract:
 on an `SSLSocket` and on an `SSLObject` over memory BIOs alike.
 
 This module is that loop, in the open, over the memory-BIO connection of
-`proxy.tlsio` (which says why the bytes go through our hands):
+`proxy.tlsio` (which says why the bytes go through our hands). OpenSSL's
+contract is the same on both sides of a handshake, so one loop drives both:
+the server side for a client we accepted, the client side for an upstream
+we dialled (`[listeners.upstream_tls]`). Only how it starts differs:
 
-    read the ClientHello          (before OpenSSL exists: first bytes, JA4)
-    wrap it in a TLSConn          (server side, the hello already fed)
-    loop:
+    server side (run_handshake)          client side (run_client_handshake)
+    read the ClientHello (first          wrap a TLSConn in connect state;
+      bytes, JA4) before OpenSSL           do_handshake() writes our hello;
+      exists;                              flush it (want-write), then read
+    wrap it in a TLSConn, the hello        the server's first bytes (a
+      already fed                          want-read) and look at them
+                                           before OpenSSL does
+    then the same loop:
         do_handshake()            -> done: flush the last flight
         SSLWantReadError          -> flush our flight (count each wait for
                                      writability: want-write), then read
                                      the socket (count the wait for
                                      readability: want-read), again
-    all of it under handshake_timeout
+    all of it under handshake_timeout (for the client side, counted from
+    the backend connect's completion)
 
 Each wait is a Trio checkpoint, so the deadline (a cancel scope owned here,
 the only code that knows the policy) interrupts any of them. A full TLS 1.3
@@ -33,42 +42,53 @@ wait for the client's Finished. When a handshake fails, OpenSSL has put an
 alert in the outgoing buffer; it is sent before the socket closes, so the
 client learns why.
 
-Reading the ClientHello first matters for diagnosis: a plain
-`GET / HTTP/1.1` on the TLS port would otherwise surface as OpenSSL's "wrong
-version number"; looking at the record type byte first lets us say
-`not_tls`. The whole hello (reassembled across TCP segments and TLS
+Looking at the first bytes before OpenSSL does matters on both sides. On
+the server side, a plain `GET / HTTP/1.1` on the TLS port would otherwise
+surface as OpenSSL's "wrong version number"; looking at the record type
+byte first lets us say `not_tls`. The whole hello (reassembled across TCP segments and TLS
 records by `proxy.clienthello`, bounded by `MAX_HELLO_STREAM` and the
 deadline) gives the JA4 fingerprint for the access log and the ALPN policy
 in `proxy.tls`; the bytes are then handed to OpenSSL unchanged. A hello we
 cannot parse is OpenSSL's to judge: a fingerprint is best effort and never
 fails a handshake.
 
+On the client side the server's first byte must be a handshake or an
+alert record: anything else (an HTTP server's `HTTP/1.1 400`) is `not_tls`,
+and no bytes at all is `server_closed`.
+
 Every way the loop can end, including the deadline, is classified into
-exactly one `Outcome` by the pure functions in `proxy.outcome`.
+exactly one outcome by the pure functions in `proxy.outcome`: an `Outcome`
+for the server side (`outcome.ingress`), an `UpstreamOutcome` for the client
+side (`outcome.upstream`). The side's verdict function is the only other
+difference between the two.
 """
 
 from __future__ import annotations
 
+import contextlib
 import socket
 import ssl
-from collections.abc import Callable
+from collections.abc import Callable, Coroutine
 from dataclasses import dataclass
+from typing import Any, Generic, TypeVar
 
 import trio
 
 from proxy import clienthello, unraisable
 from proxy.buffers import BufferPool
-from proxy.clienthello import HANDSHAKE_RECORD, RECORD_HEADER
-from proxy.outcome import Outcome, classify
+from proxy.clienthello import ALERT_RECORD, HANDSHAKE_RECORD, RECORD_HEADER
+from proxy.outcome import Outcome, UpstreamOutcome, classify, classify_upstream
 from proxy.tls import HandshakeNotes, attach_notes
 from proxy.tlsio import TLSConn
 
+OutcomeT = TypeVar("OutcomeT", Outcome, UpstreamOutcome)
+
 
 @dataclass(slots=True)
-class HandshakeResult:
+class HandshakeResult(Generic[OutcomeT]):
     """What the loop learned; the caller owns `sock` (and `tls`) and must close it."""
 
-    outcome: Outcome
+    outcome: OutcomeT
     sock: socket.socket
     tls: TLSConn | None  # set once OpenSSL was given the connection
     wants_read: int
@@ -83,10 +103,10 @@ async def run_handshake(
     context: ssl.SSLContext,
     timeout: float,  # noqa: ASYNC109 - the deadline firing is itself an outcome
     pool: BufferPool,
-    on_cut: Callable[[HandshakeResult], None],
+    on_cut: Callable[[HandshakeResult[Outcome]], None],
     *,
     early: bytes = b"",
-) -> HandshakeResult:
+) -> HandshakeResult[Outcome]:
     """Read the hello, then drive the handshake of one accepted socket to an outcome.
 
     The loop owns its deadline because a timeout is not an error to propagate
@@ -94,15 +114,46 @@ async def run_handshake(
     outside (a drain cutting the connection) does propagate, but the
     handshake still ends in one outcome: `on_cut` gets the result first.
     """
-    start = trio.current_time()
     loop = _Loop(sock, pool, early)
-    error: BaseException | None = None
-    refused: Outcome | None = None
+    return await _drive(loop, loop.serve(context), timeout, on_cut, _ingress_verdict)
 
-    def result(outcome: Outcome) -> HandshakeResult:
+
+async def run_client_handshake(
+    sock: socket.socket,
+    context: ssl.SSLContext,
+    timeout: float,  # noqa: ASYNC109 - as run_handshake
+    pool: BufferPool,
+    on_cut: Callable[[HandshakeResult[UpstreamOutcome]], None],
+    *,
+    server_hostname: str | None,
+    session: ssl.SSLSession | None,
+) -> HandshakeResult[UpstreamOutcome]:
+    """Drive the handshake of a dialled upstream to an upstream outcome: the
+    same loop, started by OpenSSL writing our ClientHello."""
+    loop = _Loop(sock, pool, b"")
+    steps = loop.originate(context, server_hostname, session)
+    return await _drive(loop, steps, timeout, on_cut, _upstream_verdict)
+
+
+# How a side turns the loop's evidence into its outcome: (loop, error,
+# timed_out, cut) -> outcome. `cut`: cancelled from outside.
+Verdict = Callable[["_Loop", BaseException | None, bool, bool], OutcomeT]
+
+
+async def _drive(
+    loop: _Loop,
+    steps: Coroutine[Any, Any, None],
+    timeout: float,  # noqa: ASYNC109 - the deadline is the loop's own
+    on_cut: Callable[[HandshakeResult[OutcomeT]], None],
+    verdict: Verdict[OutcomeT],
+) -> HandshakeResult[OutcomeT]:
+    start = trio.current_time()
+    error: BaseException | None = None
+
+    def result(outcome: OutcomeT) -> HandshakeResult[OutcomeT]:
         return HandshakeResult(
             outcome=outcome,
-            sock=sock,
+            sock=loop.sock,
             tls=loop.tls,
             wants_read=loop.wants_read,
             wants_write=loop.wants_write,
@@ -113,37 +164,64 @@ async def run_handshake(
 
     with trio.move_on_after(timeout) as deadline, unraisable.Stray() as stray:
         try:
-            await loop.run(context)
+            await steps
         except Exception as exc:
             error = exc
             if loop.tls is not None:
-                loop.tls.flush_nowait()  # OpenSSL's alert: the client learns why
+                loop.tls.flush_nowait()  # OpenSSL's alert: the peer learns why
         except BaseException:
-            sock.close()  # cancelled from outside: nobody else will close it
+            loop.sock.close()  # cancelled from outside: nobody else will close it
             if not deadline.cancel_called:  # not our timeout: cut from outside
-                # Had the client's EOF reached OpenSSL? (It ends the loop
-                # before the next wait, so in practice a cut is a timeout.)
-                saw_eof = loop.tls is not None and loop.tls.incoming.eof
-                on_cut(result(cut_outcome(saw_eof)))
+                on_cut(result(verdict(loop, None, False, True)))
             raise
     if error is not None and stray.error is not None:
         # An OpenSSL callback failed inside CPython (a non-ASCII SNI): the
         # stray exception, not OpenSSL's "callback failed", says why.
         refused, error = unraisable.explain(stray)
+        loop.notes.refused = loop.notes.refused or refused
         if isinstance(error, unraisable.ServerNameNotASCII):
             loop.notes.sni = error.name.decode("ascii", "backslashreplace")
-    outcome = classify(
-        first=loop.first,
-        error=error,
-        timed_out=deadline.cancelled_caught,
-        refused=loop.notes.refused or refused,
+    return result(verdict(loop, error, deadline.cancelled_caught, False))
+
+
+def _ingress_verdict(
+    loop: _Loop, error: BaseException | None, timed_out: bool, cut: bool
+) -> Outcome:
+    if cut:
+        # Had the client's EOF reached OpenSSL? (It ends the loop before the
+        # next wait, so in practice a cut is a timeout.)
+        return cut_outcome(loop.tls is not None and loop.tls.incoming.eof)
+    return classify(first=loop.first, error=error, timed_out=timed_out, refused=loop.notes.refused)
+
+
+def _upstream_verdict(
+    loop: _Loop, error: BaseException | None, timed_out: bool, cut: bool
+) -> UpstreamOutcome:
+    if cut:
+        saw_eof = loop.tls is not None and loop.tls.incoming.eof
+        return UpstreamOutcome.SERVER_CLOSED if saw_eof else UpstreamOutcome.TIMEOUT
+    return classify_upstream(first=loop.first, error=error, timed_out=timed_out)
+
+
+def negotiated(obj: ssl.SSLObject) -> tuple[str, str, str, bool]:
+    """(version, cipher, alpn, resumed) of a completed handshake, as the
+    metrics' labels and the access line spell them."""
+    cipher = obj.cipher()
+    return (
+        obj.version() or "unknown",
+        cipher[0] if cipher else "unknown",
+        obj.selected_alpn_protocol() or "none",
+        bool(obj.session_reused),
     )
-    return result(outcome)
 
 
 def cut_outcome(saw_eof: bool) -> Outcome:
     """A handshake cut from outside: the client had gone, or had not finished in time."""
     return Outcome.CLIENT_CLOSED if saw_eof else Outcome.TIMEOUT
+
+
+# What a server may answer a ClientHello with: its hello, or an alert.
+TLS_RECORD_TYPES = frozenset({HANDSHAKE_RECORD, ALERT_RECORD})
 
 
 class _Loop:
@@ -172,13 +250,40 @@ class _Loop:
         self.wants_write = 0
         self.drained_socket = False  # nothing read yet: the hello may be in already
 
-    async def run(self, context: ssl.SSLContext) -> None:
+    async def serve(self, context: ssl.SSLContext) -> None:
+        """The server side: the hello first, then OpenSSL."""
         hello = await self._read_hello()
         self.first = hello[:RECORD_HEADER]
         if not hello or hello[0] != HANDSHAKE_RECORD:
             return  # the classifier decides from the bytes alone
-        tls = self.tls = TLSConn(self.sock, context, self.pool, hello)
+        tls = self.tls = TLSConn.server(self.sock, context, self.pool, hello)
         attach_notes(tls.obj, self.notes)
+        await self._handshake(tls)
+
+    async def originate(
+        self,
+        context: ssl.SSLContext,
+        server_hostname: str | None,
+        session: ssl.SSLSession | None,
+    ) -> None:
+        """The client side: OpenSSL writes our hello, the server's first
+        bytes are looked at before OpenSSL judges them, then the same loop."""
+        tls = self.tls = TLSConn.client(self.sock, context, self.pool, server_hostname, session)
+        with contextlib.suppress(ssl.SSLWantReadError):  # our ClientHello is in `outgoing`
+            tls.obj.do_handshake()
+        self.wants_write += await tls.flush()
+        self.drained_socket = True  # nothing sent before our hello: wait first
+        first = await self._recv()
+        self.wants_read += 1
+        self.first = first[:RECORD_HEADER]
+        if not first or first[0] not in TLS_RECORD_TYPES:
+            return  # server_closed or not_tls, from the bytes alone
+        tls.incoming.write(first)
+        tls.drained_socket = self.drained_socket
+        await self._handshake(tls)
+
+    async def _handshake(self, tls: TLSConn) -> None:
+        """The loop both sides share, once OpenSSL has the first bytes."""
         while True:
             try:
                 tls.obj.do_handshake()

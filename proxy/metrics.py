@@ -7,7 +7,9 @@ nothing is global.
 
 Labelled children are bound once per listener (`ListenerMetrics`), so the hot
 path never does a label lookup: a handshake costs a handful of attribute
-increments, not dictionary work.
+increments, not dictionary work. A listener that originates TLS to its
+upstream also has the `tlsproxy_upstream_*` children (`UpstreamMetrics`); one
+that takes plaintext in has no ingress handshake series at all.
 
 With `workers > 1` (proxy/workers.py) each worker's values live in
 prometheus-client's multiprocess files and the supervisor merges them into
@@ -24,6 +26,7 @@ import ssl
 import sys
 from collections.abc import Iterable
 from dataclasses import dataclass
+from typing import Protocol
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.metrics_core import CounterMetricFamily, Metric
@@ -31,7 +34,7 @@ from prometheus_client.multiprocess import MultiProcessCollector
 from prometheus_client.registry import Collector
 
 from proxy import __version__
-from proxy.outcome import Outcome
+from proxy.outcome import Outcome, UpstreamOutcome
 
 NAMESPACE = "tlsproxy"
 
@@ -92,6 +95,35 @@ class Metrics:
         self.tls_negotiated = Counter(
             "tls_negotiated",
             "Successful handshakes by negotiated parameters.",
+            ["listener", "version", "cipher", "alpn", "resumed"],
+            namespace=NAMESPACE,
+            registry=registry,
+        )
+        self.upstream_handshakes = Counter(
+            "upstream_handshakes",
+            "TLS handshakes originated to upstreams, by how they ended.",
+            ["listener", "outcome"],
+            namespace=NAMESPACE,
+            registry=registry,
+        )
+        self.upstream_handshake_duration = Histogram(
+            "upstream_handshake_duration_seconds",
+            "Time from the upstream connect to the end of the TLS handshake.",
+            ["listener", "result"],
+            namespace=NAMESPACE,
+            buckets=HANDSHAKE_BUCKETS,
+            registry=registry,
+        )
+        self.upstream_handshake_wants = Counter(
+            "upstream_handshake_wants",
+            "Times the upstream handshake loop waited because OpenSSL wanted to read or write.",
+            ["listener", "want"],
+            namespace=NAMESPACE,
+            registry=registry,
+        )
+        self.upstream_tls_negotiated = Counter(
+            "upstream_tls_negotiated",
+            "Successful upstream handshakes by negotiated parameters.",
             ["listener", "version", "cipher", "alpn", "resumed"],
             namespace=NAMESPACE,
             registry=registry,
@@ -185,50 +217,171 @@ class Metrics:
         python = ".".join(str(part) for part in sys.version_info[:3])
         self.build_info.labels(__version__, python, ssl.OPENSSL_VERSION).set(1)
 
-    def for_listener(self, name: str) -> ListenerMetrics:
-        return ListenerMetrics.bind(self, name)
+    def for_listener(
+        self, name: str, *, terminates: bool = True, originates: bool = False
+    ) -> ListenerMetrics:
+        """`terminates`: the listener answers TLS handshakes (else it takes
+        plaintext in); `originates`: it makes TLS handshakes to its upstream."""
+        return ListenerMetrics.bind(self, name, terminates=terminates, originates=originates)
+
+
+# The interfaces the hot path uses of a labelled child. prometheus-client's
+# Counter, Gauge and Histogram have them, and so does NO_HANDSHAKES.
+class Increments(Protocol):
+    def inc(self, amount: float = 1) -> None: ...
+
+
+class Observes(Protocol):
+    def observe(self, amount: float) -> None: ...
+
+
+class UpDown(Increments, Protocol):
+    def dec(self, amount: float = 1) -> None: ...
+
+
+class _NoHandshakes:
+    """The ingress handshake children of a listener that takes plaintext in.
+
+    Such a listener answers no TLS handshake, so it exports no handshake
+    series: binding `handshakes_total{outcome}` children at zero would show
+    dashboards a TLS listener that never succeeds. Its ListenerMetrics keeps
+    the same fields, typed by what the hot path calls, and this object stands
+    in for every one of them, so neither the type checker nor the
+    terminating listener's hot path needs a branch (a method call on either
+    is one attribute lookup). Nothing calls it: a counted ingress handshake
+    on such a listener would be a bug, and then it costs nothing and creates
+    no series.
+    """
+
+    __slots__ = ()
+
+    def inc(self, amount: float = 1) -> None:
+        pass
+
+    def dec(self, amount: float = 1) -> None:
+        pass
+
+    def observe(self, amount: float) -> None:
+        pass
+
+
+NO_HANDSHAKES = _NoHandshakes()
+
+
+def _count_negotiated(
+    family: Counter,
+    name: str,
+    children: dict[tuple[str, str, str, bool], Counter],
+    key: tuple[str, str, str, bool],
+) -> None:
+    """Increment a tls_negotiated child, looking it up only the first time.
+
+    The labels vary per handshake but take few values (bounded by the TLS
+    policy and the ALPN list), so each child is looked up once and reused.
+    """
+    child = children.get(key)
+    if child is None:
+        version, cipher, alpn, resumed = key
+        child = family.labels(name, version, cipher, alpn, "true" if resumed else "false")
+        children[key] = child
+    child.inc()
 
 
 @dataclass(frozen=True, slots=True)
-class ListenerMetrics:
-    """One listener's labelled children, bound once so the hot path does no lookups."""
+class UpstreamMetrics:
+    """The `tlsproxy_upstream_*` children of a listener that originates TLS."""
 
     name: str
     family: Metrics
-    outcomes: dict[Outcome, Counter]
+    outcomes: dict[UpstreamOutcome, Counter]
     handshake_ok: Histogram
     handshake_failed: Histogram
     wants_read: Counter
     wants_write: Counter
-    in_progress: Gauge
+    negotiated_children: dict[tuple[str, str, str, bool], Counter]
+
+    @classmethod
+    def bind(cls, family: Metrics, name: str) -> UpstreamMetrics:
+        return cls(
+            name=name,
+            family=family,
+            # at zero, as the ingress outcomes: alerts see the first failure
+            outcomes={o: family.upstream_handshakes.labels(name, o.value) for o in UpstreamOutcome},
+            handshake_ok=family.upstream_handshake_duration.labels(name, "success"),
+            handshake_failed=family.upstream_handshake_duration.labels(name, "failure"),
+            wants_read=family.upstream_handshake_wants.labels(name, "read"),
+            wants_write=family.upstream_handshake_wants.labels(name, "write"),
+            negotiated_children={},
+        )
+
+    def negotiated(self, version: str, cipher: str, alpn: str, resumed: bool) -> None:
+        _count_negotiated(
+            self.family.upstream_tls_negotiated,
+            self.name,
+            self.negotiated_children,
+            (version, cipher, alpn, resumed),
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class ListenerMetrics:
+    """One listener's labelled children, bound once so the hot path does no lookups.
+
+    The ingress handshake fields (outcomes through in_progress) are
+    NO_HANDSHAKES when the listener does not terminate TLS; `upstream` is
+    None unless it originates TLS.
+    """
+
+    name: str
+    family: Metrics
+    outcomes: dict[Outcome, Increments]
+    handshake_ok: Observes
+    handshake_failed: Observes
+    wants_read: Increments
+    wants_write: Increments
+    in_progress: UpDown
     active: Gauge
     accepted: Counter
     bytes_to_backend: Counter
     bytes_to_client: Counter
     connect_duration: Histogram
     internal_errors: Counter
-    # tls_negotiated children by (version, cipher, alpn, resumed): the labels
-    # vary per handshake but take few values (bounded by the TLS policy and
-    # the ALPN list), so each child is looked up once and then reused.
+    # tls_negotiated children by (version, cipher, alpn, resumed)
     negotiated_children: dict[tuple[str, str, str, bool], Counter]
+    upstream: UpstreamMetrics | None
 
     @classmethod
-    def bind(cls, family: Metrics, name: str) -> ListenerMetrics:
+    def bind(
+        cls, family: Metrics, name: str, *, terminates: bool = True, originates: bool = False
+    ) -> ListenerMetrics:
         for reason in REJECT_REASONS:
             family.connections_rejected.labels(name, reason)
         for reason in BACKEND_FAILURE_REASONS:
             family.backend_connect_failures.labels(name, reason)
+        if terminates:
+            # Every outcome is materialised at zero so that rate() and alerts
+            # see a series before the first failure of a kind happens.
+            outcomes: dict[Outcome, Increments] = {
+                o: family.handshakes.labels(name, o.value) for o in Outcome
+            }
+            handshake_ok: Observes = family.handshake_duration.labels(name, "success")
+            handshake_failed: Observes = family.handshake_duration.labels(name, "failure")
+            wants_read: Increments = family.handshake_wants.labels(name, "read")
+            wants_write: Increments = family.handshake_wants.labels(name, "write")
+            in_progress: UpDown = family.handshakes_in_progress.labels(name)
+        else:
+            outcomes = dict.fromkeys(Outcome, NO_HANDSHAKES)
+            handshake_ok = handshake_failed = NO_HANDSHAKES
+            wants_read = wants_write = in_progress = NO_HANDSHAKES
         return cls(
             name=name,
             family=family,
-            # Every outcome is materialised at zero so that rate() and alerts
-            # see a series before the first failure of a kind happens.
-            outcomes={o: family.handshakes.labels(name, o.value) for o in Outcome},
-            handshake_ok=family.handshake_duration.labels(name, "success"),
-            handshake_failed=family.handshake_duration.labels(name, "failure"),
-            wants_read=family.handshake_wants.labels(name, "read"),
-            wants_write=family.handshake_wants.labels(name, "write"),
-            in_progress=family.handshakes_in_progress.labels(name),
+            outcomes=outcomes,
+            handshake_ok=handshake_ok,
+            handshake_failed=handshake_failed,
+            wants_read=wants_read,
+            wants_write=wants_write,
+            in_progress=in_progress,
             active=family.connections_active.labels(name),
             accepted=family.connections.labels(name),
             bytes_to_backend=family.bytes.labels(name, "to_backend"),
@@ -236,17 +389,16 @@ class ListenerMetrics:
             connect_duration=family.backend_connect_duration.labels(name),
             internal_errors=family.internal_errors.labels(name),
             negotiated_children={},
+            upstream=UpstreamMetrics.bind(family, name) if originates else None,
         )
 
     def negotiated(self, version: str, cipher: str, alpn: str, resumed: bool) -> None:
-        key = (version, cipher, alpn, resumed)
-        child = self.negotiated_children.get(key)
-        if child is None:
-            child = self.family.tls_negotiated.labels(
-                self.name, version, cipher, alpn, "true" if resumed else "false"
-            )
-            self.negotiated_children[key] = child
-        child.inc()
+        _count_negotiated(
+            self.family.tls_negotiated,
+            self.name,
+            self.negotiated_children,
+            (version, cipher, alpn, resumed),
+        )
 
     def rejected(self, reason: str) -> None:
         self.family.connections_rejected.labels(self.name, reason).inc()

@@ -45,6 +45,9 @@ from typing import Literal
 V2_SIGNATURE = b"\r\n\r\n\x00\r\nQUIT\n"
 _V2_VERSION_PROXY = 0x21  # high nibble: version 2; low nibble: PROXY (not LOCAL)
 _V2_FAMILY = {4: 0x11, 6: 0x21}  # AF_INET / AF_INET6, each over STREAM
+_V2_LOCAL = 0x20  # version 2, command LOCAL: not a relayed client's connection
+_V2_UNSPEC = 0x00  # AF_UNSPEC: no addresses follow
+V1_UNKNOWN = b"PROXY UNKNOWN\r\n"
 
 PP2_TYPE_ALPN = 0x01
 PP2_TYPE_AUTHORITY = 0x02
@@ -92,11 +95,19 @@ class TLSFacts:
 
 def encode(
     version: Version,
-    source: tuple[str, int],
-    dest: tuple[str, int],
+    source: tuple[str, int] | None,
+    dest: tuple[str, int] | None,
     tls: TLSFacts | None = None,
 ) -> bytes:
-    """The header announcing `source` (the client) connected to `dest`."""
+    """The header announcing `source` (the client) connected to `dest`.
+
+    None for either (a client of a unix-socket listener has no IP address
+    and port): v1 says `PROXY UNKNOWN`, v2 `LOCAL` with no addresses
+    (AF_UNSPEC), as HAProxy sends for such a client; both tell the backend
+    to take the connection's own endpoints. The v2 TLVs follow all the same.
+    """
+    if source is None or dest is None:
+        return V1_UNKNOWN if version == "v1" else encode_v2_local(tls)
     if version == "v1":
         return encode_v1(source, dest)
     return encode_v2(source, dest, tls)
@@ -114,6 +125,13 @@ def encode_v2(source: tuple[str, int], dest: tuple[str, int], tls: TLSFacts | No
     body = addresses + (tlvs(tls) if tls is not None else b"")
     head = struct.pack("!BBH", _V2_VERSION_PROXY, _V2_FAMILY[src.version], len(body))
     return V2_SIGNATURE + head + body
+
+
+def encode_v2_local(tls: TLSFacts | None = None) -> bytes:
+    """A v2 LOCAL header with no addresses: the receiver keeps the
+    connection's own endpoints; the TLVs still say what TLS established."""
+    body = tlvs(tls) if tls is not None else b""
+    return V2_SIGNATURE + struct.pack("!BBH", _V2_LOCAL, _V2_UNSPEC, len(body)) + body
 
 
 def tlvs(tls: TLSFacts) -> bytes:
@@ -206,9 +224,7 @@ MAX_V2_LENGTH = 1024
 
 Accept = Literal["v1", "v2", "any"]
 
-_V2_LOCAL = 0x20  # version 2, command LOCAL: a health check of the balancer's own
 _V2_ADDRESSES = {0x11: (4, 12), 0x21: (16, 36)}  # TCP4 / TCP6: address bytes, block size
-_V2_UNSPEC = 0x00
 _V1_FAMILIES = {b"TCP4": 4, b"TCP6": 6}
 _PORT = struct.Struct("!H")
 

@@ -11,12 +11,20 @@ the part of it that changes what it serves.
 
 from __future__ import annotations
 
+import socket
 import ssl
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 
 import trio
 
-from proxy.accept import Listener, StartupError, bind_socket, release
+from proxy.accept import (
+    Listener,
+    StartupError,
+    bind_socket,
+    bind_unix,
+    close_listener,
+    release,
+)
 from proxy.config import Address, Config, ConfigError, addresses_overlap
 from proxy.connection import ListenerState
 from proxy.log import Logger
@@ -29,6 +37,7 @@ from proxy.runtime import (
     export_certificates,
     export_limits,
 )
+from proxy.socket_file import SocketFile
 
 
 class Reloading:
@@ -43,6 +52,7 @@ class Reloading:
     _reload_lock: trio.Lock
     _reuse_port: bool
     _count_reloads: bool
+    _inherited: Mapping[Address, socket.socket] | None
 
     def _serving(self) -> bool:
         """Whether a reload may still swap: the server's lifecycle says."""
@@ -131,28 +141,72 @@ class Reloading:
         """
         wanted = {runtime.config.listen for runtime in runtimes}
         removed = {a: listener for a, listener in self._bound.items() if a not in wanted}
+        self._check_inherited(wanted)
         added: dict[Address, Listener] = {}
         released: dict[Address, Listener] = {}
         try:
             for runtime in runtimes:
                 address = runtime.config.listen
                 if address in self._bound:
+                    self._refresh_socket_file(self._bound[address], runtime)
                     continue
                 for old_address, old in removed.items():
                     if old_address not in released and addresses_overlap(old_address, address):
                         release(old)
                         released[old_address] = old
-                sock = bind_socket(
-                    address, f"listener {runtime.config.name!r}", reuse_port=self._reuse_port
-                )
-                added[address] = Listener(ListenerState(runtime), sock)
+                added[address] = self._bind_listener(runtime)
         except BaseException:
             for listener in added.values():
-                listener.sock.close()
+                close_listener(listener)
             for old_address, old in released.items():
                 self._restore(old_address, old)
             raise
         return added
+
+    def _bind_listener(self, runtime: ListenerRuntime) -> Listener:
+        """A new listener's socket: bound here, or a worker's unix socket as
+        the supervisor bound it."""
+        config = runtime.config
+        address, what = config.listen, f"listener {config.name!r}"
+        state = ListenerState(runtime)
+        if address.unix_path is None:
+            return Listener(state, bind_socket(address, what, reuse_port=self._reuse_port))
+        if self._inherited is not None:
+            try:
+                socket_file = SocketFile.at(address.unix_path, owned=False)  # the supervisor's
+            except OSError as exc:
+                raise StartupError(f"cannot listen on {address} ({what}): {exc.strerror}") from exc
+            return Listener(state, self._inherited[address], socket_file=socket_file)
+        sock, socket_file = bind_unix(
+            address, what, config.socket_mode, config.listen_owner, self.log
+        )
+        return Listener(state, sock, socket_file=socket_file)
+
+    def _check_inherited(self, wanted: set[Address]) -> None:
+        """A worker's unix listeners are the supervisor's sockets, bound at
+        start: a reload may not add, move or remove one (StartupError)."""
+        if self._inherited is None:
+            return
+        unix = {address for address in wanted if address.unix_path is not None}
+        if unix != set(self._inherited):
+            changed = ", ".join(sorted(str(a) for a in unix ^ set(self._inherited)))
+            raise StartupError(
+                "with workers > 1 the unix listeners are bound by the supervisor at start: "
+                f"adding, moving or removing one needs a restart ({changed})"
+            )
+
+    def _refresh_socket_file(self, listener: Listener, runtime: ListenerRuntime) -> None:
+        """A kept unix listener's file takes the reloaded mode and owner."""
+        config, socket_file = runtime.config, listener.socket_file
+        if socket_file is None:
+            return
+        try:
+            socket_file.apply(config.socket_mode, config.listen_owner)
+        except OSError as exc:
+            raise StartupError(
+                f"cannot set the mode or owner of {config.listen} "
+                f"(listener {config.name!r}): {exc.strerror}"
+            ) from exc
 
     def _restore(self, address: Address, released: Listener) -> None:
         """Listen on a released listener's address again after a failed reload."""

@@ -12,12 +12,13 @@ from __future__ import annotations
 import ssl
 from dataclasses import dataclass, field
 
-from proxy.config import Address, Config, ListenerConfig
+from proxy.config import Address, Config, ListenerConfig, UpstreamTLSConfig
 from proxy.identity import AllowList
 from proxy.log import Logger
-from proxy.metrics import ListenerMetrics, Metrics
+from proxy.metrics import ListenerMetrics, Metrics, UpstreamMetrics
 from proxy.sni import NameTable
 from proxy.tls import build_context
+from proxy.tls_upstream import Sessions, build_upstream_context
 
 # An allow table and its name in the access log (`allow_rules`): "listener",
 # or "route:<sni>" with the route's configured name.
@@ -25,14 +26,27 @@ Rules = tuple[str, AllowList]
 
 
 @dataclass
+class UpstreamRuntime:
+    """What a connection needs to originate TLS: built with its listener's."""
+
+    config: UpstreamTLSConfig
+    context: ssl.SSLContext
+    metrics: UpstreamMetrics
+    sessions: Sessions
+    allow: AllowList | None
+    needs_identity: bool  # the upstream certificate's identity is read only if used
+
+
+@dataclass
 class ListenerRuntime:
     """What a connection needs from its listener, swapped as a whole on reload."""
 
     config: ListenerConfig
-    context: ssl.SSLContext
+    context: ssl.SSLContext | None  # None: the clients speak plaintext
     metrics: ListenerMetrics
     log: Logger
     access_log: bool
+    upstream: UpstreamRuntime | None = None  # set: TLS to the backend
     # [[listeners.routes]]: backend by SNI, built once from the config
     routes: NameTable[Address] = field(init=False, repr=False)
     # `allow` tables compiled once, in the build: the listener's, and by SNI
@@ -46,7 +60,7 @@ class ListenerRuntime:
     def __post_init__(self) -> None:
         self.routes = NameTable((route.sni, route.backend) for route in self.config.routes)
         tls = self.config.tls
-        self.allow = None if tls.allow is None else ("listener", tls.allow.compile())
+        self.allow = None if tls is None or tls.allow is None else ("listener", tls.allow.compile())
         self.route_allow = NameTable(
             (
                 route.sni,
@@ -54,11 +68,15 @@ class ListenerRuntime:
             )
             for route in self.config.routes
         )
-        self.needs_identity = tls.client_auth != "none" and (
-            self.access_log
-            or self.config.proxy_protocol == "v2"
-            or self.allow is not None
-            or any(route.allow is not None for route in self.config.routes)
+        self.needs_identity = (
+            tls is not None
+            and tls.client_auth != "none"
+            and (
+                self.access_log
+                or self.config.proxy_protocol == "v2"
+                or self.allow is not None
+                or any(route.allow is not None for route in self.config.routes)
+            )
         )
 
     def allow_for(self, sni: str | None) -> Rules | None:
@@ -80,19 +98,36 @@ def build_runtime(
 ) -> ListenerRuntime:
     """The listener's runtime; warns, at start and on every reload, while it
     writes the TLS secrets to a key log."""
-    if lc.tls.keylog_file is not None:
+    tls, upstream = lc.tls, lc.upstream_tls
+    if tls is not None and tls.keylog_file is not None:
         log.warning(
             "keylog_file is set: the TLS secrets of every connection are written to it, "
             "so anyone who can read it can decrypt the traffic; for debugging only",
             listener=lc.name,
-            keylog_file=str(lc.tls.keylog_file),
+            keylog_file=str(tls.keylog_file),
         )
+    lm = metrics.for_listener(lc.name, terminates=tls is not None, originates=upstream is not None)
     return ListenerRuntime(
         config=lc,
-        context=build_context(lc.tls),
-        metrics=metrics.for_listener(lc.name),
+        context=None if tls is None else build_context(tls),
+        metrics=lm,
         log=log,
         access_log=config.log.access_log,
+        upstream=None if upstream is None else build_upstream(upstream, lm, config),
+    )
+
+
+def build_upstream(
+    upstream: UpstreamTLSConfig, lm: ListenerMetrics, config: Config
+) -> UpstreamRuntime:
+    assert lm.upstream is not None
+    return UpstreamRuntime(
+        config=upstream,
+        context=build_upstream_context(upstream),
+        metrics=lm.upstream,
+        sessions=Sessions(upstream.session_resumption),
+        allow=None if upstream.allow is None else upstream.allow.compile(),
+        needs_identity=upstream.allow is not None or config.log.access_log,
     )
 
 
@@ -112,6 +147,7 @@ def certificate_expiries(config: Config) -> Expiries:
     """The expiry of exactly the certificates `config` serves, from what its
     validation read (no I/O): computed with the build, published by the swap.
 
+    Our client certificates for originated TLS count as served ones.
     An RSA and an ECDSA certificate for one name usually share their subject
     and are renewed apart: the key type keeps their series apart. Two of one
     subject and key type (for different names) show the earlier expiry, the
@@ -120,12 +156,12 @@ def certificate_expiries(config: Config) -> Expiries:
     """
     earliest: Expiries = {}
     for lc in config.listeners:
-        for pair in lc.tls.certificates:
+        for _, pair in lc.certificate_pairs():
             leaf = pair.material.leaf
             labels = (lc.name, leaf.subject.rfc4514_string(), pair.material.key_type)
             expiry = leaf.not_valid_after_utc.timestamp()
             earliest[labels] = min(expiry, earliest.get(labels, expiry))
-        verify = lc.tls.verify_material
+        verify = None if lc.tls is None else lc.tls.verify_material
         for crl in verify.crls if verify is not None else ():
             if crl.next_update is not None:
                 earliest[(lc.name, f"{CRL_SUBJECT_PREFIX}{crl.issuer}", "")] = (

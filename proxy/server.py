@@ -22,13 +22,21 @@ supervisor in proxy/workers.py serves the admin endpoint for all of them.
 from __future__ import annotations
 
 import socket
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from enum import StrEnum
 
 import trio
 
-from proxy.accept import Acceptor, Listener, Reserve, StartupError, bind_socket, sockname
+from proxy.accept import (
+    Acceptor,
+    Listener,
+    Reserve,
+    StartupError,
+    bind_socket,
+    close_listener,
+    sockname,
+)
 from proxy.admin import Admin
 from proxy.config import Address, Config, format_sockaddr
 from proxy.connection import ConnectionSet, ListenerState
@@ -47,7 +55,8 @@ class State(StrEnum):
 
 @dataclass(frozen=True)
 class BoundAddresses:
-    """What `Server.run` reports once serving; tests bind port 0 and read this."""
+    """What `Server.run` reports once serving; tests bind port 0 and read this.
+    A unix listener's is (path, 0)."""
 
     listeners: dict[str, tuple[str, int]]
     admin: tuple[str, int]
@@ -65,6 +74,7 @@ class Server(Reloading):
         reuse_port: bool = False,
         admin: bool = True,
         count_reloads: bool = True,
+        inherited: Mapping[Address, socket.socket] | None = None,
     ) -> None:
         self.config = config
         self.metrics = metrics
@@ -73,6 +83,8 @@ class Server(Reloading):
         self._with_admin = admin  # False in a worker: the supervisor serves the admin endpoint
         # False in a worker: it tells the supervisor, which counts the daemon's reloads
         self._count_reloads = count_reloads
+        # A worker's unix listeners, bound by the supervisor (None: not a worker)
+        self._inherited = inherited
         self._is_bound = False
         self.state = State.STARTING
         self.connections = ConnectionSet()
@@ -116,7 +128,7 @@ class Server(Reloading):
                 self._admin_socket = bind_socket(self.config.admin.listen, "admin")
             except StartupError:
                 for listener in self._bound.values():
-                    listener.sock.close()
+                    close_listener(listener)
                 raise
         self._reserve.open()
         self._is_bound = True
@@ -143,7 +155,7 @@ class Server(Reloading):
                 services.cancel_scope.cancel()
         finally:
             for listener in self._bound.values():
-                listener.sock.close()
+                close_listener(listener)
             self._admin_socket.close()
             self._reserve.close()
         self.state = State.STOPPED
@@ -161,7 +173,7 @@ class Server(Reloading):
             await self._serve(None, task_status.started)
         finally:
             for listener in self._bound.values():
-                listener.sock.close()
+                close_listener(listener)
             self._reserve.close()
         self.state = State.STOPPED
         self.log.info("stopped")
@@ -197,7 +209,9 @@ class Server(Reloading):
 
     def _start_accepting(self, listener: Listener) -> None:
         self.log.info(
-            "listening", listener=listener.name, address=format_sockaddr(sockname(listener.sock))
+            "listening",
+            listener=listener.name,
+            address=format_sockaddr(listener.sock.getsockname()),
         )
 
         handlers = self._handlers
@@ -213,7 +227,7 @@ class Server(Reloading):
                     raise
                 # closed under the loop by a reload that moved the address (release)
             finally:
-                sock.close()  # refuse new connects; live ones are unaffected
+                close_listener(listener)  # refuse new connects; live ones are unaffected
 
         assert self._accepting is not None
         self._accepting.start_soon(accept)

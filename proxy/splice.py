@@ -1,73 +1,46 @@
-"""Copy plaintext both ways between the TLS client and the backend.
+"""Copy plaintext both ways between the connection's two ends.
 
 Theory of operation
 -------------------
 
 Two tasks, one per direction: the connection's own task copies from the
 backend to the client, and a second task in the connection's nursery copies
-from the client to the backend. The idle timeouts of all connections are
-enforced by one `IdleWatch` task per process, not a task each: a task and
-its parked wait are the biggest part of an idle connection's memory. Each
-direction reads one chunk and writes all of it before reading again, so a
-slow receiver stops the reader (back-pressure through the kernel's socket
-buffers) and memory per connection is bounded by one chunk per direction.
-The chunk buffers are lent by a `BufferPool` only while bytes are in
-flight: an idle connection, parked waiting for readability, holds none.
+from the client to the backend. Both run the same pump over the ends of
+`proxy.ends`, whichever kind each end is (plain socket or TLS), so the four
+listener kinds (terminate, originate, bridge; plain in and out is not one)
+share one copy loop, one back-pressure rule and one half-close rule.
 
-After the handshake the client side keeps OpenSSL's contract
-(`SSL_read(3)`, `SSL_write(3)`) through `proxy.tlsio.TLSConn`: a read that
-needs more ciphertext raises `SSLWantReadError`, answered by feeding the
-memory BIO from the socket; a write goes into the BIO and is flushed.
+The idle timeouts of all connections are enforced by one `IdleWatch` task
+per process, not a task each: a task and its parked wait are the biggest
+part of an idle connection's memory. Each direction reads one chunk and
+writes all of it before reading again, so a slow receiver stops the reader
+(back-pressure through the kernel's socket buffers) and memory per
+connection is bounded by one chunk per direction. The chunk buffers are
+lent by a `BufferPool` only while bytes are in flight: an idle connection,
+parked waiting for readability, holds none.
 
-Half-close is carried across in both directions:
+Half-close is carried across in both directions, whatever the ends speak:
 
-    client close_notify (or EOF) -> shutdown(SHUT_WR) on the backend
-    backend FIN                  -> close_notify to the client
+    client close_notify or FIN -> close_notify or FIN to the backend
+    backend close_notify or FIN -> close_notify or FIN to the client
 
 and the connection ends when both directions have ended, when either side
-resets, or when no byte moved for `idle_timeout`.
-
-Our close_notify is queued only while nothing the client sent is waiting to
-be decrypted (`TLSConn.drained`): `unwrap()` would otherwise consume and
-reject that data. If the client-reading task is mid-way through the client's
-bytes, it queues the close_notify the moment it has drained them, before
-reading the socket again.
+resets or breaks the protocol, or when no byte moved for `idle_timeout`.
 """
 
 from __future__ import annotations
 
-import errno
-import socket
-import ssl
 from collections.abc import Awaitable
-from enum import StrEnum
 
 import trio
 
-from proxy.buffers import RECV_CHUNK, BufferPool
+from proxy.ends import CloseReason, End, Gone
 from proxy.metrics import ListenerMetrics
-from proxy.tlsio import TLSConn
 
 # Bounds on the idle scan's period, in seconds: at most a second late for the
 # usual minutes-long timeouts, and never a busy loop for tiny ones.
 SCAN_MAX = 1.0
 SCAN_MIN = 0.05
-
-
-# The largest TLS plaintext record (RFC 8446, 5.1).
-TLS_RECORD = 16 * 1024
-
-
-class CloseReason(StrEnum):
-    """Why an established connection ended; a field of the access log."""
-
-    CLIENT_CLOSED = "client_closed"  # client sent close_notify/EOF first, then both ended
-    BACKEND_CLOSED = "backend_closed"  # backend sent FIN first, then both ended
-    CLIENT_RESET = "client_reset"
-    BACKEND_RESET = "backend_reset"
-    CLIENT_PROTOCOL_ERROR = "client_protocol_error"
-    IDLE_TIMEOUT = "idle_timeout"
-    DRAIN = "drain"
 
 
 class IdleWatch:
@@ -102,45 +75,24 @@ class IdleWatch:
                 splice.expire_if_idle(now)
 
 
-class _ClientGone(Exception):
-    """The client connection failed; carries the close reason."""
-
-    def __init__(self, reason: CloseReason) -> None:
-        super().__init__(reason.value)
-        self.reason = reason
-
-
-class _BackendGone(Exception):
-    """The backend connection failed."""
-
-
 class Splice:
     """One established connection's copy state; `run` drives it to the end."""
 
     __slots__ = (
         "backend",
-        "backend_drained",
         "bytes_to_backend",
         "bytes_to_client",
         "client",
-        "close_notify_wanted",
         "close_reason",
         "idle_timeout",
         "last_activity",
         "metrics",
-        "pool",
         "scope",
     )
 
     def __init__(
-        self,
-        client: TLSConn,
-        backend: socket.socket,
-        idle_timeout: float,
-        metrics: ListenerMetrics,
-        pool: BufferPool,
+        self, client: End, backend: End, idle_timeout: float, metrics: ListenerMetrics
     ) -> None:
-        self.pool = pool
         self.client = client
         self.backend = backend
         self.idle_timeout = idle_timeout
@@ -148,11 +100,7 @@ class Splice:
         self.bytes_to_backend = 0
         self.bytes_to_client = 0
         self.close_reason: CloseReason | None = None
-        self.close_notify_wanted = False
         self.scope: trio.CancelScope | None = None
-        # The backend speaks when spoken to: wait for its first bytes instead of
-        # spending a read on EAGAIN (a server-speaks-first backend still works).
-        self.backend_drained = True
         self.last_activity = trio.current_time()
 
     def run(self, nursery: trio.Nursery, idle: IdleWatch) -> Awaitable[None]:
@@ -167,8 +115,8 @@ class Splice:
         """
         self.scope = nursery.cancel_scope
         idle.watch(self)
-        nursery.start_soon(self._to_backend)
-        return self._to_client()
+        nursery.start_soon(self._pump, self.client, self.backend, True)
+        return self._pump(self.backend, self.client, False)
 
     def expire_if_idle(self, now: float) -> None:
         if now - self.last_activity >= self.idle_timeout:
@@ -184,154 +132,24 @@ class Splice:
         assert self.scope is not None
         self.scope.cancel()
 
-    def _half_closed(self, reason: CloseReason) -> None:
-        if self.close_reason is None:
-            self.close_reason = reason
-
-    async def _to_backend(self) -> None:
-        counter = self.metrics.bytes_to_backend
-        pool = self.pool
+    async def _pump(self, source: End, sink: End, to_backend: bool) -> None:
+        """Read a chunk, write all of it, and again; at the source's end,
+        close the sink's write half."""
+        metrics = self.metrics
+        counter = metrics.bytes_to_backend if to_backend else metrics.bytes_to_client
         try:
-            while chunk := await self._client_recv():
+            while chunk := await source.recv():
                 self.last_activity = trio.current_time()
                 view, n = chunk
-                await _sock_send_all(self.backend, view[:n])
-                pool.give(view)
-                self.bytes_to_backend += n
+                await sink.send_all(view[:n])
+                source.pool.give(view)
+                if to_backend:
+                    self.bytes_to_backend += n
+                else:
+                    self.bytes_to_client += n
                 counter.inc(n)
-            _shutdown_write(self.backend)
-            self._half_closed(CloseReason.CLIENT_CLOSED)
-        except _ClientGone as exc:
+            await sink.close_write()
+            if self.close_reason is None:
+                self.close_reason = source.side.closed
+        except Gone as exc:
             self._end(exc.reason)
-        except _BackendGone:
-            self._end(CloseReason.BACKEND_RESET)
-
-    async def _to_client(self) -> None:
-        """Read a backend chunk, encrypt and send all of it, and again.
-
-        After a chunk shorter than the buffer the socket was empty, so the
-        next read waits for readability first (a read now would be a system
-        call spent on EAGAIN); after a full one it reads at once.
-        """
-        counter = self.metrics.bytes_to_client
-        pool = self.pool
-        sock = self.backend
-        try:
-            while True:
-                if self.backend_drained:
-                    await trio.lowlevel.wait_readable(sock)
-                view = pool.take()
-                try:
-                    n = sock.recv_into(view)
-                except BlockingIOError:
-                    pool.give(view)
-                    self.backend_drained = True
-                    continue
-                except OSError as exc:
-                    pool.give(view)
-                    raise _BackendGone from exc
-                if not n:
-                    pool.give(view)
-                    break
-                self.backend_drained = n < len(view)
-                self.last_activity = trio.current_time()
-                await self._client_send_all(view[:n])
-                pool.give(view)
-                self.bytes_to_client += n
-                counter.inc(n)
-            await self._close_notify()
-            self._half_closed(CloseReason.BACKEND_CLOSED)
-        except _ClientGone as exc:
-            self._end(exc.reason)
-        except _BackendGone:
-            self._end(CloseReason.BACKEND_RESET)
-
-    async def _client_recv(self) -> tuple[memoryview, int] | None:
-        """The next plaintext chunk as (pooled buffer, length), or None at EOF."""
-        client = self.client
-        obj = client.obj
-        incoming = client.incoming
-        pool = self.pool
-        while True:
-            # With nothing fed left to decrypt (the usual case once a request
-            # has been read) OpenSSL can only want more: skip asking it, and
-            # the SSLWantReadError it would raise and we would catch.
-            if incoming.pending or incoming.eof or obj.pending():
-                view = pool.take()
-                try:
-                    n: int = obj.read(RECV_CHUNK, view)  # type: ignore[assignment]  # with a buffer: a count
-                except ssl.SSLWantReadError:
-                    n = -1
-                except (ssl.SSLZeroReturnError, ssl.SSLEOFError):
-                    n = 0  # close_notify, or a bare FIN (a ragged but common end)
-                except ssl.SSLError as exc:
-                    pool.give(view)
-                    client.flush_nowait()  # the alert that says why
-                    raise _ClientGone(CloseReason.CLIENT_PROTOCOL_ERROR) from exc
-                if n > 0:
-                    return view, n
-                pool.give(view)
-                if n == 0:
-                    return None
-            # Everything fed so far is decrypted: send what OpenSSL produced
-            # meanwhile (and our close_notify, if due), then read the socket.
-            # Outside the except clause: a handled exception and its
-            # traceback live as long as the clause, here as long as the
-            # connection idles.
-            try:
-                if self.close_notify_wanted:
-                    self.close_notify_wanted = False
-                    client.queue_close_notify()
-                if client.outgoing.pending:
-                    await client.flush()
-                await client.fill()
-            except OSError as exc:
-                raise _ClientGone(CloseReason.CLIENT_RESET) from exc
-
-    async def _client_send_all(self, view: memoryview) -> None:
-        client = self.client
-        write = client.obj.write
-        try:
-            # One record's worth at a time: the outgoing memory BIO keeps the
-            # largest size it ever held, so this bounds it near 16 KiB (at a
-            # measured ~10 % of bulk throughput against whole 64 KiB writes).
-            for start in range(0, len(view), TLS_RECORD):
-                write(view[start : start + TLS_RECORD])
-                await client.flush()
-        except ssl.SSLError as exc:
-            raise _ClientGone(CloseReason.CLIENT_PROTOCOL_ERROR) from exc
-        except OSError as exc:
-            raise _ClientGone(CloseReason.CLIENT_RESET) from exc
-
-    async def _close_notify(self) -> None:
-        """Our half is done: close_notify now if the client's bytes are all
-        read, else the reading task sends it once they are (see `_client_recv`)."""
-        client = self.client
-        if not client.drained():
-            self.close_notify_wanted = True
-            return
-        client.queue_close_notify()
-        try:
-            await client.flush()
-        except OSError as exc:
-            raise _ClientGone(CloseReason.CLIENT_RESET) from exc
-
-
-async def _sock_send_all(sock: socket.socket, view: memoryview) -> None:
-    while view:
-        try:
-            sent = sock.send(view)
-        except BlockingIOError:
-            await trio.lowlevel.wait_writable(sock)
-        except OSError as exc:
-            raise _BackendGone from exc
-        else:
-            view = view[sent:]
-
-
-def _shutdown_write(sock: socket.socket) -> None:
-    try:
-        sock.shutdown(socket.SHUT_WR)
-    except OSError as exc:
-        if exc.errno != errno.ENOTCONN:
-            raise _BackendGone from exc

@@ -2,8 +2,9 @@
 
 It checks every certificate, reserves every listener's port (a plain bind
 first, then a bound, non-listening SO_REUSEPORT socket held until exit; step
-1 of the story in proxy/workers.py), binds the admin port and prepares the
-workers' metrics directory. Any failure is one StartupError (exit 2), with
+1 of the story in proxy/workers.py), binds and listens on every unix
+listener's socket (which the workers inherit), binds the admin port and
+prepares the workers' metrics directory. Any failure is one StartupError (exit 2), with
 nothing left behind.
 """
 
@@ -17,10 +18,13 @@ from pathlib import Path
 
 from prometheus_client import CollectorRegistry
 
-from proxy.accept import StartupError, bind_socket
+from proxy.accept import StartupError, bind_socket, bind_unix
 from proxy.config import Address, Config
+from proxy.log import Logger
 from proxy.metrics import MergedWorkers, SupervisorMetrics
+from proxy.socket_file import SocketFile
 from proxy.tls import build_context
+from proxy.tls_upstream import build_upstream_context
 
 METRICS_DIR_ENV = "TLSPROXY_METRICS_DIR"
 
@@ -35,6 +39,8 @@ class SupervisorStart:
     metrics_dir: Path | None
     _temporary_dir: bool
     _reservations: list[socket.socket]
+    _unix_listeners: list[tuple[socket.socket, SocketFile]]
+    log: Logger
     _admin_socket: socket.socket | None
     _pins: list[str]
 
@@ -46,7 +52,10 @@ class SupervisorStart:
         certificate files) with nothing left behind."""
         try:
             for listener in self.config.listeners:
-                build_context(listener.tls)
+                if listener.tls is not None:
+                    build_context(listener.tls)
+                if listener.upstream_tls is not None:
+                    build_upstream_context(listener.upstream_tls)
             self._reserve_ports()
             self._admin_socket = bind_socket(self.config.admin.listen, "admin")
             self.metrics_dir = self._prepare_metrics_dir()
@@ -59,6 +68,14 @@ class SupervisorStart:
         seen: dict[Address, str] = {}
         for listener in self.config.listeners:
             address, what = listener.listen, f"listener {listener.name!r}"
+            if address.unix_path is not None:
+                # SO_REUSEPORT does not apply to unix sockets: bound and
+                # listening here, once; every worker inherits the descriptor
+                # and the kernel hands each connection to one of them.
+                self._unix_listeners.append(
+                    bind_unix(address, what, listener.socket_mode, listener.listen_owner, self.log)
+                )
+                continue
             if address.port and address in seen:
                 raise StartupError(f"cannot listen on {address} ({what}): {seen[address]} does")
             seen[address] = what
@@ -88,9 +105,18 @@ class SupervisorStart:
             ) from exc
         return path
 
+    def close_unix_listeners(self) -> None:
+        """Close our copies of the unix listeners (draining: once the workers
+        close theirs, connects are refused), keeping the files until `close`."""
+        for sock, _ in self._unix_listeners:
+            sock.close()
+
     def close(self) -> None:
         for sock in self._reservations:
             sock.close()
+        self.close_unix_listeners()
+        for _, socket_file in self._unix_listeners:
+            socket_file.remove()
         if self._admin_socket is not None:
             self._admin_socket.close()
         if self._temporary_dir and self.metrics_dir is not None:

@@ -86,7 +86,7 @@ DEFAULT_TLS12_CIPHERS = ":".join(
     )
 )
 
-_MIN_VERSIONS = {"TLSv1.2": ssl.TLSVersion.TLSv1_2, "TLSv1.3": ssl.TLSVersion.TLSv1_3}
+MIN_VERSIONS = {"TLSv1.2": ssl.TLSVersion.TLSv1_2, "TLSv1.3": ssl.TLSVersion.TLSv1_3}
 
 _VERIFY_MODES = {
     "none": ssl.CERT_NONE,
@@ -179,19 +179,30 @@ def create_private_file(path: Path) -> None:
         os.close(fd)
 
 
+def apply_policy(
+    context: ssl.SSLContext,
+    min_version: str,
+    ciphers: str,
+    groups: tuple[str, ...],
+    ciphersuites: tuple[str, ...],
+) -> None:
+    """The protocol policy both sides share: versions, TLS 1.2 ciphers, groups,
+    TLS 1.3 suites; renegotiation and compression (CRIME) off."""
+    context.minimum_version = MIN_VERSIONS[min_version]
+    context.set_ciphers(ciphers or DEFAULT_TLS12_CIPHERS)
+    openssl.set_groups(context, groups)
+    openssl.set_ciphersuites(context, ciphersuites)
+    context.options |= ssl.OP_NO_RENEGOTIATION | ssl.OP_NO_COMPRESSION
+
+
 def _certificate_context(tls: TLSConfig, pairs: list[CertificatePair]) -> ssl.SSLContext:
     context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-    context.minimum_version = _MIN_VERSIONS[tls.min_version]
-    context.set_ciphers(tls.ciphers or DEFAULT_TLS12_CIPHERS)
-    openssl.set_groups(context, tls.groups)
-    openssl.set_ciphersuites(context, tls.ciphersuites)
-    # Renegotiation off, compression off (CRIME), and our cipher order, not
-    # the client's: with ECDHE+AEAD only, every choice is a good one.
-    context.options |= (
-        ssl.OP_NO_RENEGOTIATION | ssl.OP_NO_COMPRESSION | ssl.OP_CIPHER_SERVER_PREFERENCE
-    )
+    apply_policy(context, tls.min_version, tls.ciphers, tls.groups, tls.ciphersuites)
+    # Our cipher order, not the client's: with ECDHE+AEAD only, every choice
+    # is a good one.
+    context.options |= ssl.OP_CIPHER_SERVER_PREFERENCE
     for pair in pairs:  # one per key type: OpenSSL keeps each in its own slot
-        _load_pair(context, pair.material)
+        load_pair(context, pair.material)
     if tls.alpn:
         context.set_alpn_protocols(list(tls.alpn))
     context.verify_mode = _VERIFY_MODES[tls.client_auth]
@@ -208,7 +219,7 @@ def _certificate_context(tls: TLSConfig, pairs: list[CertificatePair]) -> ssl.SS
     return context
 
 
-def _load_pair(context: ssl.SSLContext, material: PairMaterial) -> None:
+def load_pair(context: ssl.SSLContext, material: PairMaterial) -> None:
     """Give OpenSSL the chain and key that validation read, from memory."""
     with _pem_file(material.cert_pem + b"\n" + material.key_pem) as path:
         context.load_cert_chain(path)  # the key follows the chain in the same file

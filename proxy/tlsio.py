@@ -29,8 +29,8 @@ second call reads the peer's bytes; with a memory BIO it can only read what
 we have fed, so close_notify is sent when `incoming` is empty, and no
 application data can be swallowed.
 
-Both directions of a connection share this object. Only the client-reading
-task calls `fill`; either task may `flush`, so flushes are serialised: a
+Both directions of a connection share this object. Only the task reading
+from this peer calls `fill`; either task may `flush`, so flushes are serialised: a
 task that finds a flush in progress waits for it, keeping the ciphertext in
 order and the outgoing buffer bounded by what one write produced.
 """
@@ -54,7 +54,9 @@ FILL_BYTES = 16 * 1024 + 5 + 256
 
 
 class TLSConn:
-    """One client's TLS state over its socket."""
+    """One peer's TLS state over its socket: a client we accepted (server
+    side) or an upstream we dialled (client side); the same bytes move the
+    same way."""
 
     __slots__ = (
         "_flush_done",
@@ -67,24 +69,53 @@ class TLSConn:
         "sock",
     )
 
-    def __init__(
-        self, sock: socket.socket, context: ssl.SSLContext, pool: BufferPool, hello: bytes
-    ) -> None:
+    obj: ssl.SSLObject  # set by the constructor of the side, `server` or `client`
+
+    def __init__(self, sock: socket.socket, pool: BufferPool) -> None:
         self.sock = sock
         self.pool = pool
         self.incoming = ssl.MemoryBIO()
         self.outgoing = ssl.MemoryBIO()
-        self.incoming.write(hello)  # the bytes read before OpenSSL existed
-        self.obj = context.wrap_bio(self.incoming, self.outgoing, server_side=True)
         self._flushing = False
         self._flush_done: trio.Event | None = None
-        self.drained_socket = True  # the hello was read until the socket had no more
+        self.drained_socket = True
+
+    @classmethod
+    def server(
+        cls, sock: socket.socket, context: ssl.SSLContext, pool: BufferPool, hello: bytes
+    ) -> TLSConn:
+        """An accepted client whose first bytes (`hello`, read until the
+        socket had no more) were read before OpenSSL existed."""
+        conn = cls(sock, pool)
+        conn.incoming.write(hello)
+        conn.obj = context.wrap_bio(conn.incoming, conn.outgoing, server_side=True)
+        return conn
+
+    @classmethod
+    def client(
+        cls,
+        sock: socket.socket,
+        context: ssl.SSLContext,
+        pool: BufferPool,
+        server_hostname: str | None,
+        session: ssl.SSLSession | None,
+    ) -> TLSConn:
+        """A dialled upstream: nothing to read until our ClientHello is out."""
+        conn = cls(sock, pool)
+        conn.obj = context.wrap_bio(
+            conn.incoming,
+            conn.outgoing,
+            server_side=False,
+            server_hostname=server_hostname,
+            session=session,
+        )
+        return conn
 
     def fileno(self) -> int:
         return self.sock.fileno()
 
     async def fill(self) -> bool:
-        """Feed OpenSSL the next bytes from the client; EOF is fed as EOF.
+        """Feed OpenSSL the next bytes from the peer; EOF is fed as EOF.
 
         Returns whether it had to wait for them (a want-read). Raises OSError
         when the connection failed.
@@ -151,13 +182,13 @@ class TLSConn:
                 self.sock.send(self.outgoing.read())
 
     def drained(self) -> bool:
-        """Nothing from the client is waiting to be decrypted."""
+        """Nothing from the peer is waiting to be decrypted."""
         return not self.incoming.pending and not self.obj.pending()
 
     def queue_close_notify(self) -> None:
         """Put our close_notify in `outgoing`; call only when `drained()`.
 
-        `unwrap` then looks for the client's close_notify in an empty
+        `unwrap` then looks for the peer's close_notify in an empty
         `incoming` and raises want-read, which is fine: our half is done.
         """
         with contextlib.suppress(ssl.SSLError, ValueError):

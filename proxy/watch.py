@@ -55,13 +55,16 @@ def watched_paths(config: Config) -> Iterator[Path]:
     if config.source is not None:
         yield config.source
     for listener in config.listeners:
-        tls = listener.tls
-        for pair in tls.certificates:
+        tls, upstream = listener.tls, listener.upstream_tls
+        for _, pair in listener.certificate_pairs():
             yield pair.cert
             yield pair.key
-        if tls.client_ca is not None:
+        if tls is not None and tls.client_ca is not None:
             yield tls.client_ca
-        yield from tls.client_crl
+        if tls is not None:
+            yield from tls.client_crl
+        if upstream is not None and upstream.ca is not None:
+            yield upstream.ca
 
 
 def snapshot(paths: Iterator[Path]) -> Snapshot:

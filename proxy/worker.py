@@ -59,6 +59,13 @@ def prepare_worker() -> None:
     )
 
 
+def inherited_listeners(fds: Iterable[int]) -> dict[Address, socket.socket]:
+    """The unix listeners the supervisor bound, by their address (each socket
+    knows its own path)."""
+    sockets = [socket.socket(fileno=fd) for fd in fds]
+    return {Address("", 0, str(sock.getsockname())): sock for sock in sockets}
+
+
 def pin_ports(config: Config, pins: Iterable[str]) -> Config:
     """Give each `NAME=PORT` pin's listener that port where the config says 0.
 

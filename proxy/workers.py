@@ -16,7 +16,12 @@ Theory of operation. With `[process] workers = N` (N > 1) the process that
    as `run` does, binds every listener with SO_REUSEPORT (the kernel spreads
    new connections over the workers' accept queues by a hash of the
    addresses and ports) and runs the ordinary `Server` without its admin
-   endpoint.
+   endpoint. SO_REUSEPORT does not apply to unix sockets: the supervisor
+   binds and listens on each unix listener itself (step 1), passes the
+   descriptor to every worker, and the kernel gives each connection to one
+   of the workers accepting on that one socket. Its copy keeps the socket
+   open while a worker restarts; it closes it when draining and removes the
+   file at exit.
 4. It supervises them. Each worker gets one end of a socketpair: the worker
    writes "ready" once it accepts, and reads EOF if the supervisor dies, which
    makes it drain and exit rather than linger as an orphan. A worker that
@@ -65,6 +70,7 @@ from proxy.config import Config, ConfigError, format_sockaddr
 from proxy.log import Logger
 from proxy.metrics import SupervisorMetrics
 from proxy.server import State
+from proxy.socket_file import SocketFile
 from proxy.supervisor_start import SupervisorStart
 from proxy.watch import watch_files
 from proxy.worker import READY, RELOADED
@@ -147,6 +153,7 @@ class Supervisor(SupervisorStart):
         self.metrics_dir: Path | None = None
         self._temporary_dir = False
         self._reservations: list[socket.socket] = []
+        self._unix_listeners: list[tuple[socket.socket, SocketFile]] = []
         self._admin_socket: socket.socket | None = None
         self._pins: list[str] = []
         self._stop = trio.Event()
@@ -187,6 +194,7 @@ class Supervisor(SupervisorStart):
             self.state = State.DRAINING
             self._stop.set()
             self._signal_all(signal.SIGTERM)
+            self.close_unix_listeners()
 
     async def _handle_signals(
         self, nursery: trio.Nursery, *, task_status: trio.TaskStatus[None]
@@ -297,11 +305,19 @@ class Supervisor(SupervisorStart):
         """Start one worker and wait for it to exit: (pid, exit code)."""
         assert self.metrics_dir is not None
         ours, theirs = socket.socketpair()
+        # (closed once draining: a worker started then stops at once anyway)
+        listen_fds = [s.fileno() for s, _ in self._unix_listeners if s.fileno() != -1]
         try:
             process = await trio.lowlevel.open_process(
-                [*self.command, "--control-fd", str(theirs.fileno()), *_pin_flags(self._pins)],
+                [
+                    *self.command,
+                    "--control-fd",
+                    str(theirs.fileno()),
+                    *_pin_flags(self._pins),
+                    *(flag for fd in listen_fds for flag in ("--listen-fd", str(fd))),
+                ],
                 stdin=subprocess.DEVNULL,
-                pass_fds=(theirs.fileno(),),
+                pass_fds=(theirs.fileno(), *listen_fds),
                 env={**os.environ, MULTIPROC_ENV: str(self.metrics_dir)},
                 start_new_session=True,  # signals come from us only
             )

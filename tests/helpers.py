@@ -19,7 +19,7 @@ from cryptography import x509
 from prometheus_client import CollectorRegistry
 from prometheus_client.parser import text_string_to_metric_families
 
-from proxy.config import Config, parse_config
+from proxy.config import Config, ListenerConfig, TLSConfig, parse_config
 from proxy.log import make_logger
 from proxy.metrics import Metrics
 from proxy.server import BoundAddresses, Server
@@ -373,3 +373,9 @@ def blocking_tls_handshake(port: int, context: ssl.SSLContext) -> None:
         context.wrap_socket(sock, server_hostname="localhost") as tls,
     ):
         tls.sendall(b"x")
+
+
+def served(listener: ListenerConfig) -> TLSConfig:
+    """The listener's [listeners.tls] table, which the test's config has."""
+    assert listener.tls is not None
+    return listener.tls

@@ -164,6 +164,33 @@ class CA:
         return context
 
 
+def self_signed(directory: Path, stem: str, *names: str) -> Leaf:
+    """A leaf that is its own issuer (a server still on its default
+    certificate): valid dates and the right names, but no CA vouches for it."""
+    key = _key("ecdsa")
+    subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, names[0] if names else stem)])
+    now = datetime.now(UTC)
+    serial = x509.random_serial_number()
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(subject)
+        .issuer_name(subject)
+        .public_key(key.public_key())
+        .serial_number(serial)
+        .not_valid_before(now - timedelta(hours=1))
+        .not_valid_after(now + timedelta(days=90))
+        .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), critical=False)
+        .add_extension(
+            x509.SubjectAlternativeName([x509.DNSName(n) for n in names]), critical=False
+        )
+        .sign(key, hashes.SHA256())
+    )
+    leaf = Leaf(directory / f"{stem}.pem", directory / f"{stem}.key", serial)
+    leaf.cert.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    leaf.key.write_bytes(_pem_key(key))
+    return leaf
+
+
 def client_context(ca: CA | None = None, leaf: Leaf | None = None) -> ssl.SSLContext:
     """A client that trusts `ca` (or nothing) and presents `leaf` (or nothing)."""
     context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)

@@ -23,6 +23,7 @@ from proxy.config import (
     parse_config,
     with_overrides,
 )
+from tests.helpers import served
 
 EXAMPLES = sorted((Path(__file__).parent.parent / "config").glob("*.toml"))
 DELETE = object()
@@ -122,8 +123,7 @@ BAD_VALUES = [
     ("listeners.0.listen", "::1:8443", "IPv6 addresses need brackets"),
     ("listeners.0.listen", "[::g]:8443", "invalid IPv6 address"),
     ("listeners.0.listen", 8443, "expected an address like '127.0.0.1:8443', got 8443"),
-    ("listeners.0.listen", "unix:/run/tlsproxy.sock", "unix sockets can only be a backend"),
-    ("admin.listen", "unix:/run/admin.sock", "unix sockets can only be a backend"),
+    ("admin.listen", "unix:/run/admin.sock", "the admin endpoint listens on TCP only"),
     ("listeners.0.backend", "unix:app.sock", "unix socket path must be absolute"),
     ("listeners.0.tls.min_version", "TLSv1.1", "must be 'TLSv1.2' or 'TLSv1.3'"),
     ("listeners.0.tls.ciphers", "NO-SUCH-CIPHER", "OpenSSL accepts no cipher"),
@@ -168,7 +168,7 @@ def test_design_defaults_written_out_are_accepted(tmp_path: Path) -> None:
             "listeners.0.tls.client_ca": "",
         }
     )
-    tls = parse_config(data, tmp_path).listeners[0].tls
+    tls = served(parse_config(data, tmp_path).listeners[0])
     assert tls.client_auth == "none"
     assert tls.client_ca is None
 
@@ -387,7 +387,7 @@ def test_relative_paths_are_relative_to_the_config_file(
     monkeypatch.chdir(tmp_path)
     config = load_config(Path("etc/tlsproxy.toml"))
     assert config.source == tmp_path / "etc" / "tlsproxy.toml"
-    (pair,) = config.listeners[0].tls.certificates
+    (pair,) = served(config.listeners[0]).certificates
     assert pair.cert == tmp_path / "etc" / "certs" / "tls.crt"
     assert pair.key == tmp_path / "etc" / "certs" / "tls.key"
 
@@ -407,7 +407,7 @@ def test_defaults_are_filled_in(tmp_path: Path) -> None:
     assert (listener.handshake_timeout, listener.idle_timeout) == (10.0, 300.0)
     assert (listener.connect_timeout, listener.max_connections) == (5.0, 10000)
     assert listener.routes == ()
-    tls = listener.tls
+    tls = served(listener)
     assert (tls.min_version, tls.ciphers, tls.alpn) == ("TLSv1.2", "", ())
     assert (tls.client_auth, tls.client_ca, tls.session_tickets) == ("none", None, True)
 
@@ -436,7 +436,7 @@ def test_config_is_immutable(tmp_path: Path) -> None:
     with pytest.raises(dataclasses.FrozenInstanceError):
         listener.listen.port = 1  # type: ignore[misc]
     assert isinstance(config.listeners, tuple)
-    assert isinstance(listener.tls.alpn, tuple)
+    assert isinstance(served(listener).alpn, tuple)
     assert isinstance(hash(config), int)
 
 
@@ -448,8 +448,8 @@ def test_default_config(pair: tuple[Path, Path]) -> None:
     assert listener.name == "default"
     assert str(listener.listen) == "127.0.0.1:8443"
     assert str(listener.backend) == "127.0.0.1:8080"
-    assert listener.tls.certificates[0].cert == pair[0]
-    assert listener.tls.certificates[0].key == pair[1]
+    assert served(listener).certificates[0].cert == pair[0]
+    assert served(listener).certificates[0].key == pair[1]
 
 
 def test_overrides_replace_the_first_listener(
@@ -469,7 +469,7 @@ def test_overrides_replace_the_first_listener(
     listener = changed.listeners[0]
     assert (str(listener.listen), str(listener.backend)) == ("[::1]:0", "app:80")
     assert str(changed.admin.listen) == "0.0.0.0:9100"
-    assert listener.tls.certificates[0].cert == tmp_path / "flags" / "new.crt"
+    assert served(listener).certificates[0].cert == tmp_path / "flags" / "new.crt"
     assert changed.source == config.source
     assert with_overrides(config) is config
 
@@ -504,7 +504,7 @@ def test_parse_address_rejects(text: str) -> None:
 
 
 def test_examples_are_listed() -> None:
-    assert {"minimal.toml", "full.toml"} <= {example.name for example in EXAMPLES}
+    assert {"minimal.toml", "full.toml", "egress.toml"} <= {example.name for example in EXAMPLES}
 
 
 @pytest.mark.parametrize("example", EXAMPLES, ids=lambda path: path.name)
@@ -513,13 +513,19 @@ def test_example_config_is_valid(tmp_path: Path, example: Path) -> None:
     shutil.copy(example, config_file)
     listeners = tomllib.loads(example.read_text())["listeners"]
     for listener in listeners:
-        for files in listener["tls"]["certificates"]:
-            assert not Path(files["cert"]).is_absolute(), "examples use relative paths"
-            # one name per file, as the examples mean them (one of a key type per name)
-            name = f"{Path(files['cert']).stem}.example"
-            make_pair(tmp_path / files["cert"], tmp_path / files["key"], name=name)
-        if client_ca := listener["tls"].get("client_ca"):
-            trustme.CA().cert_pem.write_to_path(str(tmp_path / client_ca))
+        # terminating ([listeners.tls]), originating ([listeners.upstream_tls]) or both
+        tables = [listener[key] for key in ("tls", "upstream_tls") if key in listener]
+        assert tables, f"listener {listener['name']} has neither tls nor upstream_tls"
+        for table in tables:
+            for files in table.get("certificates", []):
+                assert not Path(files["cert"]).is_absolute(), "examples use relative paths"
+                # one name per file, as the examples mean them (one of a key type per name)
+                name = f"{Path(files['cert']).stem}.example"
+                make_pair(tmp_path / files["cert"], tmp_path / files["key"], name=name)
+            for ca in (table.get("client_ca"), table.get("ca")):
+                if ca:
+                    (tmp_path / ca).parent.mkdir(parents=True, exist_ok=True)
+                    trustme.CA().cert_pem.write_to_path(str(tmp_path / ca))
     config = load_config(config_file)
     assert config.warnings == ()
     assert len(config.listeners) == len(listeners)

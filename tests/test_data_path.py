@@ -11,6 +11,7 @@ from functools import partial
 import trio
 import trio.testing
 
+from proxy.ends import TLSEnd
 from proxy.splice import SCAN_MAX
 from tests.helpers import (
     STEP,
@@ -237,13 +238,14 @@ async def test_backend_fin_while_client_data_is_still_undecrypted_loses_nothing(
             uploading.start_soon(partial(client.send_all, upload, record=1024))
             await trio.testing.wait_all_tasks_blocked()
             (splice,) = proxy.server.connections.idle._splices
-            assert not splice.client.drained(), "the proxy holds no undecrypted record"
+            assert isinstance(splice.client, TLSEnd)
+            assert not splice.client.conn.drained(), "the proxy holds no undecrypted record"
             fin_now.set()
             await trio.testing.wait_all_tasks_blocked()
-            assert splice.close_notify_wanted, "close_notify was not deferred"
+            assert splice.client.close_notify_wanted, "close_notify was not deferred"
             read_now.set()
         assert await client.recv_all() == b"bye"  # ends on close_notify, not a bare FIN
-        assert not splice.close_notify_wanted  # the deferred close_notify was sent
+        assert not splice.client.close_notify_wanted  # the deferred close_notify was sent
         await client.close_notify()
         await done.wait()
         await client.stream.aclose()

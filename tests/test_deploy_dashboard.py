@@ -24,6 +24,9 @@ SHOWN = {
     "backend failures": "tlsproxy_backend_connect_failures_total",
     "certificate expiry": "tlsproxy_certificate_expiry_timestamp_seconds",
     "config reloads": "tlsproxy_config_reloads_total",
+    "upstream handshakes by outcome": "tlsproxy_upstream_handshakes_total",
+    "upstream handshake latency quantiles": "tlsproxy_upstream_handshake_duration_seconds_bucket",
+    "upstream negotiated versions, resumption": "tlsproxy_upstream_tls_negotiated_total",
 }
 
 
@@ -64,3 +67,31 @@ def test_negotiated_parameters_each_have_a_panel() -> None:
 def test_a_panel_shows_the_clients_the_allow_table_denied() -> None:
     exprs = [t["expr"] for p in load()["panels"] for t in p.get("targets", [])]
     assert any('outcome="client_cert_denied"' in expr for expr in exprs)
+
+
+def test_upstream_handshakes_show_their_outcomes_versions_and_resumption_ratio() -> None:
+    exprs = [t["expr"] for p in load()["panels"] for t in p.get("targets", [])]
+    assert any(
+        "by (listener, outcome) (rate(tlsproxy_upstream_handshakes_total" in e for e in exprs
+    )
+    assert any(
+        "by (listener, version) (rate(tlsproxy_upstream_tls_negotiated_total" in e for e in exprs
+    )
+    (ratio,) = [
+        e for e in exprs if "tlsproxy_upstream_tls_negotiated_total{" in e and 'resumed="true"' in e
+    ]
+    numerator, denominator = ratio.split("\n/\n")
+    assert numerator.replace(', resumed="true"', "") == denominator
+    quantiles = [e for e in exprs if "tlsproxy_upstream_handshake_duration_seconds_bucket" in e]
+    assert {e.split(",")[0] for e in quantiles} == {
+        f"histogram_quantile({q}" for q in ("0.5", "0.9", "0.99")
+    }
+
+
+def test_the_listener_variable_lists_egress_only_listeners_too() -> None:
+    # a listener without [listeners.tls] makes no client handshakes, but
+    # every listener accepts connections: this family names them all
+    variables = {v["name"]: v for v in load()["templating"]["list"]}
+    assert variables["listener"]["query"]["query"].startswith(
+        "label_values(tlsproxy_connections_total{"
+    )

@@ -10,6 +10,7 @@ Deployment really has. The sidecar's TOML passes `tlsproxy check-config`.
 
 from __future__ import annotations
 
+import re
 import shutil
 import subprocess
 import sys
@@ -23,6 +24,7 @@ import yaml
 
 from tests.deploy.kustomize import (
     BASE,
+    CERT_MANAGER,
     OVERLAYS,
     by_kind,
     container,
@@ -77,12 +79,40 @@ def test_the_schema_validation_rejects_a_misspelled_field() -> None:
 
 
 def test_cert_manager_overlay_issues_the_secret_the_sidecar_mounts() -> None:
-    resources = render(OVERLAYS[0])
+    resources = render(CERT_MANAGER)
     certificate = by_kind(resources)["Certificate"]
     (volume,) = [v for v in pod_spec(resources)["volumes"] if v["name"] == "tlsproxy-config"]
     secrets = [s["secret"]["name"] for s in volume["projected"]["sources"] if "secret" in s]
 
     assert secrets == [certificate["spec"]["secretName"]]
+
+
+def hours(duration: str) -> float:
+    """A cert-manager duration as this repository writes them: whole hours."""
+    match = re.fullmatch(r"(\d+)h", duration)
+    assert match, f"{duration!r}: write certificate durations in hours"
+    return float(match[1])
+
+
+@pytest.mark.parametrize("kustomization", OVERLAYS, ids=lambda p: p.name)
+def test_every_certificate_is_renewed_before_the_expiry_alert_would_fire(
+    kustomization: Path,
+) -> None:
+    rules = yaml.safe_load((REPO / "deploy" / "prometheus" / "rules.yml").read_text())
+    (rule,) = [
+        r
+        for g in rules["groups"]
+        for r in g["rules"]
+        if r["alert"] == "TLSProxyCertificateExpiresIn14Days"
+    ]
+    threshold = re.search(r"< (\d+) \* 86400", rule["expr"])
+    assert threshold, rule["expr"]
+    alert_days = int(threshold[1])
+    certificates = [r["spec"] for r in render(kustomization) if r["kind"] == "Certificate"]
+    assert certificates
+    for spec in certificates:
+        renew_days = hours(spec["renewBefore"]) / 24
+        assert alert_days < renew_days < hours(spec["duration"]) / 24, spec["secretName"]
 
 
 def test_podmonitor_scrapes_the_admin_port_of_the_deployments_pods() -> None:

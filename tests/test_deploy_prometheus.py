@@ -194,13 +194,15 @@ class PrometheusAPI:
         return await trio.to_thread.run_sync(self._get, path, params)
 
     async def poll(self, what: str, path: str, check: Any, **params: str) -> Any:
-        """GET until check(body) is true; connection errors count as not yet."""
+        """GET until check(body) is true; connection errors, and the plain-text
+        answers of a Prometheus still starting ("Service Unavailable"), count
+        as not yet."""
         body: Any = None
         with trio.move_on_after(3 * STEP):
             while True:
                 try:
                     body = await self.get(path, **params)
-                except OSError:
+                except (OSError, json.JSONDecodeError):
                     body = None
                 if body is not None and check(body):
                     return body

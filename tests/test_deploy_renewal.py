@@ -24,7 +24,7 @@ from cryptography import x509
 
 from tests.daemon import PYTHON_M_PROXY, env_for, spawn
 from tests.deploy.kubelet import write_volume
-from tests.deploy.kustomize import BASE, pod_spec, render, rendered_sidecar_config
+from tests.deploy.kustomize import BASE, projected_payload, render
 from tests.helpers import STEP, sample, scrape, until
 from tests.pki import CA, Leaf, client_context, handshake
 
@@ -38,19 +38,7 @@ def secret_data(leaf: Leaf) -> dict[str, bytes]:
 def projected_volume(leaf: Leaf) -> tuple[str, dict[str, bytes]]:
     """The sidecar's projected volume of the rendered Deployment: (path of the
     config in it, the payload by path), every item where the manifest puts it."""
-    resources = render(BASE)
-    config = rendered_sidecar_config(resources).encode()
-    (volume,) = [v for v in pod_spec(resources)["volumes"] if v["name"] == "tlsproxy-config"]
-    payload: dict[str, bytes] = {}
-    for source in volume["projected"]["sources"]:
-        if "configMap" in source:
-            for item in source["configMap"]["items"]:
-                payload[item["path"]] = config
-        else:
-            for item in source["secret"]["items"]:
-                payload[item["path"]] = secret_data(leaf)[item["key"]]
-    (config_path,) = [path for path, content in payload.items() if content == config]
-    return config_path, payload
+    return projected_payload(render(BASE), {"web-tls": secret_data(leaf)})
 
 
 def lay_out_projected(etc: Path, leaf: Leaf) -> Path:

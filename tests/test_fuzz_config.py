@@ -106,7 +106,15 @@ def full_document(certs: Certs) -> dict[str, Any]:
                     {"sni": "a.example.com", "backend": "unix:/run/app.sock"},
                     {"sni": "*.example.com", "backend": "[::1]:8080"},
                 ],
-            }
+            },
+            {
+                "name": "sock",
+                "listen": "unix:/run/tlsproxy/web.sock",
+                "listen_mode": "0660",
+                "listen_owner": "root:root",
+                "backend": "127.0.0.1:8080",
+                "tls": {"certificates": [{"cert": str(certs.cert), "key": str(certs.key)}]},
+            },
         ],
     }
 
@@ -155,6 +163,7 @@ def _near_misses(certs: Certs) -> list[object]:
         *("TLSv1.3", "TLSv1.1", "require", "none", "v1", "v3", "ALL", "NULL", "DEBUG", "text"),
         *(str(certs.cert), str(certs.key), str(certs.ca_file), "missing.pem", "/", "/dev/null"),
         *("a" * 300, "é.example", "xn--", "web web", "h2", "\x00"),
+        *("0660", "0o660", "1777", "root", ":root", "root:", "no-such-user-x"),
         *(0, -1, 1, 2, 65536, 2**63 - 1, -(2**63), 0.0, -0.5, 1e-9, 1e308, math.nan, math.inf),
         *(True, False, [], {}, [""], ["h2", "h2"], [{}], date(2000, 1, 1)),
     ]

@@ -22,7 +22,20 @@ README = PACKAGE.parent / "README.md"
 LAYERS: tuple[tuple[str, frozenset[str]], ...] = (
     (
         "sans-IO",
-        frozenset({"proxy", "clienthello", "ja4", "sni", "identity", "outcome", "proxy_protocol"}),
+        frozenset(
+            {
+                "proxy",
+                "clienthello",
+                "ja4",
+                "sni",
+                "identity",
+                "outcome",
+                "outcome.ingress",
+                "outcome.upstream",
+                "outcome.reasons",
+                "proxy_protocol",
+            }
+        ),
     ),
     (
         "material",
@@ -34,6 +47,7 @@ LAYERS: tuple[tuple[str, frozenset[str]], ...] = (
                 "config.fields",
                 "config.schema",
                 "config.load",
+                "config.socketfile",
                 "certs",
                 "selfsigned",
                 "openssl",
@@ -50,7 +64,9 @@ LAYERS: tuple[tuple[str, frozenset[str]], ...] = (
                 "buffers",
                 "tlsio",
                 "tls",
+                "tls_upstream",
                 "handshake",
+                "ends",
                 "splice",
                 "backend",
                 "resolver",
@@ -58,12 +74,13 @@ LAYERS: tuple[tuple[str, frozenset[str]], ...] = (
             }
         ),
     ),
-    ("connection", frozenset({"runtime", "connection"})),
+    ("connection", frozenset({"runtime", "upstream", "connection"})),
     (
         "process",
         frozenset(
             {
                 "accept",
+                "socket_file",
                 "reload",
                 "server",
                 "admin",

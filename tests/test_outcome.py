@@ -6,7 +6,7 @@ import ssl
 
 import pytest
 
-from proxy.outcome import CLIENT_CERT_REASONS, REASONS, Outcome, classify, client_cert_reason
+from proxy.outcome import CERT_VERIFY_REASONS, REASONS, Outcome, classify, client_cert_reason
 
 
 def _ssl_error(reason: str) -> ssl.SSLError:
@@ -182,7 +182,7 @@ def test_client_certificate_reasons(code: int, reason: str) -> None:
     exc = ssl.SSLCertVerificationError(1, "verify failed")
     exc.verify_code = code
     exc.verify_message = "whatever OpenSSL says"
-    assert CLIENT_CERT_REASONS[code] == reason
+    assert CERT_VERIFY_REASONS[code] == reason
     assert client_cert_reason(exc) == reason
 
 

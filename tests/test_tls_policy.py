@@ -33,6 +33,7 @@ from tests.helpers import (
     outcomes,
     sample,
     scrape,
+    served,
     start_server,
 )
 from tests.pki import CA, Leaf
@@ -172,7 +173,7 @@ def test_an_unknown_group_or_suite_is_a_config_error_with_its_path(
 
 
 def test_the_default_context_offers_exactly_the_mozilla_suites(certs: Certs) -> None:
-    context = build_context(build_config(certs, 1).listeners[0].tls)
+    context = build_context(served(build_config(certs, 1).listeners[0]))
     assert openssl.tls13_suites(context) == (
         "TLS_AES_128_GCM_SHA256",
         "TLS_AES_256_GCM_SHA384",
@@ -370,7 +371,7 @@ async def test_keylog_file_holds_the_tls13_secrets_the_client_logged(
 
 async def test_keylog_is_off_by_default(proxy: Running) -> None:
     assert not [e for e in proxy.log_events() if "keylog" in e["event"]]
-    assert proxy.server.config.listeners[0].tls.keylog_file is None
+    assert served(proxy.server.config.listeners[0]).keylog_file is None
 
 
 # ------------------------------------------------------------------ connections_max

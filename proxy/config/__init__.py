@@ -10,13 +10,15 @@ they travel in pydantic's validation context.
 
 The package, by concern: `addresses` (host:port and unix paths), `fields`
 (field types and their validators), `schema` (the models), `load` (TOML in,
-`Config` or `ConfigError` out), `errors` (the error and its TOML paths). Its
+`Config` or `ConfigError` out), `errors` (the error and its TOML paths),
+`socketfile` (a unix listener's file mode and owner). Its
 public names are all importable from `proxy.config`.
 """
 
 from proxy.config.addresses import (
     UNIX_PATH_MAX,
     Address,
+    AdminAddress,
     BackendAddress,
     ListenAddress,
     addresses_overlap,
@@ -45,13 +47,17 @@ from proxy.config.schema import (
     ProcessConfig,
     RouteConfig,
     TLSConfig,
+    UpstreamTLSConfig,
 )
+from proxy.config.socketfile import DEFAULT_LISTEN_MODE, SocketOwner, parse_mode, parse_owner
 
 __all__ = [
     "DEFAULT_CIPHERSUITES",
     "DEFAULT_GROUPS",
+    "DEFAULT_LISTEN_MODE",
     "UNIX_PATH_MAX",
     "Address",
+    "AdminAddress",
     "AdminConfig",
     "AllowConfig",
     "BackendAddress",
@@ -68,7 +74,9 @@ __all__ = [
     "RouteConfig",
     "Seconds",
     "SecondsOrZero",
+    "SocketOwner",
     "TLSConfig",
+    "UpstreamTLSConfig",
     "addresses_overlap",
     "default_config",
     "format_hostport",
@@ -76,5 +84,7 @@ __all__ = [
     "load_config",
     "parse_address",
     "parse_config",
+    "parse_mode",
+    "parse_owner",
     "with_overrides",
 ]

@@ -124,14 +124,21 @@ def addresses_overlap(a: Address, b: Address) -> bool:
 
     Port 0 never overlaps (each bind picks a port of its own). Names are
     compared as written, never resolved: `localhost:P` and `127.0.0.1:P` are
-    not known to collide until bound.
+    not known to collide until bound. Unix paths likewise: the same path
+    collides, another spelling of it (`/run//a.sock`) is not known to.
     """
+    if a.unix_path is not None or b.unix_path is not None:
+        return a.unix_path == b.unix_path
     if a.port != b.port or a.port == 0:
         return False
     ip_a, ip_b = _ip(a.host), _ip(b.host)
     if ip_a is None or ip_b is None:
         return a.host == b.host
     return ip_a == ip_b or _covers(ip_a, ip_b) or _covers(ip_b, ip_a)
+
+
+def is_ip_literal(host: str) -> bool:
+    return _ip(host) is not None
 
 
 def _ip(host: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
@@ -150,17 +157,11 @@ def _covers(
     return wildcard.is_unspecified and (wildcard.version == 6 or other.version == 4)
 
 
-def _not_unix(address: Address) -> Address:
-    if address.unix_path is not None:
-        raise ValueError("unix sockets can only be a backend; expected host:port")
-    return address
-
-
 # sockaddr_un.sun_path on Linux: 108 bytes including the terminating NUL.
 UNIX_PATH_MAX = 107
 
 
-def _backend(address: Address) -> Address:
+def _fits_sun_path(address: Address) -> Address:
     if address.unix_path is not None and len(address.unix_path.encode()) > UNIX_PATH_MAX:
         raise ValueError(
             f"unix socket path is longer than {UNIX_PATH_MAX} bytes, the most the kernel "
@@ -169,5 +170,15 @@ def _backend(address: Address) -> Address:
     return address
 
 
-ListenAddress = Annotated[Address, AfterValidator(_not_unix)]
-BackendAddress = Annotated[Address, AfterValidator(_backend)]
+def _tcp_only(address: Address) -> Address:
+    if address.unix_path is not None:
+        raise ValueError(
+            "the admin endpoint listens on TCP only (Prometheus scrapes it over TCP); "
+            f"expected host:port, e.g. '127.0.0.1:9090'; got '{address}'"
+        )
+    return address
+
+
+ListenAddress = Annotated[Address, AfterValidator(_fits_sun_path)]
+BackendAddress = Annotated[Address, AfterValidator(_fits_sun_path)]
+AdminAddress = Annotated[Address, AfterValidator(_tcp_only)]

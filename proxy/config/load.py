@@ -56,14 +56,16 @@ def parse_config(
     except ValidationError as exc:
         raise ConfigError(line for error in exc.errors() for line in _render(error)) from exc
     warnings = [
-        f"{_toml_path(('listeners', i, 'tls', 'certificates', j, finding.file))}: {finding.message}"
+        f"{_toml_path(('listeners', i, table, 'certificates', j, finding.file))}: {finding.message}"
         for i, listener in enumerate(parsed.listeners)
-        for j, pair in enumerate(listener.tls.certificates)
+        for table in ("tls", "upstream_tls")
+        for j, pair in enumerate(p for t, p in listener.certificate_pairs() if t == table)
         for finding in pair._warnings
     ]
     warnings += [
         f"{_toml_path(('listeners', i, 'tls', *where))}: {message}"
         for i, listener in enumerate(parsed.listeners)
+        if listener.tls is not None
         for where, message in listener.tls._verify_warnings
     ]
     return Config(**dict(parsed), source=source, warnings=tuple(warnings))

@@ -5,7 +5,7 @@ addresses overlap) are model validators, reported with the TOML paths of
 every field involved.
 """
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Annotated, Literal, Self
@@ -26,7 +26,14 @@ from pydantic import (
 from pydantic_core import PydanticCustomError
 
 from proxy import certs, identity, sni
-from proxy.config.addresses import Address, BackendAddress, ListenAddress, addresses_overlap
+from proxy.config.addresses import (
+    Address,
+    AdminAddress,
+    BackendAddress,
+    ListenAddress,
+    addresses_overlap,
+    is_ip_literal,
+)
 from proxy.config.errors import _FILE_ERRORS, _LOCATED_ERRORS, _SIBLING_ERRORS, _toml_path
 from proxy.config.fields import (
     DEFAULT_CIPHERSUITES,
@@ -43,6 +50,7 @@ from proxy.config.fields import (
     _optional_file,
     _require,
 )
+from proxy.config.socketfile import DEFAULT_LISTEN_MODE, ListenMode, SocketOwner, parse_mode
 
 
 class _Model(BaseModel):
@@ -242,6 +250,62 @@ class TLSConfig(_Model):
         return self
 
 
+def _upstream_name(name: str) -> str:
+    """The name sent as SNI and checked against the upstream's certificate:
+    a DNS name, or an IP literal (checked against the IP SANs; no SNI)."""
+    if name == "" or is_ip_literal(name):
+        return name
+    if "*" in name:
+        raise ValueError(f"must be the upstream's own name, not a wildcard; got {name!r}")
+    if problem := sni.check_pattern(name):
+        raise ValueError(f"{problem}; got {name!r}")
+    return name
+
+
+class UpstreamTLSConfig(_Model):
+    """TLS that tlsproxy originates to the backend (the upstream)."""
+
+    server_name: Annotated[StrictStr, AfterValidator(_upstream_name)] = ""
+    ca: Annotated[Path | None, PlainValidator(_optional_file)] = None
+    certificates: Annotated[
+        tuple[CertificatePair, ...],
+        _require(
+            lambda pairs: len(pairs) <= 1,
+            "at most one client certificate: the upstream asks for one, and OpenSSL "
+            "sends the one it has",
+        ),
+    ] = ()
+    min_version: Literal["TLSv1.2", "TLSv1.3"] = "TLSv1.2"
+    alpn: tuple[Annotated[StrictStr, Field(min_length=1, max_length=255)], ...] = ()
+    session_resumption: StrictBool = True
+    groups: Annotated[
+        tuple[Annotated[StrictStr, AfterValidator(_group)], ...], _nonempty("group")
+    ] = DEFAULT_GROUPS
+    ciphersuites: Annotated[
+        tuple[Annotated[StrictStr, AfterValidator(_ciphersuite)], ...],
+        _nonempty("cipher suite"),
+    ] = DEFAULT_CIPHERSUITES
+    allow: AllowConfig | None = None
+    _ca_pem: bytes | None = PrivateAttr(default=None)
+
+    @property
+    def ca_pem(self) -> bytes | None:
+        """The trust anchors as validation read them (None: the system store)."""
+        if self.ca is not None and self._ca_pem is None:
+            raise ValueError(f"{self.ca}: CA file not read (check-config --no-files)")
+        return self._ca_pem
+
+    @model_validator(mode="after")
+    def read_ca(self, info: ValidationInfo) -> Self:
+        if self.ca is None or not _checking_files(info):
+            return self
+        read = certs.read_ca_bundle(self.ca)
+        if isinstance(read, str):
+            raise PydanticCustomError(_LOCATED_ERRORS, "upstream CA", {"errors": [(("ca",), read)]})
+        self._ca_pem = read[0]
+        return self
+
+
 class RouteConfig(_Model):
     sni: Annotated[StrictStr, AfterValidator(_server_name)]
     backend: BackendAddress
@@ -251,6 +315,9 @@ class RouteConfig(_Model):
 class ListenerConfig(_Model):
     name: Annotated[StrictStr, AfterValidator(_metric_label)]
     listen: ListenAddress
+    # A unix listen's socket file (None: DEFAULT_LISTEN_MODE, the owner bind gives it).
+    listen_mode: ListenMode | None = None
+    listen_owner: SocketOwner | None = None
     backend: BackendAddress
     proxy_protocol: Literal["off", "v1", "v2"] = "off"
     accept_proxy_protocol: Literal["off", "v1", "v2", "any"] = "off"
@@ -258,7 +325,8 @@ class ListenerConfig(_Model):
     idle_timeout: Seconds = 300.0
     connect_timeout: Seconds = 5.0
     max_connections: PositiveInt = 10000
-    tls: TLSConfig
+    tls: TLSConfig | None = None  # terminate TLS from the client
+    upstream_tls: UpstreamTLSConfig | None = None  # originate TLS to the backend
     routes: tuple[RouteConfig, ...] = ()
 
     @field_validator("routes")
@@ -275,12 +343,82 @@ class ListenerConfig(_Model):
             first[name] = index
         return routes
 
+    def certificate_pairs(self) -> Iterator[tuple[str, CertificatePair]]:
+        """Every pair the listener loads, by table: served to clients
+        (`tls`), presented to the upstream (`upstream_tls`)."""
+        if self.tls is not None:
+            yield from (("tls", pair) for pair in self.tls.certificates)
+        if self.upstream_tls is not None:
+            yield from (("upstream_tls", pair) for pair in self.upstream_tls.certificates)
+
+    @model_validator(mode="after")
+    def some_tls(self) -> Self:
+        if self.tls is None and self.upstream_tls is None:
+            raise ValueError(
+                "has neither [listeners.tls] (terminate TLS from clients) nor "
+                "[listeners.upstream_tls] (originate TLS to the backend); a listener "
+                "needs one of them, or both to re-encrypt"
+            )
+        return self
+
+    @model_validator(mode="after")
+    def upstream_needs_a_name(self) -> Self:
+        upstream = self.upstream_tls
+        if (
+            upstream is not None
+            and self.backend.unix_path is not None
+            and not upstream.server_name
+            and upstream.allow is None
+        ):
+            errors = [
+                (
+                    ("upstream_tls", "server_name"),
+                    f"the backend {self.backend} has no host name to check the upstream's "
+                    "certificate against; set server_name, or an allow table",
+                )
+            ]
+            raise PydanticCustomError(_LOCATED_ERRORS, "upstream name", {"errors": errors})
+        return self
+
+    @property
+    def socket_mode(self) -> int:
+        """The mode a unix listen's socket file is given."""
+        return parse_mode(self.listen_mode or DEFAULT_LISTEN_MODE)
+
+    @model_validator(mode="after")
+    def socket_file_keys_need_a_unix_listen(self) -> Self:
+        errors: list[tuple[tuple[int | str, ...], str]] = [
+            (
+                (key,),
+                f"applies to a unix socket's file only, and listen is '{self.listen}'; "
+                "remove it, or listen on 'unix:/path'",
+            )
+            for key, value in (
+                ("listen_mode", self.listen_mode),
+                ("listen_owner", self.listen_owner),
+            )
+            if value is not None and self.listen.unix_path is None
+        ]
+        if errors:
+            raise PydanticCustomError(_LOCATED_ERRORS, "socket file keys", {"errors": errors})
+        return self
+
     @model_validator(mode="after")
     def route_allow_needs_require(self) -> Self:
-        errors: list[tuple[tuple[int | str, ...], str]] = [
-            (("routes", index, "allow"), _needs_require(self.tls.client_auth))
+        errors: list[tuple[tuple[int | str, ...], str]]
+        if self.routes and self.tls is None:
+            errors = [
+                (
+                    ("routes",),
+                    "routes pick a backend by the client's SNI, so they need [listeners.tls]",
+                )
+            ]
+            raise PydanticCustomError(_LOCATED_ERRORS, "routes", {"errors": errors})
+        client_auth = "none" if self.tls is None else self.tls.client_auth
+        errors = [
+            (("routes", index, "allow"), _needs_require(client_auth))
             for index, route in enumerate(self.routes)
-            if route.allow is not None and self.tls.client_auth != "require"
+            if route.allow is not None and client_auth != "require"
         ]
         if errors:
             raise PydanticCustomError(_LOCATED_ERRORS, "route allow", {"errors": errors})
@@ -288,7 +426,7 @@ class ListenerConfig(_Model):
 
 
 class AdminConfig(_Model):
-    listen: ListenAddress = Address("127.0.0.1", 9090)
+    listen: AdminAddress = Address("127.0.0.1", 9090)
 
 
 class ProcessConfig(_Model):

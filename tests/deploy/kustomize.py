@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import shutil
 import subprocess
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -13,7 +14,9 @@ from tests.helpers import STEP
 
 KUBERNETES = Path(__file__).resolve().parent.parent.parent / "deploy" / "kubernetes"
 BASE = KUBERNETES / "base"
-OVERLAYS = [KUBERNETES / "overlays" / "cert-manager"]
+CERT_MANAGER = KUBERNETES / "overlays" / "cert-manager"
+EGRESS = KUBERNETES / "overlays" / "egress"
+OVERLAYS = [CERT_MANAGER, EGRESS]
 
 
 def render(kustomization: Path) -> list[dict[str, Any]]:
@@ -58,3 +61,28 @@ def rendered_sidecar_config(resources: list[dict[str, Any]]) -> str:
     ]
     text: str = config_map["data"][item["key"]]
     return text
+
+
+def projected_payload(
+    resources: list[dict[str, Any]], secrets: Mapping[str, Mapping[str, bytes]]
+) -> tuple[str, dict[str, bytes]]:
+    """The sidecar's projected volume as the rendered Deployment lays it out:
+    (the config's path in it, every file's content by path). The ConfigMap's
+    items come from the render, each Secret's from `secrets` (by Secret name,
+    then key), so a Secret or key the manifest names and the test does not
+    supply fails here."""
+    config = rendered_sidecar_config(resources).encode()
+    (volume,) = [v for v in pod_spec(resources)["volumes"] if v["name"] == "tlsproxy-config"]
+    payload: dict[str, bytes] = {}
+    config_path = ""
+    for source in volume["projected"]["sources"]:
+        if "configMap" in source:
+            (item,) = source["configMap"]["items"]
+            config_path = item["path"]
+            payload[config_path] = config
+        else:
+            secret = secrets[source["secret"]["name"]]
+            for item in source["secret"]["items"]:
+                payload[item["path"]] = secret[item["key"]]
+    assert config_path, "no ConfigMap in the sidecar's projected volume"
+    return config_path, payload

@@ -1,4 +1,6 @@
-"""How a handshake ended: the outcome vocabulary and its pure classifier.
+"""How an ingress handshake ended (we are the TLS server): the outcome
+vocabulary and its pure classifier. proxy.outcome.upstream is its
+counterpart for the handshakes we originate.
 
 Every accepted connection ends its handshake in exactly one `Outcome`. The
 classifier sees only evidence (what the first bytes on the wire were, whether
@@ -7,8 +9,9 @@ so the whole taxonomy is a table-driven unit test, independent of sockets.
 
 OpenSSL reports failures as a library reason string (`SSLError.reason`), e.g.
 `TLSV1_ALERT_UNKNOWN_CA` when the client sent an `unknown_ca` alert, or
-`NO_SHARED_CIPHER` when our own checks failed. The tables below map those
-reasons onto the outcomes users see on dashboards.
+`NO_SHARED_CIPHER` when our own checks failed. The table below maps those
+reasons (the sets in proxy.outcome.reasons, shared with the upstream
+classifier) onto the outcomes users see on dashboards.
 """
 
 from __future__ import annotations
@@ -17,6 +20,15 @@ import ssl
 from enum import StrEnum
 
 from proxy.clienthello import HANDSHAKE_RECORD
+from proxy.outcome.reasons import (
+    ALPN_REASONS,
+    CERT_REFUSED_ALERTS,
+    CERT_VERIFY_REASONS,
+    CIPHER_REASONS,
+    EOF_REASONS,
+    VERSION_REASONS,
+    verify_words,
+)
 
 
 class Outcome(StrEnum):
@@ -44,45 +56,6 @@ class Outcome(StrEnum):
 SSLV2_HELLO_MASK = 0x80
 SSLV2_CLIENT_HELLO = 0x01
 
-# Alerts a client sends when it does not accept our certificate chain: the
-# "certificate rollout" failure operators most need to see.
-_CERT_REJECTED_REASONS = frozenset(
-    {
-        "TLSV1_ALERT_UNKNOWN_CA",
-        "SSLV3_ALERT_BAD_CERTIFICATE",
-        "SSLV3_ALERT_CERTIFICATE_EXPIRED",
-        "SSLV3_ALERT_CERTIFICATE_UNKNOWN",
-        "SSLV3_ALERT_CERTIFICATE_REVOKED",
-        "SSLV3_ALERT_UNSUPPORTED_CERTIFICATE",
-        "TLSV1_ALERT_DECRYPT_ERROR",
-    }
-)
-
-_VERSION_REASONS = frozenset(
-    {
-        "UNSUPPORTED_PROTOCOL",
-        "VERSION_TOO_LOW",
-        "TLSV1_ALERT_PROTOCOL_VERSION",
-        "UNKNOWN_PROTOCOL",
-    }
-)
-
-# The client and we share no cipher suite, no signature algorithm our key can
-# make, or no key-exchange group: nothing to negotiate with.
-_CIPHER_REASONS = frozenset(
-    {
-        "NO_SHARED_CIPHER",
-        "NO_CIPHERS_AVAILABLE",
-        "NO_SHARED_SIGNATURE_ALGORITHMS",
-        "NO_SUITABLE_SIGNATURE_ALGORITHM",
-        "NO_SHARED_GROUPS",
-        "NO_SUITABLE_KEY_SHARE",  # TLS 1.3: no key share in a group we accept
-        "TLSV1_ALERT_INSUFFICIENT_SECURITY",
-    }
-)
-
-_ALPN_REASONS = frozenset({"NO_APPLICATION_PROTOCOL", "TLSV1_ALERT_NO_APPLICATION_PROTOCOL"})
-
 _CLIENT_CERT_MISSING_REASONS = frozenset(
     {"PEER_DID_NOT_RETURN_A_CERTIFICATE", "TLSV13_ALERT_CERTIFICATE_REQUIRED"}
 )
@@ -92,44 +65,20 @@ _CLIENT_CERT_MISSING_REASONS = frozenset(
 # not match the certificate's key.
 _CLIENT_CERT_INVALID_REASONS = frozenset({"CERTIFICATE_VERIFY_FAILED", "BAD_SIGNATURE"})
 
-# An EOF in the middle of the handshake is the client going away, not a
-# protocol violation: OpenSSL 3 names it UNEXPECTED_EOF_WHILE_READING.
-_EOF_REASONS = frozenset({"UNEXPECTED_EOF_WHILE_READING"})
-
 # Every OpenSSL reason the classifier maps; any other reason is protocol_error.
 REASONS: dict[str, Outcome] = {
     reason: outcome
     for reasons, outcome in (
-        (_EOF_REASONS, Outcome.CLIENT_CLOSED),
-        (_CERT_REJECTED_REASONS, Outcome.CERTIFICATE_REJECTED_BY_CLIENT),
-        (_VERSION_REASONS, Outcome.UNSUPPORTED_VERSION),
-        (_CIPHER_REASONS, Outcome.NO_SHARED_CIPHER),
-        (_ALPN_REASONS, Outcome.ALPN_MISMATCH),
+        (EOF_REASONS, Outcome.CLIENT_CLOSED),
+        # the client refused the certificate we presented
+        (CERT_REFUSED_ALERTS, Outcome.CERTIFICATE_REJECTED_BY_CLIENT),
+        (VERSION_REASONS, Outcome.UNSUPPORTED_VERSION),
+        (CIPHER_REASONS, Outcome.NO_SHARED_CIPHER),
+        (ALPN_REASONS, Outcome.ALPN_MISMATCH),
         (_CLIENT_CERT_MISSING_REASONS, Outcome.CLIENT_CERT_MISSING),
         (_CLIENT_CERT_INVALID_REASONS, Outcome.CLIENT_CERT_INVALID),
     )
     for reason in reasons
-}
-
-# Why a client certificate failed, from OpenSSL's X509_V_ERR_* verify code
-# (x509_vfy.h), in the words the access log uses. Anything else is logged
-# with OpenSSL's own message.
-CLIENT_CERT_REASONS: dict[int, str] = {
-    2: "unknown_ca",  # unable to get issuer certificate
-    3: "crl_missing",  # unable to get certificate CRL: client_crl has none of its issuer
-    7: "bad_signature",  # certificate signature failure
-    8: "crl_bad_signature",  # CRL signature failure
-    9: "not_yet_valid",
-    10: "expired",
-    11: "crl_not_yet_valid",  # the issuer's CRL: its lastUpdate is ahead
-    12: "crl_expired",  # the issuer's CRL: past its nextUpdate
-    18: "unknown_ca",  # self-signed certificate
-    19: "unknown_ca",  # self-signed certificate in chain
-    20: "unknown_ca",  # unable to get local issuer certificate
-    21: "unknown_ca",  # unable to verify the first certificate
-    23: "revoked",
-    24: "invalid_ca",  # invalid CA certificate
-    26: "wrong_purpose",  # unsupported certificate purpose (not for client auth)
 }
 
 # The access log's client_cert_error for a verified certificate whose
@@ -180,8 +129,7 @@ def classify_error(exc: BaseException) -> Outcome:
 def client_cert_reason(exc: BaseException) -> str | None:
     """Why the client's certificate was refused ("expired", "unknown_ca"...)."""
     if isinstance(exc, ssl.SSLCertVerificationError):
-        code = exc.verify_code
-        return CLIENT_CERT_REASONS.get(code) or str(exc.verify_message or code)
+        return verify_words(exc, CERT_VERIFY_REASONS)
     if isinstance(exc, ssl.SSLError) and exc.reason == "BAD_SIGNATURE":
         return "bad_signature"
     return None
