@@ -11,7 +11,8 @@ repository root: the machine, the versions, the hand-written notes of
 `benchmarks/notes.md` (comparisons that need two builds, such as memory BIO
 against socket BIO), then per direction and certificate the exact command
 and the harness's tables: of this run, and of any other part run the same
-day (`--direction`, `--cert` run a part).
+day (`--direction`, `--cert` run a part). The tlsproxy measured is this
+checkout's, or the command in TLSPROXY_CMD (as the harness reads it).
 """
 
 from __future__ import annotations
@@ -58,7 +59,9 @@ def main() -> int:
     if not HARNESS.exists():
         print(f"the shared harness is missing: {HARNESS}", file=sys.stderr)
         return 2
-    env = {**os.environ, "TLSPROXY_CMD": str(Path(sys.executable).parent / "tlsproxy")}
+    # This checkout's tlsproxy, unless TLSPROXY_CMD names another build.
+    own = str(Path(sys.executable).parent / "tlsproxy")
+    env = {**os.environ, "TLSPROXY_CMD": os.environ.get("TLSPROXY_CMD", own)}
     stamp = datetime.now(UTC).strftime("%Y-%m-%d")
     for direction, cert in runs:
         out = _results(stamp, direction, cert)
