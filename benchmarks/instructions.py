@@ -991,7 +991,7 @@ def report(
         up = m.upstream
         seen = (
             f"; nginx saw {up.connections} upstream connections, {up.requests} requests, "
-            f"{up.resumed} resumed"
+            f"{up.resumed} resumed, {up.version} {up.cipher}"
             if up is not None
             else ""
         )
