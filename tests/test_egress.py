@@ -12,6 +12,7 @@ from typing import Any
 
 import pytest
 import trio
+from cryptography import x509
 from prometheus_client import CollectorRegistry
 
 from proxy.config import Config, parse_config
@@ -56,8 +57,19 @@ def server_context(
 
 
 def egress_config(
-    directory: Path, port: int, ca: CA, client: Leaf | None, **upstream: Any
+    directory: Path,
+    port: int,
+    ca: CA,
+    client: Leaf | None,
+    *,
+    host: str = "localhost",
+    listener: dict[str, Any] | None = None,
+    process: dict[str, Any] | None = None,
+    **upstream: Any,
 ) -> Config:
+    """One listener "web" originating TLS to `host`:`port`, trusting `ca`,
+    presenting `client`; `listener` and `process` add keys to those tables
+    (a `tls` table makes it bridge), `upstream` to its upstream_tls."""
     table: dict[str, Any] = {"ca": str(ca.ca_file)}
     if client is not None:
         table["certificates"] = [client.pair()]
@@ -65,12 +77,14 @@ def egress_config(
     return parse_config(
         {
             "admin": {"listen": "127.0.0.1:0"},
+            "process": process or {},
             "listeners": [
                 {
                     "name": "web",
                     "listen": "127.0.0.1:0",
-                    "backend": f"localhost:{port}",
+                    "backend": f"{host}:{port}",
                     "upstream_tls": table,
+                    **(listener or {}),
                 }
             ],
         },
@@ -244,8 +258,6 @@ async def test_the_tunnel_app_to_egress_to_ingress_to_backend(
 
 
 def me_uris(leaf: Leaf) -> tuple[str, ...]:
-    from cryptography import x509
-
     cert = x509.load_pem_x509_certificate(leaf.cert.read_bytes())
     san = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
     return tuple(san.get_values_for_type(x509.UniformResourceIdentifier))
