@@ -46,15 +46,16 @@ from proxy.tls_upstream import upstream_name
 class Upstream:
     """One connection's upstream TLS and what its access line says of it."""
 
-    __slots__ = ("identity", "name", "pending", "result", "runtime")
+    __slots__ = ("identity", "name", "negotiated", "pending", "result", "runtime")
 
-    def __init__(
-        self, runtime: UpstreamRuntime, backend: Address, client_sni: str | None
-    ) -> None:
+    def __init__(self, runtime: UpstreamRuntime, backend: Address, client_sni: str | None) -> None:
         self.runtime = runtime
         self.name = upstream_name(runtime.config, backend, client_sni)
         self.result: HandshakeResult[UpstreamOutcome] | None = None
         self.identity: Identity | None = None
+        # read once the handshake completed: after a ragged or refused end
+        # OpenSSL no longer reports the version
+        self.negotiated: tuple[str, str, str, bool] | None = None
         self.pending = False  # a TLS 1.3 success waiting for the first read
 
     @property
@@ -80,6 +81,7 @@ class Upstream:
         )
         tls = result.tls
         if result.outcome is UpstreamOutcome.SUCCESS and tls is not None:
+            self.negotiated = negotiated(tls.obj)
             if runtime.needs_identity:
                 cert = tls.obj.getpeercert()
                 self.identity = Identity.from_peercert(cert) if cert else None
@@ -128,8 +130,8 @@ class Upstream:
             metrics.wants_write.inc(result.wants_write)
         ok = result.outcome is UpstreamOutcome.SUCCESS
         (metrics.handshake_ok if ok else metrics.handshake_failed).observe(result.seconds)
-        if ok and result.tls is not None:
-            metrics.negotiated(*negotiated(result.tls.obj))
+        if ok and self.negotiated is not None:
+            metrics.negotiated(*self.negotiated)
 
     def fields(self) -> dict[str, Any]:
         """The access line's upstream_* fields, as far as the upstream got."""
@@ -143,8 +145,8 @@ class Upstream:
             "upstream_wants_write": result.wants_write,
             "upstream_name": self.name,
         }
-        if result.tls is not None and result.tls.obj.cipher() is not None:  # completed
-            version, cipher, alpn, resumed = negotiated(result.tls.obj)
+        if self.negotiated is not None:  # completed
+            version, cipher, alpn, resumed = self.negotiated
             fields.update(
                 upstream_tls_version=version,
                 upstream_cipher=cipher,

@@ -1,0 +1,386 @@
+"""Every upstream outcome, produced by a real server through the real daemon:
+exactly one +1 of `tlsproxy_upstream_handshakes_total` (the whole outcome
+vector compared before and after), the access line's `upstream_outcome` and
+`server_cert_error`, and what the application is told when the way to the
+upstream fails; then the lifecycle (drain, reload, workers) of egress.
+
+The servers are the real ones of tests/upstream_peers.py (openssl s_server,
+nginx, Python ssl servers in threads, raw sockets that misbehave on purpose),
+through the module-scoped `world` of tests/test_upstream_outcome.py, whose
+table proves the classifier on the same servers without the daemon.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import socket
+from collections.abc import Callable
+from contextlib import AbstractContextManager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pytest
+import trio
+
+from proxy.outcome import UpstreamOutcome
+from tests.helpers import (
+    STEP,
+    UPSTREAM_HANDSHAKES,
+    Running,
+    outcome_delta,
+    outcomes,
+    sample,
+    scrape,
+    start_server,
+)
+from tests.pki import CA, Leaf
+from tests.test_egress import egress_config
+from tests.test_upstream_outcome import (
+    GARBAGE_HANDSHAKE,
+    REQUEST,
+    T12,
+    World,
+    world,  # noqa: F401 - the module-scoped fixture, shared
+)
+from tests.upstream_peers import (
+    READ_SIZE,
+    eof_at_once,
+    read_then,
+    thread_server,
+)
+
+SUCCESS = UpstreamOutcome.SUCCESS
+# Failures no exception explains: the deadline, the server's first bytes
+# alone, and our own allow table.
+NO_EXCEPTION = frozenset(
+    {UpstreamOutcome.TIMEOUT, UpstreamOutcome.NOT_TLS, UpstreamOutcome.SERVER_IDENTITY_DENIED}
+)
+# The upstream's SPIFFE ID an allow table admits, and another one.
+API_ID = "spiffe://test.example/ns/pay/sa/api"
+OTHER_ID = "spiffe://test.example/ns/pay/sa/other"
+# A handshake_timeout short enough for a stalled upstream to hit it soon,
+# long enough for any loopback handshake on a loaded machine.
+SHORT_HANDSHAKE = 1.0
+
+
+@dataclass(frozen=True)
+class AppSaw:
+    """What the plaintext application read from the egress listener."""
+
+    data: bytes
+    reset: bool  # the read ended in ECONNRESET, not EOF
+
+
+FAILED = AppSaw(b"", reset=True)  # what the README promises on any upstream failure
+
+
+async def app_exchange(port: int, request: bytes = REQUEST) -> AppSaw:
+    """The application's side: connect, send `request` (if any), read to the end."""
+    sock = trio.socket.socket()
+    with sock, trio.fail_after(STEP):
+        await sock.connect(("127.0.0.1", port))
+        if request:
+            await sock.send(request)
+        data = b""
+        try:
+            while chunk := await sock.recv(READ_SIZE):
+                data += chunk
+        except ConnectionResetError:
+            return AppSaw(data, reset=True)
+        return AppSaw(data, reset=False)
+
+
+def stalled(conn: socket.socket) -> None:
+    """Accept, read our ClientHello, answer nothing until we close."""
+    conn.recv(READ_SIZE)
+    conn.recv(READ_SIZE)
+
+
+@contextlib.contextmanager
+def _raw(behaviour: Callable[[socket.socket], None]) -> Any:
+    with thread_server(behaviour) as server:
+        yield server.port
+
+
+@dataclass(frozen=True)
+class Identities:
+    """Upstream certificates with SPIFFE IDs, from the world's CA."""
+
+    other: Leaf  # localhost and OTHER_ID
+    api_only: Leaf  # API_ID and no DNS name at all
+
+
+@pytest.fixture(scope="module")
+def identities(world: World) -> Identities:  # noqa: F811 - the fixture, as a parameter
+    ca: CA = world.ca
+    return Identities(
+        other=ca.issue("spiffe-other", "localhost", uris=(OTHER_ID,)),
+        api_only=ca.issue("spiffe-api", uris=(API_ID,)),
+    )
+
+
+@dataclass(frozen=True)
+class Case:
+    id: str
+    server: Callable[[World, Identities], AbstractContextManager[int]]
+    outcome: UpstreamOutcome
+    upstream: dict[str, Any] = field(default_factory=dict)  # upstream_tls keys
+    client: Callable[[World], Leaf | None] = lambda w: w.client
+    host: str = "localhost"
+    cert_error: str | None = None
+    reply: bytes = b""  # a success: what the application reads first
+
+
+def _s(*options: str, leaf: Callable[[World], Leaf] | None = None) -> Any:
+    """An s_server case's server."""
+    return lambda w, i: w.s_server(*options, leaf=None if leaf is None else leaf(w))
+
+
+CASES = [
+    # ---- success, on three kinds of server
+    Case("s_server", _s("-www"), SUCCESS, reply=b"HTTP/1.0 200 ok"),
+    Case("python", lambda w, i: w.python_server(), SUCCESS, reply=b"ok"),
+    Case(
+        "nginx",
+        lambda w, i: contextlib.nullcontext(w.nginx["ok"]),
+        SUCCESS,
+        reply=b"HTTP/1.1 200 OK",
+    ),
+    Case(
+        "s_server TLS 1.2 requiring our certificate",
+        lambda w, i: w.requiring_client_cert("-tls1_2", "-www"),
+        SUCCESS,
+        reply=b"HTTP/1.0 200 ok",
+    ),
+    # ---- timeout: accepts, never answers
+    Case(
+        "stalled",
+        lambda w, i: _raw(stalled),
+        UpstreamOutcome.TIMEOUT,
+        client=lambda w: None,
+    ),
+    # ---- server_closed
+    Case("EOF", lambda w, i: _raw(eof_at_once), UpstreamOutcome.SERVER_CLOSED),
+    Case("reset", lambda w, i: _raw(read_then(b"", reset=True)), UpstreamOutcome.SERVER_CLOSED),
+    # ---- not_tls
+    Case(
+        "nginx plain HTTP",
+        lambda w, i: contextlib.nullcontext(w.nginx["plain"]),
+        UpstreamOutcome.NOT_TLS,
+    ),
+    # ---- unsupported_version
+    Case(
+        "s_server TLS 1.2 only, min_version TLSv1.3",
+        _s("-tls1_2"),
+        UpstreamOutcome.UNSUPPORTED_VERSION,
+        upstream={"min_version": "TLSv1.3"},
+    ),
+    Case(
+        "python TLS 1.2 only, min_version TLSv1.3",
+        lambda w, i: w.python_server(maximum=T12),
+        UpstreamOutcome.UNSUPPORTED_VERSION,
+        upstream={"min_version": "TLSv1.3"},
+    ),
+    # ---- no_shared_cipher
+    Case(
+        "s_server groups disjoint",
+        _s("-groups", "X448"),
+        UpstreamOutcome.NO_SHARED_CIPHER,
+        upstream={"groups": ["P-256"]},
+    ),
+    Case(
+        "s_server TLS 1.3 ciphersuites disjoint",
+        _s("-tls1_3", "-ciphersuites", "TLS_CHACHA20_POLY1305_SHA256"),
+        UpstreamOutcome.NO_SHARED_CIPHER,
+        upstream={"ciphersuites": ["TLS_AES_128_GCM_SHA256"]},
+    ),
+    # ---- server_cert_invalid
+    Case(
+        "unknown CA",
+        _s(leaf=lambda w: w.untrusted_server),
+        UpstreamOutcome.SERVER_CERT_INVALID,
+        cert_error="unknown_ca",
+    ),
+    Case(
+        "expired",
+        _s(leaf=lambda w: w.expired_server),
+        UpstreamOutcome.SERVER_CERT_INVALID,
+        cert_error="expired",
+    ),
+    Case(
+        "not yet valid",
+        _s(leaf=lambda w: w.future_server),
+        UpstreamOutcome.SERVER_CERT_INVALID,
+        cert_error="not_yet_valid",
+    ),
+    Case(
+        "self-signed",
+        _s(leaf=lambda w: w.self_signed_server),
+        UpstreamOutcome.SERVER_CERT_INVALID,
+        cert_error="self_signed",
+    ),
+    # ---- server_name_mismatch
+    Case(
+        "DNS name",
+        _s(leaf=lambda w: w.elsewhere),
+        UpstreamOutcome.SERVER_NAME_MISMATCH,
+        cert_error="hostname_mismatch",
+    ),
+    Case(
+        "IP literal",
+        lambda w, i: w.python_server(),
+        UpstreamOutcome.SERVER_NAME_MISMATCH,
+        host="127.0.0.1",
+        cert_error="ip_mismatch",
+    ),
+    Case(
+        "a SPIFFE-only certificate without an allow table",
+        lambda w, i: w.s_server("-www", leaf=i.api_only),
+        UpstreamOutcome.SERVER_NAME_MISMATCH,
+        cert_error="hostname_mismatch",
+    ),
+    # ---- server_identity_denied, and admitted: the allow table replaces the name check
+    Case(
+        "another SPIFFE ID",
+        lambda w, i: w.s_server("-www", leaf=i.other),
+        UpstreamOutcome.SERVER_IDENTITY_DENIED,
+        upstream={"allow": {"uri": [API_ID]}},
+        cert_error="not_allowed",
+    ),
+    Case(
+        "the allowed SPIFFE ID, no DNS name",
+        lambda w, i: w.s_server("-www", leaf=i.api_only),
+        SUCCESS,
+        upstream={"allow": {"uri": [API_ID]}},
+        reply=b"HTTP/1.0 200 ok",
+    ),
+    # ---- client_cert_rejected_by_server: TLS 1.2 in the handshake, TLS 1.3 on the first read
+    Case(
+        "s_server TLS 1.2, no client certificate",
+        lambda w, i: w.requiring_client_cert("-tls1_2"),
+        UpstreamOutcome.CLIENT_CERT_REJECTED_BY_SERVER,
+        client=lambda w: None,
+    ),
+    Case(
+        "python TLS 1.2, untrusted client certificate",
+        lambda w, i: w.python_server(require_client_cert=True, maximum=T12),
+        UpstreamOutcome.CLIENT_CERT_REJECTED_BY_SERVER,
+        client=lambda w: w.untrusted_client,
+    ),
+    Case(
+        "s_server TLS 1.3, no client certificate",
+        lambda w, i: w.requiring_client_cert(),
+        UpstreamOutcome.CLIENT_CERT_REJECTED_BY_SERVER,
+        client=lambda w: None,
+    ),
+    Case(
+        "python TLS 1.3, untrusted client certificate",
+        lambda w, i: w.python_server(require_client_cert=True),
+        UpstreamOutcome.CLIENT_CERT_REJECTED_BY_SERVER,
+        client=lambda w: w.untrusted_client,
+    ),
+    # ---- alpn_mismatch
+    Case(
+        "s_server -alpn h2",
+        _s("-alpn", "h2"),
+        UpstreamOutcome.ALPN_MISMATCH,
+        upstream={"alpn": ["http/1.1"]},
+    ),
+    Case(
+        "nginx http2",
+        lambda w, i: contextlib.nullcontext(w.nginx["h2"]),
+        UpstreamOutcome.ALPN_MISMATCH,
+        upstream={"alpn": ["imap"]},
+    ),
+    # ---- protocol_error
+    Case(
+        "garbage in a handshake record",
+        lambda w, i: _raw(read_then(GARBAGE_HANDSHAKE)),
+        UpstreamOutcome.PROTOCOL_ERROR,
+    ),
+]
+
+
+async def egress(
+    nursery: trio.Nursery,
+    directory: Path,
+    world: World,  # noqa: F811 - the fixture, as a parameter
+    port: int,
+    client: Leaf | None,
+    *,
+    host: str = "localhost",
+    **keys: Any,
+) -> Running:
+    """The in-process daemon: one egress listener to `host`:`port`."""
+    config = egress_config(
+        directory,
+        port,
+        world.ca,
+        client,
+        host=host,
+        listener={"handshake_timeout": SHORT_HANDSHAKE},
+        **keys,
+    )
+    return await start_server(nursery, config)
+
+
+@pytest.mark.parametrize("case", CASES, ids=[c.id for c in CASES])
+async def test_an_upstream_outcome_is_one_increment_and_its_access_line(
+    nursery: trio.Nursery,
+    tmp_path: Path,
+    world: World,  # noqa: F811 - the fixture, as a parameter
+    identities: Identities,
+    case: Case,
+) -> None:
+    with case.server(world, identities) as port:
+        proxy = await egress(
+            nursery, tmp_path, world, port, case.client(world), host=case.host, **case.upstream
+        )
+        before = await outcomes(proxy.admin_port, UPSTREAM_HANDSHAKES)
+        assert before == dict.fromkeys(UpstreamOutcome, 0.0)  # every outcome exported at zero
+        saw = await app_exchange(proxy.port)
+        (line,) = await proxy.access_log()
+        delta = await outcome_delta(proxy.admin_port, before, UPSTREAM_HANDSHAKES)
+    assert delta == {case.outcome.value: 1.0}, line
+    assert line["upstream_outcome"] == case.outcome.value
+    assert line.get("server_cert_error") == case.cert_error, line
+    _, text = await scrape(proxy.admin_port)
+    ok = case.outcome is SUCCESS
+    duration = "tlsproxy_upstream_handshake_duration_seconds_count"
+    assert sample(text, duration, listener="web", result="success") == (1 if ok else 0)
+    assert sample(text, duration, listener="web", result="failure") == (0 if ok else 1)
+    wants = "tlsproxy_upstream_handshake_wants_total"
+    # every upstream handshake waits at least once, for the server's first bytes
+    assert line["upstream_wants_read"] >= 1
+    assert sample(text, wants, listener="web", want="read") == line["upstream_wants_read"]
+    assert sample(text, wants, listener="web", want="write") == line["upstream_wants_write"]
+    negotiated = "tlsproxy_upstream_tls_negotiated_total"
+    if ok:
+        assert saw.data.startswith(case.reply) and not saw.reset, saw
+        assert "close_reason" not in line or not line["close_reason"].startswith("upstream_")
+        assert (
+            sample(
+                text,
+                negotiated,
+                listener="web",
+                version=line["upstream_tls_version"],
+                cipher=line["upstream_cipher"],
+                alpn=line["upstream_alpn"],
+                resumed="false",
+            )
+            == 1
+        )
+    else:
+        assert saw == FAILED
+        assert line["close_reason"] == f"upstream_{case.outcome.value}"
+        assert ("upstream_error" in line) == (case.outcome not in NO_EXCEPTION), line
+        assert f"{negotiated}{{" not in text
+    if case.outcome is UpstreamOutcome.TIMEOUT:
+        assert SHORT_HANDSHAKE * 1000 <= line["upstream_handshake_ms"] < STEP * 1000
+
+
+def test_every_upstream_outcome_but_a_bug_has_a_live_case() -> None:
+    assert set(UpstreamOutcome) - {case.outcome for case in CASES} == {
+        UpstreamOutcome.INTERNAL_ERROR
+    }
