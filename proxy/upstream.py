@@ -119,6 +119,15 @@ class Upstream:
             self.runtime.sessions.keep(self.name, result.tls.obj)
             self._count(result)
 
+    def close_notify(self) -> None:
+        """Best effort at the connection's close: a completed session ends
+        with our close_notify, not a bare FIN (which the upstream would log
+        as a truncated connection)."""
+        result = self.result
+        if result is not None and result.tls is not None and not self.failed:
+            result.tls.queue_close_notify()
+            result.tls.flush_nowait()
+
     def _count(self, result: HandshakeResult[UpstreamOutcome]) -> None:
         """Count the upstream handshake once; also called for one cut by a drain."""
         self.result = result
