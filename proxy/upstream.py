@@ -19,9 +19,10 @@ the one loop of `proxy.handshake`, under the listener's
   `bad_certificate`, ...) arrives as an alert on that read: counted then as
   `client_cert_rejected_by_server`, on the upstream handshake and not as a
   splice error. Plaintext (or a session ticket followed by data, or a clean
-  close) makes it `success`. A connection that ends before any read
-  (the client gave up, a drain) counts `success` at its close: the server
-  sent no refusal.
+  close) makes it `success`. A connection that ends before that read
+  (the client gave up, a drain, a write to the upstream that met its reset)
+  looks at what the upstream already sent, at its close: its refusal if
+  there, else `success`.
 
 Every upstream handshake is counted exactly once, whichever of these ends it.
 The session a successful handshake leaves is kept for the next connection
@@ -31,6 +32,7 @@ to the same name (`proxy.tls_upstream.Sessions`).
 from __future__ import annotations
 
 import socket
+import ssl
 from typing import Any
 
 from proxy.buffers import BufferPool
@@ -41,6 +43,7 @@ from proxy.identity import Identity
 from proxy.outcome import UpstreamOutcome, classify_first_read_error, server_cert_reason
 from proxy.runtime import UpstreamRuntime
 from proxy.tls_upstream import upstream_name
+from proxy.tlsio import TLSConn
 
 
 class Upstream:
@@ -112,12 +115,15 @@ class Upstream:
         self._count(result)
 
     def finish(self) -> None:
-        """At the connection's close: a success nobody refused is final now."""
+        """At the connection's close, a TLS 1.3 success still waiting for its
+        first read gets its verdict from what the upstream has already sent.
+        The other direction can end the connection before this one reads
+        (a write to the upstream meets its reset after the refusal, the
+        application resets, a drain) with the refusal already in our socket:
+        it is still the outcome. Nothing there: a success nobody refused."""
         result = self.result
         if self.pending and result is not None and result.tls is not None:
-            self.pending = False
-            self.runtime.sessions.keep(self.name, result.tls.obj)
-            self._count(result)
+            self._first_read(_last_look(result.tls))
 
     def close_notify(self) -> None:
         """Best effort at the connection's close: a completed session ends
@@ -177,3 +183,16 @@ class Upstream:
         if result.outcome is UpstreamOutcome.SERVER_IDENTITY_DENIED:
             fields["server_cert_error"] = "not_allowed"
         return fields
+
+
+def _last_look(tls: TLSConn) -> ssl.SSLError | None:
+    """The error of a read of what the peer already sent, None if none (no
+    bytes, or plaintext: the connection is closing, so it is dropped)."""
+    tls.fill_nowait()
+    try:
+        tls.obj.read(1)
+    except ssl.SSLWantReadError:
+        return None
+    except ssl.SSLError as exc:
+        return exc
+    return None
