@@ -13,8 +13,12 @@ table proves the classifier on the same servers without the daemon.
 from __future__ import annotations
 
 import contextlib
+import shutil
 import socket
-from collections.abc import Callable
+import ssl
+import subprocess
+import time
+from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -28,13 +32,14 @@ from tests.helpers import (
     STEP,
     UPSTREAM_HANDSHAKES,
     Running,
+    free_port,
     outcome_delta,
     outcomes,
     sample,
     scrape,
     start_server,
 )
-from tests.pki import CA, Leaf
+from tests.pki import CA, Leaf, client_context
 from tests.test_egress import egress_config
 from tests.test_upstream_outcome import (
     GARBAGE_HANDSHAKE,
@@ -98,7 +103,7 @@ def stalled(conn: socket.socket) -> None:
 
 
 @contextlib.contextmanager
-def _raw(behaviour: Callable[[socket.socket], None]) -> Any:
+def _raw(behaviour: Callable[[socket.socket], None]) -> Iterator[int]:
     with thread_server(behaviour) as server:
         yield server.port
 
@@ -420,3 +425,128 @@ async def test_a_tls13_refusal_is_counted_when_the_write_to_the_upstream_fails_f
         assert line["close_reason"] == "upstream_client_cert_rejected_by_server"
         assert line["upstream_error"].startswith("[SSL: TLSV13_ALERT_CERTIFICATE_REQUIRED]")
         assert saw == FAILED
+
+
+# ---------------------------------------------------------------- what the client is told
+
+
+async def test_a_backend_connect_failure_resets_the_app_and_is_no_upstream_handshake(
+    nursery: trio.Nursery,
+    tmp_path: Path,
+    world: World,  # noqa: F811 - the fixture, as a parameter
+) -> None:
+    """Nobody listens on the backend port: counted as a backend connect
+    failure, not as an upstream handshake (none began), and the application
+    is reset before a byte, exactly as for a failed handshake."""
+    proxy = await egress(nursery, tmp_path, world, free_port(), world.client)
+    before = await outcomes(proxy.admin_port, UPSTREAM_HANDSHAKES)
+    assert await app_exchange(proxy.port, b"") == FAILED  # ECONNRESET on the first read
+    (line,) = await proxy.access_log()
+    _, text = await scrape(proxy.admin_port)
+    failures = "tlsproxy_backend_connect_failures_total"
+    assert sample(text, failures, listener="web", reason="refused") == 1
+    assert await outcomes(proxy.admin_port, UPSTREAM_HANDSHAKES) == before
+    assert sum(before.values()) == 0
+    assert line["close_reason"] == "backend_refused"
+    assert "upstream_outcome" not in line
+
+
+STUNNEL_READY = "Configuration successful"
+# How often to look whether stunnel has said it is ready.
+STUNNEL_POLL = 0.02
+
+
+@contextlib.contextmanager
+def stunnel_client(directory: Path, upstream: int, ca: CA) -> Iterator[tuple[int, Path]]:
+    """stunnel as an egress proxy (`client = yes`), verifying the upstream
+    against `ca`, every other option at its default (`reset` included):
+    its port and its log file."""
+    binary = shutil.which("stunnel4") or shutil.which("stunnel")
+    assert binary is not None, "stunnel4 is in the Makefile's TEST_DEBS"
+    port = free_port()
+    conf, log = directory / "stunnel.conf", directory / "stunnel.log"
+    conf.write_text(
+        f"foreground = yes\npid =\n[egress]\nclient = yes\naccept = 127.0.0.1:{port}\n"
+        f"connect = 127.0.0.1:{upstream}\nverifyChain = yes\nCAfile = {ca.ca_file}\n"
+        "checkHost = localhost\n"
+    )
+    with (
+        log.open("w") as out,
+        subprocess.Popen([binary, str(conf)], stdout=out, stderr=out) as process,
+    ):
+        try:
+            deadline = time.monotonic() + STEP
+            while STUNNEL_READY not in log.read_text():
+                assert process.poll() is None, log.read_text()
+                assert time.monotonic() < deadline, "stunnel did not start"
+                time.sleep(STUNNEL_POLL)
+            yield port, log
+        finally:
+            process.kill()
+
+
+async def test_stunnel_resets_a_plaintext_client_when_its_upstream_fails(
+    tmp_path: Path,
+    world: World,  # noqa: F811 - the fixture, as a parameter
+) -> None:
+    """The README's comparison: stunnel (`client = yes`, default `reset`)
+    refusing its upstream's certificate resets the application's connection
+    without a byte, as tlsproxy does."""
+    with (
+        world.s_server(leaf=world.untrusted_server) as upstream,
+        stunnel_client(tmp_path, upstream, world.ca) as (port, log),
+    ):
+        assert await app_exchange(port, REQUEST) == FAILED
+        assert "certificate verify failed" in log.read_text()
+
+
+def read_through_bridge(port: int, context: ssl.SSLContext) -> bytes:
+    """A blocking Python ssl client (run it in a thread): its request, then
+    one read; a bare FIN raises SSLEOFError here, a reset ConnectionResetError."""
+    with (
+        socket.create_connection(("127.0.0.1", port), timeout=STEP) as sock,
+        context.wrap_socket(sock, server_hostname="localhost", suppress_ragged_eofs=False) as tls,
+    ):
+        tls.sendall(REQUEST)
+        return tls.recv(READ_SIZE)
+
+
+@pytest.mark.parametrize(
+    ("failure", "outcome"),
+    [
+        ("server certificate from another CA", UpstreamOutcome.SERVER_CERT_INVALID),
+        ("TLS 1.3 refusal of our certificate", UpstreamOutcome.CLIENT_CERT_REJECTED_BY_SERVER),
+    ],
+)
+async def test_a_bridged_tls_client_gets_close_notify_when_the_upstream_fails(
+    nursery: trio.Nursery,
+    tmp_path: Path,
+    world: World,  # noqa: F811 - the fixture, as a parameter
+    failure: str,
+    outcome: UpstreamOutcome,
+) -> None:
+    """Re-encrypting: the client's own handshake succeeded, the upstream's
+    failed; the client reads a clean end (close_notify: recv returns b"",
+    no SSLError, no reset) and no application byte."""
+    refusal = outcome is UpstreamOutcome.CLIENT_CERT_REJECTED_BY_SERVER
+    server = (
+        world.python_server(require_client_cert=True)
+        if refusal
+        else world.s_server(leaf=world.untrusted_server)
+    )
+    front = {"tls": {"certificates": [world.server.pair()]}}
+    with server as port:
+        config = egress_config(tmp_path, port, world.ca, None, listener=front)
+        proxy = await start_server(nursery, config)
+        before = await outcomes(proxy.admin_port, UPSTREAM_HANDSHAKES)
+        got = await trio.to_thread.run_sync(
+            read_through_bridge, proxy.port, client_context(world.ca)
+        )
+        (line,) = await proxy.access_log()
+        delta = await outcome_delta(proxy.admin_port, before, UPSTREAM_HANDSHAKES)
+    assert got == b""
+    assert delta == {outcome.value: 1.0}
+    assert line["outcome"] == "success"
+    assert line["upstream_outcome"] == outcome.value
+    _, text = await scrape(proxy.admin_port)
+    assert sample(text, "tlsproxy_handshakes_total", listener="web", outcome="success") == 1
