@@ -17,17 +17,24 @@ import shutil
 import socket
 import ssl
 import subprocess
+import threading
 import time
 from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
 import pytest
 import trio
+from cryptography import x509
+from prometheus_client import generate_latest
+from prometheus_client.parser import text_string_to_metric_families
 
+from proxy.config import Config, ConfigError, with_overrides
 from proxy.outcome import UpstreamOutcome
+from tests.daemon import toml_str
 from tests.helpers import (
     STEP,
     UPSTREAM_HANDSHAKES,
@@ -40,6 +47,8 @@ from tests.helpers import (
     start_server,
 )
 from tests.pki import CA, Leaf, client_context
+from tests.test_deploy_egress import Upstream as MTLSUpstream
+from tests.test_deploy_renewal import not_after
 from tests.test_egress import egress_config
 from tests.test_upstream_outcome import (
     GARBAGE_HANDSHAKE,
@@ -48,6 +57,7 @@ from tests.test_upstream_outcome import (
     World,
     world,  # noqa: F401 - the module-scoped fixture, shared
 )
+from tests.test_workers import _all_logged, _workers
 from tests.upstream_peers import (
     READ_SIZE,
     eof_at_once,
@@ -80,13 +90,16 @@ class AppSaw:
 FAILED = AppSaw(b"", reset=True)  # what the README promises on any upstream failure
 
 
-async def app_exchange(port: int, request: bytes = REQUEST) -> AppSaw:
-    """The application's side: connect, send `request` (if any), read to the end."""
+async def app_exchange(port: int, request: bytes = REQUEST, *, half_close: bool = False) -> AppSaw:
+    """The application's side: connect, send `request` (if any) and, with
+    `half_close`, its FIN; read to the end."""
     sock = trio.socket.socket()
     with sock, trio.fail_after(STEP):
         await sock.connect(("127.0.0.1", port))
         if request:
             await sock.send(request)
+        if half_close:
+            sock.shutdown(socket.SHUT_WR)
         data = b""
         try:
             while chunk := await sock.recv(READ_SIZE):
@@ -550,3 +563,199 @@ async def test_a_bridged_tls_client_gets_close_notify_when_the_upstream_fails(
     assert line["upstream_outcome"] == outcome.value
     _, text = await scrape(proxy.admin_port)
     assert sample(text, "tlsproxy_handshakes_total", listener="web", outcome="success") == 1
+
+
+# ---------------------------------------------------------------- lifecycle
+
+
+DRAIN_TIMEOUT = 0.5  # seconds a drain waits before it cuts
+
+
+async def test_a_drain_cuts_a_stalled_upstream_handshake_and_counts_it_once(
+    nursery: trio.Nursery,
+    tmp_path: Path,
+    world: World,  # noqa: F811 - the fixture, as a parameter
+) -> None:
+    """A drain while the upstream has our hello and answers nothing (its
+    handshake_timeout far away): the connection is cut at drain_timeout,
+    logged close_reason=drain, counted once as `timeout` (cut unfinished,
+    no EOF from the upstream), and the application reset without a byte."""
+    hello_in = threading.Event()
+
+    def stall(conn: socket.socket) -> None:
+        conn.recv(READ_SIZE)
+        hello_in.set()
+        conn.recv(READ_SIZE)  # until we are cut
+
+    with _raw(stall) as port:
+        config = egress_config(
+            tmp_path,
+            port,
+            world.ca,
+            world.client,
+            listener={"handshake_timeout": STEP * 3},
+            process={"drain_timeout": DRAIN_TIMEOUT},
+        )
+        proxy = await start_server(nursery, config)
+        before = await outcomes(proxy.admin_port, UPSTREAM_HANDSHAKES)
+        async with trio.open_nursery() as app:
+            saw: list[AppSaw] = []
+
+            async def exchange() -> None:
+                saw.append(await app_exchange(proxy.port))
+
+            app.start_soon(exchange)
+            assert await trio.to_thread.run_sync(hello_in.wait, STEP)
+            drained_at = trio.current_time()
+            proxy.server.request_drain()
+            (line,) = await proxy.access_log()
+            cut_after = trio.current_time() - drained_at
+    assert DRAIN_TIMEOUT <= cut_after < STEP
+    assert line["close_reason"] == "drain"
+    assert line["upstream_outcome"] == "timeout"
+    assert saw == [FAILED]
+    text = generate_latest(proxy.server.metrics.registry).decode()  # the admin port has closed
+    after = {
+        outcome.value: sample(text, UPSTREAM_HANDSHAKES, outcome=outcome.value)
+        for outcome in UpstreamOutcome
+    }
+    assert {k: v - before[k] for k, v in after.items() if v != before[k]} == {"timeout": 1.0}
+
+
+def _expiry_series(text: str) -> dict[str, float]:
+    """The expiry gauge of listener "web", by subject."""
+    return {
+        s.labels["subject"]: s.value
+        for family in text_string_to_metric_families(text)
+        for s in family.samples
+        if s.name == "tlsproxy_certificate_expiry_timestamp_seconds"
+        and s.labels["listener"] == "web"
+    }
+
+
+def _subject(leaf: Leaf) -> str:
+    return x509.load_pem_x509_certificate(leaf.cert.read_bytes()).subject.rfc4514_string()
+
+
+async def test_a_reload_changes_the_client_certificate_and_a_bad_key_keeps_the_old(
+    nursery: trio.Nursery,
+    tmp_path: Path,
+    world: World,  # noqa: F811 - the fixture, as a parameter
+) -> None:
+    """A reload with a new client certificate: the next connection presents
+    it (the upstream sees its serial) and the expiry gauge follows (the old
+    subject's series gone). A reload whose key does not match its
+    certificate fails and the running one keeps being presented."""
+    ca = world.ca
+    first = ca.issue("me-first", client=True)
+    second = ca.issue("me-second", client=True, not_after=datetime.now(UTC) + timedelta(days=30))
+    third = ca.issue("me-third", client=True)
+    mismatched = Leaf(third.cert, second.key, third.serial)
+    upstream = MTLSUpstream(ca, world.server)
+    port = await upstream.start(nursery)
+
+    def config(client: Leaf) -> Config:
+        return egress_config(tmp_path, port, ca, client, session_resumption=False)
+
+    proxy = await start_server(nursery, config(first))
+
+    async def presented() -> int:
+        echoed = await app_exchange(proxy.port, b"ping", half_close=True)
+        assert echoed == AppSaw(b"ping", reset=False)
+        return upstream.client_serials[-1]
+
+    async def expiries() -> dict[str, float]:
+        return _expiry_series((await scrape(proxy.admin_port))[1])
+
+    assert await presented() == first.serial
+    assert await expiries() == {_subject(first): not_after(first)}
+    assert await proxy.server.reload(lambda: config(second), trigger="test")
+    assert await presented() == second.serial
+    assert await expiries() == {_subject(second): not_after(second)}
+    assert not await proxy.server.reload(lambda: config(mismatched), trigger="test")
+    (rejected,) = proxy.log_events("reload rejected; the previous config keeps serving")
+    assert rejected["error"].startswith(
+        "listeners[0].upstream_tls.certificates[0].key: key does not match certificate"
+    )
+    assert await presented() == second.serial
+    assert await expiries() == {_subject(second): not_after(second)}
+    _, text = await scrape(proxy.admin_port)
+    assert sample(text, "tlsproxy_config_reloads_total", result="failure") == 1
+    assert sample(text, "tlsproxy_config_reloads_total", result="success") == 1
+    assert sample(text, UPSTREAM_HANDSHAKES, listener="web", outcome="success") == 3
+
+
+# Connections made at most until the kernel has given each of two workers
+# some (SO_REUSEPORT hashes the client's port: one worker missing all of 40
+# has a chance of 2**-39).
+MAX_SPREAD = 40
+
+
+async def test_two_workers_upstream_outcomes_merge_into_one_scrape(
+    nursery: trio.Nursery,
+    tmp_path: Path,
+    world: World,  # noqa: F811 - the fixture, as a parameter
+) -> None:
+    """workers = 2 (the subprocess daemon): connections served by both
+    workers, and one scrape of the supervisor counts every upstream
+    handshake of both, in each upstream series."""
+    upstream = MTLSUpstream(world.ca, world.server)
+    port = await upstream.start(nursery)
+    config = tmp_path / "tlsproxy.toml"
+    config.write_text(
+        f"""\
+[admin]
+listen = "127.0.0.1:0"
+
+[process]
+workers = 2
+
+[[listeners]]
+name = "web"
+listen = "127.0.0.1:0"
+backend = "localhost:{port}"
+
+[listeners.upstream_tls]
+ca = {toml_str(world.ca.ca_file)}
+certificates = [{{ cert = {toml_str(world.client.cert)}, key = {toml_str(world.client.key)} }}]
+""",
+        encoding="utf-8",
+    )
+    async with _workers(nursery, tmp_path, config) as (daemon, listen_port, admin_port, pids):
+        for count in range(1, MAX_SPREAD + 1):
+            echoed = await app_exchange(listen_port, b"ping", half_close=True)
+            assert echoed == AppSaw(b"ping", reset=False)
+            lines = await _all_logged(daemon, count)
+            if {line["pid"] for line in lines} == set(pids):
+                break
+        else:
+            raise AssertionError(f"one worker served all {MAX_SPREAD} connections")
+        _, text = await scrape(admin_port)
+    assert all(line["upstream_outcome"] == "success" for line in lines)
+    assert upstream.client_serials == [world.client.serial] * count
+    merged = {o.value: sample(text, UPSTREAM_HANDSHAKES, outcome=o.value) for o in UpstreamOutcome}
+    assert merged == {**dict.fromkeys(merged, 0.0), "success": float(count)}
+    duration = "tlsproxy_upstream_handshake_duration_seconds_count"
+    assert sample(text, duration, listener="web", result="success") == count
+    assert sample(text, "tlsproxy_upstream_handshake_wants_total", want="read") >= count
+    negotiated = [
+        s.value
+        for family in text_string_to_metric_families(text)
+        for s in family.samples
+        if s.name == "tlsproxy_upstream_tls_negotiated_total"
+    ]
+    assert sum(negotiated) == count
+
+
+def test_cert_flags_on_a_plaintext_in_first_listener_are_a_config_error(
+    tmp_path: Path,
+    world: World,  # noqa: F811 - the fixture, as a parameter
+) -> None:
+    """`tlsproxy run --config` on a config whose first listener takes
+    plaintext in (egress) crashed on a TypeError, flags or not (the workers
+    test above ran into it); --cert/--key have no certificate to replace."""
+    config = egress_config(tmp_path, 1, world.ca, world.client)
+    assert with_overrides(config) is config
+    assert with_overrides(config, backend="127.0.0.1:2").listeners[0].backend.port == 2
+    with pytest.raises(ConfigError, match=r"--cert and --key: listener 'web' has no"):
+        with_overrides(config, cert="x.pem", key="x.key")
