@@ -155,6 +155,14 @@ def _s(*options: str, leaf: Callable[[World], Leaf] | None = None) -> Any:
     return lambda w, i: w.s_server(*options, leaf=None if leaf is None else leaf(w))
 
 
+# (case, the certificate served, server_cert_error)
+BAD_CHAINS: list[tuple[str, Callable[[World], Leaf], str]] = [
+    ("unknown CA", lambda w: w.untrusted_server, "unknown_ca"),
+    ("expired", lambda w: w.expired_server, "expired"),
+    ("not yet valid", lambda w: w.future_server, "not_yet_valid"),
+    ("self-signed", lambda w: w.self_signed_server, "self_signed"),
+]
+
 CASES = [
     # ---- success, on three kinds of server
     Case("s_server", _s("-www"), SUCCESS, reply=b"HTTP/1.0 200 ok"),
@@ -213,30 +221,10 @@ CASES = [
         UpstreamOutcome.NO_SHARED_CIPHER,
         upstream={"ciphersuites": ["TLS_AES_128_GCM_SHA256"]},
     ),
-    # ---- server_cert_invalid
-    Case(
-        "unknown CA",
-        _s(leaf=lambda w: w.untrusted_server),
-        UpstreamOutcome.SERVER_CERT_INVALID,
-        cert_error="unknown_ca",
-    ),
-    Case(
-        "expired",
-        _s(leaf=lambda w: w.expired_server),
-        UpstreamOutcome.SERVER_CERT_INVALID,
-        cert_error="expired",
-    ),
-    Case(
-        "not yet valid",
-        _s(leaf=lambda w: w.future_server),
-        UpstreamOutcome.SERVER_CERT_INVALID,
-        cert_error="not_yet_valid",
-    ),
-    Case(
-        "self-signed",
-        _s(leaf=lambda w: w.self_signed_server),
-        UpstreamOutcome.SERVER_CERT_INVALID,
-        cert_error="self_signed",
+    # ---- server_cert_invalid: s_server serving each bad certificate
+    *(
+        Case(name, _s(leaf=leaf), UpstreamOutcome.SERVER_CERT_INVALID, cert_error=reason)
+        for name, leaf, reason in BAD_CHAINS
     ),
     # ---- server_name_mismatch
     Case(
