@@ -14,7 +14,7 @@ import pytest
 import trio
 from prometheus_client import CollectorRegistry
 
-from proxy.config import Config, parse_config
+from proxy.config import Config, parse_address, parse_config
 from proxy.log import make_logger
 from proxy.metrics import Metrics
 from proxy.server import Server
@@ -419,3 +419,24 @@ async def test_an_idle_timeout_ends_the_upstream_session_with_close_notify(
         await app.aclose()
     assert line["close_reason"] == "idle_timeout"
     assert ended == [b""]
+
+
+async def test_an_app_reaches_the_upstream_through_a_unix_socket(
+    tmp_path: Path, nursery: trio.Nursery
+) -> None:
+    """The egress listener on a socket file, as apps in one pod often prefer."""
+    ca = CA(tmp_path)
+    port = await start_tls_server(
+        nursery, server_context(ca, ca.issue("upstream", "localhost"), client_ca=None), echo_peer
+    )
+    path = tmp_path / "payments.sock"
+    config = egress_config(tmp_path, port, ca, None)
+    listener = config.listeners[0].model_copy(update={"listen": parse_address(f"unix:{path}")})
+    proxy = await start(nursery, config.model_copy(update={"listeners": (listener,)}))
+    with trio.fail_after(STEP):
+        app = await trio.open_unix_socket(str(path))
+        await app.send_all(b"over a socket file")
+        assert await app.receive_some() == b"over a socket file"
+        await app.aclose()
+        (line,) = await proxy.access_log()
+    assert (line["client"], line["upstream_outcome"]) == ("unix", "success")
