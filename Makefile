@@ -8,6 +8,8 @@ TEST_DEBS := openssl curl haproxy
 TEST_DEBS += nginx-light libnginx-mod-stream
 # ... and Java's TLS stack (JSSE), run from source: a JDK, not only a JRE.
 TEST_DEBS += openjdk-17-jdk-headless
+# tests/test_egress_outcomes.py: stunnel, what it tells an app when its upstream fails.
+TEST_DEBS += stunnel4
 # deploy/ checks: promtool and a real Prometheus server; systemd-analyze.
 TEST_DEBS += prometheus systemd
 

@@ -8,13 +8,7 @@ from typing import Any
 import pytest
 
 from proxy.__main__ import main
-from proxy.config import (
-    ConfigError,
-    UpstreamTLSConfig,
-    parse_address,
-    parse_config,
-    with_overrides,
-)
+from proxy.config import UpstreamTLSConfig, parse_address, parse_config
 from proxy.tls_upstream import upstream_name
 from tests.test_config import DELETE, document, errors_of, make_pair
 
@@ -148,18 +142,3 @@ def test_the_name_we_dial(
         context={"check_files": False},
     )
     assert upstream_name(upstream, parse_address(backend), client_sni) == expected
-
-
-def test_flags_apply_to_an_egress_first_listener_but_cert_and_key_do_not(
-    tmp_path: Path,
-) -> None:
-    """`run --config` on a config whose first listener takes plaintext in
-    used to crash on the served-certificate lookup of --cert/--key, even
-    with neither flag given."""
-    config = parse_config(egress(), tmp_path)
-    assert with_overrides(config) is config
-    moved = with_overrides(config, listen="127.0.0.1:15001")
-    assert str(moved.listeners[0].listen) == "127.0.0.1:15001"
-    with pytest.raises(ConfigError) as caught:
-        with_overrides(config, cert="other.crt")
-    assert "takes plaintext (no [listeners.tls])" in str(caught.value)

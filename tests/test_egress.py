@@ -56,8 +56,19 @@ def server_context(
 
 
 def egress_config(
-    directory: Path, port: int, ca: CA, client: Leaf | None, **upstream: Any
+    directory: Path,
+    port: int,
+    ca: CA,
+    client: Leaf | None,
+    *,
+    host: str = "localhost",
+    listener: dict[str, Any] | None = None,
+    process: dict[str, Any] | None = None,
+    **upstream: Any,
 ) -> Config:
+    """One listener "web" originating TLS to `host`:`port`, trusting `ca`,
+    presenting `client`; `listener` and `process` add keys to those tables
+    (a `tls` table makes it bridge), `upstream` to its upstream_tls."""
     table: dict[str, Any] = {"ca": str(ca.ca_file)}
     if client is not None:
         table["certificates"] = [client.pair()]
@@ -65,12 +76,14 @@ def egress_config(
     return parse_config(
         {
             "admin": {"listen": "127.0.0.1:0"},
+            "process": process or {},
             "listeners": [
                 {
                     "name": "web",
                     "listen": "127.0.0.1:0",
-                    "backend": f"localhost:{port}",
+                    "backend": f"{host}:{port}",
                     "upstream_tls": table,
+                    **(listener or {}),
                 }
             ],
         },

@@ -103,13 +103,9 @@ def with_overrides(
         (first, "backend", backend),
     ]
     if cert is not None or key is not None:
-        if first["tls"] is None:
+        if first["tls"] is None:  # plaintext in: it serves no certificate
             raise ConfigError(
-                [
-                    f"--cert and --key replace the certificate the first listener "
-                    f"({first['name']!r}) serves, and it serves none: it takes "
-                    "plaintext (no [listeners.tls]); set them in the config file"
-                ]
+                (f"--cert and --key: listener {first['name']!r} has no [listeners.tls]",)
             )
         pair = first["tls"]["certificates"][0]
         flags += [(pair, "cert", cert), (pair, "key", key)]
