@@ -34,7 +34,7 @@ import trio
 from proxy import accept_proxy, backend, openssl
 from proxy.buffers import BufferPool
 from proxy.config import Address, format_sockaddr
-from proxy.ends import BACKEND, CLIENT, CloseReason, End, PlainEnd, TLSEnd
+from proxy.ends import BACKEND, CLIENT, CloseReason, End, Gone, PlainEnd, TLSEnd
 from proxy.handshake import HandshakeResult, negotiated, run_handshake
 from proxy.identity import Identity
 from proxy.ja4 import ja4
@@ -191,7 +191,7 @@ class _Connection:
                 self.peer = header.source
             timeout -= trio.current_time() - start
         client = (
-            PlainEnd(self.client, CLIENT, self.shared.buffers, speaks_first=True, early=early)
+            PlainEnd(self.client, CLIENT, self.shared.buffers, speaks_first=True)
             if runtime.context is None
             else await self._terminate(runtime.context, timeout, early)
         )
@@ -204,6 +204,11 @@ class _Connection:
         if backend_end is None:
             return
         self.splice = Splice(client, backend_end, runtime.config.idle_timeout, lm)
+        if early and runtime.context is None:  # else the TLS handshake had them
+            try:
+                await self.splice.prime(early)
+            except Gone:
+                return
         await self.splice.run(nursery, self.shared.idle)
 
     async def _terminate(

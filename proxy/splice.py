@@ -31,11 +31,15 @@ resets or breaks the protocol, or when no byte moved for `idle_timeout`.
 from __future__ import annotations
 
 from collections.abc import Awaitable
+from typing import cast
 
 import trio
 
-from proxy.ends import WAIT, CloseReason, End, Gone
+from proxy.ends import CloseReason, End, Gone, PlainEnd
 from proxy.metrics import ListenerMetrics
+
+_now = trio.current_time
+_wait_readable = trio.lowlevel.wait_readable
 
 # Bounds on the idle scan's period, in seconds: at most a second late for the
 # usual minutes-long timeouts, and never a busy loop for tiny ones.
@@ -80,8 +84,6 @@ class Splice:
 
     __slots__ = (
         "backend",
-        "bytes_to_backend",
-        "bytes_to_client",
         "client",
         "close_reason",
         "idle_timeout",
@@ -97,8 +99,6 @@ class Splice:
         self.backend = backend
         self.idle_timeout = idle_timeout
         self.metrics = metrics
-        self.bytes_to_backend = 0
-        self.bytes_to_client = 0
         self.close_reason: CloseReason | None = None
         self.scope: trio.CancelScope | None = None
         self.last_activity = trio.current_time()
@@ -118,6 +118,25 @@ class Splice:
         nursery.start_soon(self._pump, self.client, self.backend, True)
         return self._pump(self.backend, self.client, False)
 
+    @property
+    def bytes_to_backend(self) -> int:
+        return self.client.moved
+
+    @property
+    def bytes_to_client(self) -> int:
+        return self.backend.moved
+
+    async def prime(self, early: bytes) -> None:
+        """Before `run`: the client's bytes read with its PROXY header go
+        to the backend first, counted as any others."""
+        try:
+            await self.backend.send_all(memoryview(early))
+        except Gone as exc:
+            self.close_reason = exc.reason
+            raise
+        self.client.moved += len(early)
+        self.metrics.bytes_to_backend.inc(len(early))
+
     def expire_if_idle(self, now: float) -> None:
         if now - self.last_activity >= self.idle_timeout:
             self._end(CloseReason.IDLE_TIMEOUT)
@@ -134,26 +153,47 @@ class Splice:
 
     async def _pump(self, source: End, sink: End, to_backend: bool) -> None:
         """Read a chunk, write all of it, and again; at the source's end,
-        close the sink's write half."""
+        close the sink's write half.
+
+        A plain source is read here (see `proxy.ends`), a TLS source
+        through its `recv`.
+        """
         metrics = self.metrics
-        counter = metrics.bytes_to_backend if to_backend else metrics.bytes_to_client
+        inc = (metrics.bytes_to_backend if to_backend else metrics.bytes_to_client).inc
+        # Bound once: a method looked up per chunk is measurable per request.
+        send_all, take, give, now = sink.send_all, source.pool.take, source.pool.give, _now
+        tls = None if isinstance(source, PlainEnd) else source
+        plain = cast(PlainEnd, source)  # read from only when not TLS
+        sock = tls.conn.sock if tls is not None else plain.sock
         try:
             while True:
-                chunk = source.ready()
-                if chunk is WAIT:
-                    await source.refill()
-                    continue
-                if chunk is None:
-                    break
-                self.last_activity = trio.current_time()
-                view, n = chunk
-                await sink.send_all(view[:n])
-                source.pool.give(view)
-                if to_backend:
-                    self.bytes_to_backend += n
+                if tls is not None:
+                    chunk = await tls.recv()
+                    if chunk is None:
+                        break
+                    view, n = chunk
                 else:
-                    self.bytes_to_client += n
-                counter.inc(n)
+                    if plain.drained:
+                        await _wait_readable(sock)
+                    view = take()
+                    try:
+                        n = sock.recv_into(view)
+                    except BlockingIOError:
+                        give(view)
+                        plain.drained = True
+                        continue
+                    except OSError as exc:
+                        give(view)
+                        raise Gone(plain.side.reset) from exc
+                    if not n:
+                        give(view)
+                        break
+                    plain.drained = n < len(view)
+                self.last_activity = now()
+                await send_all(view[:n])
+                give(view)
+                source.moved += n
+                inc(n)
             await sink.close_write()
             if self.close_reason is None:
                 self.close_reason = source.side.closed
