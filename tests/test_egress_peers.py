@@ -138,8 +138,7 @@ async def read_all(peer: Peer) -> Got:
 
 
 async def exchange(app: Peer, payload: bytes) -> Got:
-    """Send `payload` and then our half-close, while reading the answer to
-    its end; then close."""
+    """Send `payload` and then our half-close, while reading the answer to its end."""
 
     async def send() -> None:
         for start in range(0, len(payload), WRITE):
@@ -148,9 +147,7 @@ async def exchange(app: Peer, payload: bytes) -> Got:
 
     async with trio.open_nursery() as nursery:
         nursery.start_soon(send)
-        got = await read_all(app)
-    await app.aclose()
-    return got
+        return await read_all(app)
 
 
 # ---------------------------------------------------------------- what an upstream does
@@ -359,11 +356,19 @@ async def assert_counted(
         assert "tlsproxy_handshakes_total{" not in text
 
 
-async def app_on(proxy: Running, world: World, *, bridged: bool) -> Peer:
-    """The app's connection: plaintext, or TLS to a bridging listener."""
+@asynccontextmanager
+async def app_on(proxy: Running, world: World, *, bridged: bool = False) -> AsyncIterator[Peer]:
+    """The app's connection: plaintext, or TLS to a bridging listener;
+    closed at the end, however the test went."""
+    app: Peer
     if bridged:
-        return Tls(await BioClient.connect(proxy.port, client_context(world.ca)))
-    return Plain(await raw_connect(proxy.port))
+        app = Tls(await BioClient.connect(proxy.port, client_context(world.ca)))
+    else:
+        app = Plain(await raw_connect(proxy.port))
+    try:
+        yield app
+    finally:
+        await app.aclose()
 
 
 async def through(
@@ -374,6 +379,28 @@ async def through(
         return await egress(nursery, world, upstream.port)
     front = world.ca.issue("front", "localhost")
     return await egress(nursery, world, upstream.port, tls={"certificates": [front.pair()]})
+
+
+async def one_exchange(
+    nursery: trio.Nursery,
+    world: World,
+    kind: str,
+    *,
+    bridged: bool,
+    behaviour: Behaviour,
+    payload: bytes,
+) -> tuple[Running, Got, Got]:
+    """One app connection through the egress listener to a `kind` upstream
+    running `behaviour`: the listener, what the app got back and what the
+    upstream got. The upstream's own account of our certificate is checked."""
+    async with UPSTREAMS[kind](nursery, world, behaviour, True) as upstream:
+        proxy = await through(nursery, world, upstream, bridged)
+        with trio.fail_after(BULK_STEP):
+            async with app_on(proxy, world, bridged=bridged) as app:
+                answer = await exchange(app, payload)
+            got = await upstream.seen.receive()
+        assert await upstream.identities(1) == [upstream.expected]
+    return proxy, answer, got
 
 
 # ---------------------------------------------------------------- the tests
@@ -393,15 +420,11 @@ async def test_20_mib_each_way_arrive_intact(
 ) -> None:
     payload = os.urandom(BULK)
     expected = Got.of(payload)
-    async with UPSTREAMS[kind](nursery, world, echo, True) as upstream:
-        proxy = await through(nursery, world, upstream, bridged)
-        with trio.fail_after(BULK_STEP):
-            app = await app_on(proxy, world, bridged=bridged)
-            received = await exchange(app, payload)
-            got = await upstream.seen.receive()
-        assert got == expected, "the upstream received other bytes than the app sent"
-        assert received == expected, "the app received other bytes than the upstream sent"
-        assert await upstream.identities(1) == [upstream.expected]
+    proxy, received, got = await one_exchange(
+        nursery, world, kind, bridged=bridged, behaviour=echo, payload=payload
+    )
+    assert got == expected, "the upstream received other bytes than the app sent"
+    assert received == expected, "the app received other bytes than the upstream sent"
     (line,) = await proxy.access_log()
     assert line["bytes_to_backend"] == line["bytes_to_client"] == BULK
     assert line["close_reason"] == "client_closed"  # the app's EOF came first
@@ -414,15 +437,11 @@ async def test_the_app_half_closes_and_the_upstream_still_answers(
 ) -> None:
     """The app's EOF reaches the upstream (close_notify, or nginx's FIN to
     its backend), which answers only then, on its still open half."""
-    async with UPSTREAMS[kind](nursery, world, answer_at_eof, True) as upstream:
-        proxy = await through(nursery, world, upstream, bridged)
-        with trio.fail_after(STEP):
-            app = await app_on(proxy, world, bridged=bridged)
-            answer = await exchange(app, REQUEST)
-            got = await upstream.seen.receive()
-        assert got == Got.of(REQUEST)
-        assert answer == Got.of(Got.of(REQUEST).sha256.encode())
-        assert await upstream.identities(1) == [upstream.expected]
+    proxy, answer, got = await one_exchange(
+        nursery, world, kind, bridged=bridged, behaviour=answer_at_eof, payload=REQUEST
+    )
+    assert got == Got.of(REQUEST)
+    assert answer == Got.of(Got.of(REQUEST).sha256.encode())
     (line,) = await proxy.access_log()
     assert line["close_reason"] == "client_closed"
     await assert_counted(proxy, 1, len(REQUEST), answer.count, bridged=bridged)
@@ -437,13 +456,12 @@ async def test_the_upstream_half_closes_and_the_app_still_sends(
     async with UPSTREAMS[kind](nursery, world, close_first, True) as upstream:
         proxy = await through(nursery, world, upstream, bridged)
         with trio.fail_after(STEP):
-            app = await app_on(proxy, world, bridged=bridged)
-            banner = await read_all(app)  # to the upstream's EOF
-            assert banner == Got.of(BANNER)
-            await app.send_all(REQUEST)
-            await app.close_write()
-            got = await upstream.seen.receive()
-            await app.aclose()
+            async with app_on(proxy, world, bridged=bridged) as app:
+                banner = await read_all(app)  # to the upstream's EOF
+                assert banner == Got.of(BANNER)
+                await app.send_all(REQUEST)
+                await app.close_write()
+                got = await upstream.seen.receive()
         assert got == Got.of(REQUEST)
         assert await upstream.identities(1) == [upstream.expected]
     (line,) = await proxy.access_log()
@@ -458,16 +476,17 @@ async def test_100_concurrent_apps_each_get_their_own_bytes_back(
     messages = [f"app {i} ".encode() * 1000 for i in range(CLIENTS)]
     failures: list[int] = []
 
-    async def one(i: int, port: int) -> None:
-        if await exchange(Plain(await raw_connect(port)), messages[i]) != Got.of(messages[i]):
-            failures.append(i)
+    async def one(i: int, proxy: Running) -> None:
+        async with app_on(proxy, world) as app:
+            if await exchange(app, messages[i]) != Got.of(messages[i]):
+                failures.append(i)
 
     async with UPSTREAMS[kind](nursery, world, echo, True) as upstream:
         proxy = await egress(nursery, world, upstream.port)
         with trio.fail_after(BULK_STEP):
             async with trio.open_nursery() as apps:
                 for i in range(CLIENTS):
-                    apps.start_soon(one, i, proxy.port)
+                    apps.start_soon(one, i, proxy)
             got = [await upstream.seen.receive() for _ in range(CLIENTS)]
         assert failures == []
         assert sorted(got, key=repr) == sorted(map(Got.of, messages), key=repr)
@@ -490,26 +509,25 @@ async def test_s_server_pipes_20_mib_each_way_and_sees_our_certificate(
     ) as peer:
         proxy = await egress(nursery, world, peer.port)
         with trio.fail_after(BULK_STEP):
-            app = Plain(await raw_connect(proxy.port))
             received = hashlib.sha256()
             count = 0
+            async with app_on(proxy, world) as app:
 
-            async def send() -> None:
-                for start in range(0, BULK, WRITE):
-                    await app.send_all(upload[start : start + WRITE])
+                async def send() -> None:
+                    for start in range(0, BULK, WRITE):
+                        await app.send_all(upload[start : start + WRITE])
 
-            async with trio.open_nursery() as moving:
-                moving.start_soon(peer.stdin.send_all, download)
-                moving.start_soon(send)
-                while count < BULK:
-                    data = await app.recv()
-                    assert data, "s_server closed before it sent its stdin"
-                    received.update(data)
-                    count += len(data)
-            await app.close_write()
-            assert await peer.process.wait() == 0
-            assert await app.recv() == b""
-            await app.aclose()
+                async with trio.open_nursery() as moving:
+                    moving.start_soon(peer.stdin.send_all, download)
+                    moving.start_soon(send)
+                    while count < BULK:
+                        data = await app.recv()
+                        assert data, "s_server closed before it sent its stdin"
+                        received.update(data)
+                        count += len(data)
+                await app.close_write()
+                assert await peer.process.wait() == 0
+                assert await app.recv() == b""
     assert Got(count, received.hexdigest()) == Got.of(download)
     assert Got.of(peer.received.read_bytes()) == Got.of(upload)
     # its verify callback's line for our certificate (depth 0: the leaf)
@@ -584,8 +602,8 @@ async def test_a_second_connection_resumes_the_upstream_session(
         proxy = await egress(nursery, world, upstream.port, session_resumption=resumption)
         for count in (1, 2):
             with trio.fail_after(STEP):
-                app = Plain(await raw_connect(proxy.port))
-                assert await exchange(app, b"ping") == Got.of(b"ping")
+                async with app_on(proxy, world) as app:
+                    assert await exchange(app, b"ping") == Got.of(b"ping")
                 await proxy.access_log(count)
         assert await upstream.identities(2) == [upstream.expected] * 2
     first, second = await proxy.access_log(2)
