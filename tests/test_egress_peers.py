@@ -431,7 +431,11 @@ async def test_20_mib_each_way_arrive_intact(
     await assert_counted(proxy, 1, BULK, BULK, bridged=bridged)
 
 
-@pytest.mark.parametrize(("kind", "bridged"), MODES)
+# The half-closes also across a bridge to a Python server: close_notify both ways.
+HALF_CLOSE_MODES = [*MODES, pytest.param("python", True, id="python-bridged")]
+
+
+@pytest.mark.parametrize(("kind", "bridged"), HALF_CLOSE_MODES)
 async def test_the_app_half_closes_and_the_upstream_still_answers(
     nursery: trio.Nursery, world: World, kind: str, bridged: bool
 ) -> None:
@@ -447,7 +451,7 @@ async def test_the_app_half_closes_and_the_upstream_still_answers(
     await assert_counted(proxy, 1, len(REQUEST), answer.count, bridged=bridged)
 
 
-@pytest.mark.parametrize(("kind", "bridged"), MODES)
+@pytest.mark.parametrize(("kind", "bridged"), HALF_CLOSE_MODES)
 async def test_the_upstream_half_closes_and_the_app_still_sends(
     nursery: trio.Nursery, world: World, kind: str, bridged: bool
 ) -> None:
@@ -495,6 +499,20 @@ async def test_100_concurrent_apps_each_get_their_own_bytes_back(
     await assert_counted(proxy, CLIENTS, total, total)
 
 
+def s_server_mtls(world: World) -> tuple[str, ...]:
+    """s_server's certificate, and ours required and verified (a failed
+    verify fails the handshake)."""
+    return (
+        *("-cert", str(world.server.cert), "-key", str(world.server.key)),
+        *("-Verify", "1", "-verify_return_error", "-CAfile", str(world.ca.ca_file)),
+    )
+
+
+# The line s_server's verify callback prints for our certificate (depth 0:
+# the leaf), once per full handshake.
+S_SERVER_VERIFIED = "depth=0 O = tlsproxy tests, CN = me"
+
+
 async def test_s_server_pipes_20_mib_each_way_and_sees_our_certificate(
     nursery: trio.Nursery, world: World
 ) -> None:
@@ -502,11 +520,7 @@ async def test_s_server_pipes_20_mib_each_way_and_sees_our_certificate(
     goes to its stdout. Its stdin stays open, so the connection's end is the
     app's: our close_notify ends s_server once both 20 MiB have moved."""
     download, upload = os.urandom(BULK), os.urandom(BULK)
-    async with s_server_pipe(
-        world.directory,
-        *("-cert", str(world.server.cert), "-key", str(world.server.key)),
-        *("-Verify", "1", "-verify_return_error", "-CAfile", str(world.ca.ca_file)),
-    ) as peer:
+    async with s_server_pipe(world.directory, *s_server_mtls(world)) as peer:
         proxy = await egress(nursery, world, peer.port)
         with trio.fail_after(BULK_STEP):
             received = hashlib.sha256()
@@ -530,8 +544,7 @@ async def test_s_server_pipes_20_mib_each_way_and_sees_our_certificate(
                 assert await app.recv() == b""
     assert Got(count, received.hexdigest()) == Got.of(download)
     assert Got.of(peer.received.read_bytes()) == Got.of(upload)
-    # its verify callback's line for our certificate (depth 0: the leaf)
-    assert "depth=0 O = tlsproxy tests, CN = me" in peer.log.read_text().splitlines()
+    assert peer.log.read_text().splitlines().count(S_SERVER_VERIFIED) == 1
     (line,) = await proxy.access_log()
     assert line["upstream_tls_version"] == "TLSv1.3"
     await assert_counted(proxy, 1, BULK, BULK)
@@ -584,6 +597,7 @@ RESUMING = [
     pytest.param("python", False, True, id="python-TLSv1.2"),
     pytest.param("nginx", True, True, id="nginx-TLSv1.3"),
     pytest.param("nginx", False, True, id="nginx-TLSv1.2"),
+    pytest.param("tlsproxy", True, True, id="tlsproxy-TLSv1.3"),
     pytest.param("python", True, False, id="python-TLSv1.3-off"),
     pytest.param("nginx", False, False, id="nginx-TLSv1.2-off"),
 ]
@@ -616,3 +630,29 @@ async def test_a_second_connection_resumes_the_upstream_session(
     assert counted(resumed="true") == int(resumption)
     assert counted(resumed="false") == 2 - int(resumption)
     await assert_counted(proxy, 2, 8, 8)
+
+
+@pytest.mark.parametrize("tls13", [True, False], ids=["TLSv1.3", "TLSv1.2"])
+async def test_s_server_resumes_and_verifies_our_certificate_once(
+    nursery: trio.Nursery, world: World, tls13: bool
+) -> None:
+    """Two connections to one s_server, which sends nothing and ends each at
+    our close_notify: for TLS 1.3 the tickets are read with that end (the
+    first read), and the second handshake resumes. s_server verified our
+    certificate once: a resumed handshake carries none."""
+    version = () if tls13 else ("-tls1_2",)
+    async with s_server_pipe(world.directory, *s_server_mtls(world), *version, naccept=2) as peer:
+        proxy = await egress(nursery, world, peer.port)
+        for count in (1, 2):
+            with trio.fail_after(STEP):
+                async with app_on(proxy, world) as app:
+                    assert await exchange(app, b"ping") == Got.of(b"")
+                await proxy.access_log(count)
+        with trio.fail_after(STEP):
+            assert await peer.process.wait() == 0
+    assert peer.received.read_bytes() == b"pingping"
+    assert peer.log.read_text().splitlines().count(S_SERVER_VERIFIED) == 1
+    first, second = await proxy.access_log(2)
+    assert (first["upstream_resumed"], second["upstream_resumed"]) == (False, True)
+    assert second["upstream_tls_version"] == ("TLSv1.3" if tls13 else "TLSv1.2")
+    await assert_counted(proxy, 2, 8, 0)

@@ -335,14 +335,14 @@ async def start_bio_server(
 
 
 @contextlib.contextmanager
-def s_server(*options: str, naccept: int = 1) -> Iterator[int]:
+def s_server(*options: str) -> Iterator[int]:
     """`openssl s_server` with `options` on a kernel-chosen loopback port.
 
-    It prints `ACCEPT 127.0.0.1:<port>` once it listens; `-naccept` makes it
-    exit after the connections a test makes (one, unless told).
+    It prints `ACCEPT 127.0.0.1:<port>` once it listens; `-naccept 1` makes
+    it exit after the one connection a test makes.
     """
     with subprocess.Popen(
-        [_openssl(), "s_server", "-accept", "127.0.0.1:0", "-naccept", str(naccept), *options],
+        [_openssl(), "s_server", "-accept", "127.0.0.1:0", "-naccept", "1", *options],
         stdin=subprocess.PIPE,
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
@@ -381,21 +381,24 @@ class SServerPipe:
 
 
 @contextlib.asynccontextmanager
-async def s_server_pipe(directory: Path, *options: str) -> AsyncIterator[SServerPipe]:
-    """`openssl s_server -quiet` for one connection: a byte-exact pipe.
+async def s_server_pipe(
+    directory: Path, *options: str, naccept: int = 1
+) -> AsyncIterator[SServerPipe]:
+    """`openssl s_server -quiet` for `naccept` connections, one at a time:
+    a byte-exact pipe.
 
     -quiet turns off its commands (a line starting with Q would stop it)
     and all it would print among the data, the `ACCEPT` line too: so it gets
     a fixed port, and is seen listening in /proc/net/tcp. It ends the
-    connection (and exits) at the peer's close_notify or its stdin's EOF;
-    the stdin pipe stays open until the test closes it.
+    connection (exiting after the last) at the peer's close_notify or its
+    stdin's EOF; the stdin pipe stays open until the test closes it.
     """
     port = free_port()
-    command = [_openssl(), "s_server", "-quiet", "-accept", f"127.0.0.1:{port}", "-naccept", "1"]
+    listen = ("-accept", f"127.0.0.1:{port}", "-naccept", str(naccept))
     received, log = directory / "s_server.out", directory / "s_server.log"
     with received.open("wb") as out, log.open("wb") as err:
         process = await trio.lowlevel.open_process(
-            [*command, *options],
+            [_openssl(), "s_server", "-quiet", *listen, *options],
             stdin=subprocess.PIPE,
             stdout=out,
             stderr=err,
