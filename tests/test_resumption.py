@@ -37,3 +37,30 @@ async def test_second_connection_resumes_only_with_tickets(
     _, text = await scrape(proxy.admin_port)
     resumed = sample(text, "tlsproxy_tls_negotiated_total", listener="web", resumed="true")
     assert resumed == (1.0 if tickets else 0.0)
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="known bug: session_tickets = false leaves OpenSSL's server session cache on, so a "
+    "TLS 1.2 client that ended with close_notify resumes by session ID (the test above passes "
+    "only because its client ends with a bare FIN, fatal to OpenSSL, which drops the session)",
+)
+async def test_session_tickets_false_refuses_session_id_resumption_too(
+    nursery: trio.Nursery, certs: Certs, echo_port: int
+) -> None:
+    tls = {
+        "certificates": [{"cert": str(certs.cert), "key": str(certs.key)}],
+        "session_tickets": False,
+    }
+    proxy = await start_server(nursery, build_config(certs, echo_port, tls=tls))
+    context = certs.client_context()
+    context.maximum_version = ssl.TLSVersion.TLSv1_2
+    with trio.fail_after(STEP):
+        first = await trio.to_thread.run_sync(
+            partial(handshake, proxy.port, context, close_notify=True)
+        )
+        second = await trio.to_thread.run_sync(
+            partial(handshake, proxy.port, context, session=first.session, close_notify=True)
+        )
+    assert not first.reused
+    assert not second.reused
