@@ -176,7 +176,7 @@ async def test_client_close_notify_reaches_backend_as_fin_and_reply_still_arrive
     strict=True,
     reason="known bug: without OP_IGNORE_UNEXPECTED_EOF on the listener's context OpenSSL "
     "makes the bare FIN fatal, the answer's SSL_write fails (client_protocol_error); "
-    "setting it alone exposes test_session_tickets_false_refuses_session_id_resumption_too",
+    "setting it alone exposes the session-ID bug in test_resumption.py",
 )
 async def test_client_bare_fin_reaches_backend_as_fin_and_reply_still_arrives(
     nursery: trio.Nursery, certs: Certs
