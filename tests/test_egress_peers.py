@@ -550,6 +550,28 @@ async def test_s_server_pipes_20_mib_each_way_and_sees_our_certificate(
     await assert_counted(proxy, 1, BULK, BULK)
 
 
+async def test_s_server_ending_at_its_stdin_eof_reaches_the_app_as_eof(
+    nursery: trio.Nursery, world: World
+) -> None:
+    """The other way round: s_server ends the connection at its stdin's EOF
+    (wholly: it has no half-close, and stops reading too). The app gets
+    every byte, then the EOF."""
+    async with s_server_pipe(world.directory, *s_server_mtls(world)) as peer:
+        proxy = await egress(nursery, world, peer.port)
+        with trio.fail_after(STEP):
+            async with app_on(proxy, world) as app:
+
+                async def feed() -> None:
+                    await peer.stdin.send_all(BANNER)
+                    await peer.stdin.aclose()
+
+                async with trio.open_nursery() as feeding:
+                    feeding.start_soon(feed)
+                    assert await read_all(app) == Got.of(BANNER)
+            assert await peer.process.wait() == 0
+    await assert_counted(proxy, 1, 0, len(BANNER))
+
+
 async def test_nginx_http_serves_20_mib_to_our_verified_certificate(
     nursery: trio.Nursery, world: World
 ) -> None:
