@@ -22,6 +22,7 @@ answer, as it could a FIN.
 
 from __future__ import annotations
 
+import contextlib
 import socket
 import ssl
 import struct
@@ -190,7 +191,7 @@ class _Connection:
                 self.peer = header.source
             timeout -= trio.current_time() - start
         client = (
-            PlainEnd(self.client, CLIENT, self.shared.buffers, speaks_first=True)
+            PlainEnd(self.client, CLIENT, self.shared.buffers, speaks_first=True, early=early)
             if runtime.context is None
             else await self._terminate(runtime.context, timeout, early)
         )
@@ -244,11 +245,7 @@ class _Connection:
         assert self.backend_address is not None
         sni = None if self.tls is None else server_name(self.tls.obj)
         upstream = self.upstream = Upstream(runtime.upstream, self.backend_address, sni)
-        end = await upstream.handshake(sock, runtime.config.handshake_timeout, self.shared.buffers)
-        if end is None:
-            assert upstream.result is not None
-            self.close_reason = f"upstream_{upstream.result.outcome.value}"
-        return end
+        return await upstream.handshake(sock, runtime.config.handshake_timeout, self.shared.buffers)
 
     def close(self, *, drained: bool) -> None:
         splice = self.splice
@@ -268,8 +265,11 @@ class _Connection:
             self.tls.queue_close_notify()
             self.tls.flush_nowait()
         elif self.runtime.context is None and self._backend_failed():
-            self.client.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, RESET_ON_CLOSE)
+            with contextlib.suppress(OSError):
+                self.client.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, RESET_ON_CLOSE)
         self.client.close()
+        if upstream is not None and self.close_reason != CloseReason.BACKEND_RESET.value:
+            upstream.close_notify()
         if self.backend is not None:
             self.backend.close()
         self.runtime.metrics.active.dec()

@@ -100,10 +100,16 @@ class Gone(Exception):
 class PlainEnd:
     """A socket that carries plaintext."""
 
-    __slots__ = ("drained", "pool", "side", "sock")
+    __slots__ = ("drained", "early", "pool", "side", "sock")
 
     def __init__(
-        self, sock: socket.socket, side: Side, pool: BufferPool, *, speaks_first: bool
+        self,
+        sock: socket.socket,
+        side: Side,
+        pool: BufferPool,
+        *,
+        speaks_first: bool,
+        early: bytes = b"",
     ) -> None:
         self.sock = sock
         self.side = side
@@ -112,10 +118,19 @@ class PlainEnd:
         # yet: wait for its first bytes instead of spending a read on EAGAIN.
         # A client that spoke first has most likely sent already.
         self.drained = not speaks_first
+        # Bytes already read from the socket (those after a load balancer's
+        # PROXY header): the first to be returned.
+        self.early = early
 
     async def recv(self) -> Chunk | None:
         pool = self.pool
         sock = self.sock
+        if self.early:
+            view = pool.take()
+            n = min(len(self.early), len(view))
+            view[:n] = self.early[:n]
+            self.early = self.early[n:]
+            return view, n
         while True:
             if self.drained:
                 await trio.lowlevel.wait_readable(sock)

@@ -13,17 +13,26 @@ all the handshake state in between. Python surfaces the same contract:
 on an `SSLSocket` and on an `SSLObject` over memory BIOs alike.
 
 This module is that loop, in the open, over the memory-BIO connection of
-`proxy.tlsio` (which says why the bytes go through our hands):
+`proxy.tlsio` (which says why the bytes go through our hands). OpenSSL's
+contract is the same on both sides of a handshake, so one loop drives both:
+the server side for a client we accepted, the client side for an upstream
+we dialled (`[listeners.upstream_tls]`). Only how it starts differs:
 
-    read the ClientHello          (before OpenSSL exists: first bytes, JA4)
-    wrap it in a TLSConn          (server side, the hello already fed)
-    loop:
+    server side (run_handshake)          client side (run_client_handshake)
+    read the ClientHello (first          wrap a TLSConn in connect state;
+      bytes, JA4) before OpenSSL           do_handshake() writes our hello;
+      exists;                              flush it (want-write), then read
+    wrap it in a TLSConn, the hello        the server's first bytes (a
+      already fed                          want-read) and look at them
+                                           before OpenSSL does
+    then the same loop:
         do_handshake()            -> done: flush the last flight
         SSLWantReadError          -> flush our flight (count each wait for
                                      writability: want-write), then read
                                      the socket (count the wait for
                                      readability: want-read), again
-    all of it under handshake_timeout
+    all of it under handshake_timeout (for the client side, counted from
+    the backend connect's completion)
 
 Each wait is a Trio checkpoint, so the deadline (a cancel scope owned here,
 the only code that knows the policy) interrupts any of them. A full TLS 1.3
@@ -33,18 +42,25 @@ wait for the client's Finished. When a handshake fails, OpenSSL has put an
 alert in the outgoing buffer; it is sent before the socket closes, so the
 client learns why.
 
-Reading the ClientHello first matters for diagnosis: a plain
-`GET / HTTP/1.1` on the TLS port would otherwise surface as OpenSSL's "wrong
-version number"; looking at the record type byte first lets us say
-`not_tls`. The whole hello (reassembled across TCP segments and TLS
+Looking at the first bytes before OpenSSL does matters on both sides. On
+the server side, a plain `GET / HTTP/1.1` on the TLS port would otherwise
+surface as OpenSSL's "wrong version number"; looking at the record type
+byte first lets us say `not_tls`. The whole hello (reassembled across TCP segments and TLS
 records by `proxy.clienthello`, bounded by `MAX_HELLO_STREAM` and the
 deadline) gives the JA4 fingerprint for the access log and the ALPN policy
 in `proxy.tls`; the bytes are then handed to OpenSSL unchanged. A hello we
 cannot parse is OpenSSL's to judge: a fingerprint is best effort and never
 fails a handshake.
 
+On the client side the server's first byte must be a handshake or an
+alert record: anything else (an HTTP server's `HTTP/1.1 400`) is `not_tls`,
+and no bytes at all is `server_closed`.
+
 Every way the loop can end, including the deadline, is classified into
-exactly one `Outcome` by the pure functions in `proxy.outcome`.
+exactly one outcome by the pure functions in `proxy.outcome`: an `Outcome`
+for the server side (`outcome.ingress`), an `UpstreamOutcome` for the client
+side (`outcome.upstream`). The side's verdict function is the only other
+difference between the two.
 """
 
 from __future__ import annotations

@@ -48,9 +48,7 @@ class Upstream:
 
     __slots__ = ("identity", "name", "pending", "result", "runtime")
 
-    def __init__(
-        self, runtime: UpstreamRuntime, backend: Address, client_sni: str | None
-    ) -> None:
+    def __init__(self, runtime: UpstreamRuntime, backend: Address, client_sni: str | None) -> None:
         self.runtime = runtime
         self.name = upstream_name(runtime.config, backend, client_sni)
         self.result: HandshakeResult[UpstreamOutcome] | None = None
@@ -116,6 +114,15 @@ class Upstream:
             self.pending = False
             self.runtime.sessions.keep(self.name, result.tls.obj)
             self._count(result)
+
+    def close_notify(self) -> None:
+        """Best effort at the connection's close: a completed session ends
+        with our close_notify, not a bare FIN (which the upstream would log
+        as a truncated connection)."""
+        result = self.result
+        if result is not None and result.tls is not None and not self.failed:
+            result.tls.queue_close_notify()
+            result.tls.flush_nowait()
 
     def _count(self, result: HandshakeResult[UpstreamOutcome]) -> None:
         """Count the upstream handshake once; also called for one cut by a drain."""

@@ -11,12 +11,11 @@ from typing import Any
 
 import pytest
 import trio
-from cryptography import x509
 
-from proxy.config import parse_config
+from proxy.config import parse_address, parse_config
 from tests.helpers import STEP, echo_handler, raw_connect, sample, scrape, start_backend
 from tests.helpers import start_server as start
-from tests.pki import CA, Leaf, client_context
+from tests.pki import CA, client_context
 from tests.upstream_peers import (
     APP_ID,
     egress_config,
@@ -132,9 +131,8 @@ async def test_the_tunnel_app_to_egress_to_ingress_to_backend(
     plaintext crosses mTLS between two sidecars and reaches the backend, and
     each side counts its own handshake."""
     ca = CA(tmp_path)
-    me = ca.issue(
-        "me", uris=(APP_ID if admitted else "spiffe://test.example/ns/b/sa/x",), client=True
-    )
+    uri = APP_ID if admitted else "spiffe://test.example/ns/b/sa/x"
+    me = ca.issue("me", uris=(uri,), client=True)
     backend_port = await start_backend(nursery, echo_handler)
     ingress = await start(
         nursery, ingress_config(tmp_path, backend_port, ca, ca.issue("in", "localhost"), APP_ID)
@@ -157,7 +155,7 @@ async def test_the_tunnel_app_to_egress_to_ingress_to_backend(
     outcome = "success" if admitted else "client_cert_denied"
     assert ingress_line["outcome"] == outcome
     assert sample(ingress_text, "tlsproxy_handshakes_total", listener="web", outcome=outcome) == 1
-    assert ingress_line["client_san_uri"] == list(me_uris(me))
+    assert ingress_line["client_san_uri"] == [uri]
     # A denial is close_notify after a completed handshake (the README's
     # "Who may connect"): to the egress side the upstream handshake succeeded
     # and the upstream then closed.
@@ -175,12 +173,6 @@ async def test_the_tunnel_app_to_egress_to_ingress_to_backend(
         # the ingress side closed with the app's bytes unread: its kernel
         # may follow the close_notify with a reset
         assert egress_line["close_reason"] in ("backend_closed", "backend_reset")
-
-
-def me_uris(leaf: Leaf) -> tuple[str, ...]:
-    cert = x509.load_pem_x509_certificate(leaf.cert.read_bytes())
-    san = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
-    return tuple(san.get_values_for_type(x509.UniformResourceIdentifier))
 
 
 @pytest.mark.parametrize("server_name", ["", "api.internal"], ids=["sni passed", "server_name"])
@@ -235,3 +227,136 @@ async def test_bridging_re_encrypts_with_the_sni_passed_on_or_set(
     assert (
         sample(text, "tlsproxy_upstream_handshakes_total", listener="web", outcome="success") == 1
     )
+
+
+async def test_a_session_is_resumed_only_with_the_name_it_was_made_with(
+    tmp_path: Path, nursery: trio.Nursery
+) -> None:
+    """Re-encrypting with the client's SNI passed on: a session made with
+    one name is offered again to that name only."""
+    ca = CA(tmp_path)
+    context = server_context(ca, ca.issue("upstream", "a.example", "b.example"), client_ca=None)
+    port = await start_tls_server(nursery, context, echo_peer)
+    config = parse_config(
+        {
+            "admin": {"listen": "127.0.0.1:0"},
+            "listeners": [
+                {
+                    "name": "web",
+                    "listen": "127.0.0.1:0",
+                    "backend": f"127.0.0.1:{port}",
+                    "tls": {"certificates": [ca.issue("front", "a.example", "b.example").pair()]},
+                    "upstream_tls": {"ca": str(ca.ca_file)},
+                }
+            ],
+        },
+        tmp_path,
+    )
+    proxy = await start(nursery, config)
+    client = client_context(ca)
+    names = ["a.example", "a.example", "b.example", "b.example", "a.example"]
+    with trio.fail_after(STEP):
+        for name in names:
+            stream = trio.SSLStream(await raw_connect(proxy.port), client, server_hostname=name)
+            await stream.send_all(b"ping")
+            assert await stream.receive_some() == b"ping"
+            await stream.aclose()
+        lines = await proxy.access_log(len(names))
+    assert [(line["upstream_name"], line["upstream_resumed"]) for line in lines] == [
+        ("a.example", False),
+        ("a.example", True),
+        ("b.example", False),
+        ("b.example", True),
+        ("a.example", True),
+    ]
+    _, text = await scrape(proxy.admin_port)
+    resumed = {
+        flag: sample(
+            text,
+            "tlsproxy_upstream_tls_negotiated_total",
+            listener="web",
+            version="TLSv1.3",
+            cipher=lines[0]["upstream_cipher"],  # the server's choice
+            alpn="none",
+            resumed=flag,
+        )
+        for flag in ("true", "false")
+    }
+    assert resumed == {"true": 3, "false": 2}, [
+        line for line in text.splitlines() if line.startswith("tlsproxy_upstream_tls_neg")
+    ]
+
+
+async def test_bytes_after_a_balancers_proxy_header_reach_the_upstream(
+    tmp_path: Path, nursery: trio.Nursery
+) -> None:
+    """accept_proxy_protocol on a plaintext-in listener: the app's first
+    bytes, read with the header, are not lost, and the header's source is
+    the connection's client."""
+    ca = CA(tmp_path)
+    port = await start_tls_server(
+        nursery, server_context(ca, ca.issue("upstream", "localhost"), client_ca=None), echo_peer
+    )
+    config = egress_config(tmp_path, port, ca, None)
+    listener = config.listeners[0].model_copy(update={"accept_proxy_protocol": "v1"})
+    proxy = await start(nursery, config.model_copy(update={"listeners": (listener,)}))
+    with trio.fail_after(STEP):
+        app = await raw_connect(proxy.port)
+        await app.send_all(b"PROXY TCP4 192.0.2.7 127.0.0.1 40000 15001\r\nhello")
+        assert await app.receive_some() == b"hello"
+        await app.aclose()
+        (line,) = await proxy.access_log()
+    assert line["client"] == "192.0.2.7:40000"
+    assert line["bytes_to_backend"] == len(b"hello")
+
+
+async def test_an_idle_timeout_ends_the_upstream_session_with_close_notify(
+    tmp_path: Path, nursery: trio.Nursery
+) -> None:
+    ca = CA(tmp_path)
+    ended: list[object] = []
+    done = trio.Event()
+
+    async def peer(tls: trio.SSLStream[trio.SocketStream]) -> None:
+        await tls.send_all(await tls.receive_some())
+        try:
+            ended.append(await tls.receive_some())  # b"": close_notify
+        except trio.BrokenResourceError as exc:  # a bare FIN or a reset
+            ended.append(exc)
+        done.set()
+
+    context = server_context(ca, ca.issue("upstream", "localhost"), client_ca=None)
+    port = await start_tls_server(nursery, context, peer)
+    config = egress_config(tmp_path, port, ca, None)
+    listener = config.listeners[0].model_copy(update={"idle_timeout": 0.2})
+    proxy = await start(nursery, config.model_copy(update={"listeners": (listener,)}))
+    with trio.fail_after(STEP):
+        app = await raw_connect(proxy.port)
+        await app.send_all(b"ping")
+        assert await app.receive_some() == b"ping"
+        await done.wait()
+        (line,) = await proxy.access_log()
+        await app.aclose()
+    assert line["close_reason"] == "idle_timeout"
+    assert ended == [b""]
+
+
+async def test_an_app_reaches_the_upstream_through_a_unix_socket(
+    tmp_path: Path, nursery: trio.Nursery
+) -> None:
+    """The egress listener on a socket file, as apps in one pod often prefer."""
+    ca = CA(tmp_path)
+    port = await start_tls_server(
+        nursery, server_context(ca, ca.issue("upstream", "localhost"), client_ca=None), echo_peer
+    )
+    path = tmp_path / "payments.sock"
+    config = egress_config(tmp_path, port, ca, None)
+    listener = config.listeners[0].model_copy(update={"listen": parse_address(f"unix:{path}")})
+    proxy = await start(nursery, config.model_copy(update={"listeners": (listener,)}))
+    with trio.fail_after(STEP):
+        app = await trio.open_unix_socket(str(path))
+        await app.send_all(b"over a socket file")
+        assert await app.receive_some() == b"over a socket file"
+        await app.aclose()
+        (line,) = await proxy.access_log()
+    assert (line["client"], line["upstream_outcome"]) == ("unix", "success")
