@@ -41,6 +41,7 @@ from tests.helpers import (
 from tests.pki import CA, Leaf, client_context
 from tests.upstream_peers import (
     APP_ID,
+    SServerPipe,
     egress_config,
     ingress_config,
     nginx,
@@ -513,6 +514,20 @@ def s_server_mtls(world: World) -> tuple[str, ...]:
 S_SERVER_VERIFIED = "depth=0 O = tlsproxy tests, CN = me"
 
 
+async def s_server_reading(app: Peer, peer: SServerPipe, first: bytes) -> None:
+    """Send `first` and wait until s_server has written it out: it is past
+    its handshake, in its copy loop. Only then may its stdin have data:
+    readable stdin during the handshake makes s_server write 0.5-RTT data
+    and then block reading the socket, with the rest of its stdin unsent
+    until the peer sends again (seen with OpenSSL 3.0)."""
+    await app.send_all(first)
+
+    async def written() -> bool:
+        return peer.received.stat().st_size >= len(first)
+
+    await until(written)
+
+
 async def test_s_server_pipes_20_mib_each_way_and_sees_our_certificate(
     nursery: trio.Nursery, world: World
 ) -> None:
@@ -526,9 +541,10 @@ async def test_s_server_pipes_20_mib_each_way_and_sees_our_certificate(
             received = hashlib.sha256()
             count = 0
             async with app_on(proxy, world) as app:
+                await s_server_reading(app, peer, upload[:1])
 
                 async def send() -> None:
-                    for start in range(0, BULK, WRITE):
+                    for start in range(1, BULK, WRITE):
                         await app.send_all(upload[start : start + WRITE])
 
                 async with trio.open_nursery() as moving:
@@ -560,6 +576,7 @@ async def test_s_server_ending_at_its_stdin_eof_reaches_the_app_as_eof(
         proxy = await egress(nursery, world, peer.port)
         with trio.fail_after(STEP):
             async with app_on(proxy, world) as app:
+                await s_server_reading(app, peer, b"!")
 
                 async def feed() -> None:
                     await peer.stdin.send_all(BANNER)
@@ -569,7 +586,8 @@ async def test_s_server_ending_at_its_stdin_eof_reaches_the_app_as_eof(
                     feeding.start_soon(feed)
                     assert await read_all(app) == Got.of(BANNER)
             assert await peer.process.wait() == 0
-    await assert_counted(proxy, 1, 0, len(BANNER))
+    assert peer.received.read_bytes() == b"!"
+    await assert_counted(proxy, 1, 1, len(BANNER))
 
 
 async def test_nginx_http_serves_20_mib_to_our_verified_certificate(
