@@ -8,6 +8,8 @@ TEST_DEBS := openssl curl haproxy
 TEST_DEBS += nginx-light libnginx-mod-stream
 # ... and Java's TLS stack (JSSE), run from source: a JDK, not only a JRE.
 TEST_DEBS += openjdk-17-jdk-headless
+# tests/test_egress_outcomes.py: stunnel, what it tells an app when its upstream fails.
+TEST_DEBS += stunnel4
 # deploy/ checks: promtool and a real Prometheus server; systemd-analyze.
 TEST_DEBS += prometheus systemd
 
@@ -78,12 +80,14 @@ fuzz: system-deps $(VENV)/.installed-dev
 		/ passing, / { sub(/^ *- /, ""); print "  " target " " $$0 }' $(FUZZ_LOG); \
 	exit $$status
 
-# The side-by-side benchmark against stunnel, HAProxy and hitch (about ten
-# minutes, both certificate types); writes BENCHMARKS.md.
+# The side-by-side benchmark against stunnel, HAProxy and hitch, both
+# directions (ingress: TLS in; egress: TLS out, against stunnel and HAProxy)
+# and both certificate types (about twenty minutes); writes BENCHMARKS.md.
+# ARGS="--direction egress --cert ecdsa" runs a part of it.
 BENCH_DEBS := openssl nginx-light wrk util-linux stunnel4 haproxy hitch
 bench: $(VENV)/.installed-dev
 	$(MAKE) system-deps TEST_DEBS="$(BENCH_DEBS)"
-	$(BIN)/python -m benchmarks.report
+	$(BIN)/python -m benchmarks.report $(ARGS)
 
 # Ten minutes of connection churn against the real daemon (not part of
 # `make test`); fails if RSS grows 5 % or more between minute 2 and 10.
@@ -107,7 +111,10 @@ workers: $(VENV)/.installed-dev
 # Instructions per full-handshake connection under valgrind's callgrind,
 # tlsproxy against HAProxy, split by shared object: repeatable where CPU-time
 # figures on a shared machine are not (about a minute; not part of `make
-# test`). More options in ARGS, e.g. `make instructions ARGS="--cert rsa"`.
+# test`). More options in ARGS, e.g. `make instructions ARGS="--cert rsa"`;
+# `ARGS="--keep-alive 100"` for 100 requests per connection (and the figure
+# per request), `ARGS="--direction egress"` for plain in and TLS out,
+# `ARGS="--tree DIR"` to measure another tlsproxy source tree.
 instructions: $(VENV)/.installed-dev
 	$(MAKE) system-deps TEST_DEBS="nginx-light util-linux valgrind haproxy"
 	$(BIN)/python -m benchmarks.instructions $(ARGS)

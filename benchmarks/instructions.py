@@ -1,9 +1,11 @@
 """Instructions per TLS connection under callgrind: tlsproxy against HAProxy.
 
     .venv/bin/python -m benchmarks.instructions [--targets tlsproxy,haproxy[,hitch]]
-        [--cert ecdsa|rsa] [--mtls [--allow N]] [-n 400] [--out FILE] [--functions K]
-        [--profiles DIR]
-    (make instructions; make instructions ARGS="--cert rsa")
+        [--cert ecdsa|rsa] [--direction ingress|egress] [--keep-alive R]
+        [--mtls [--allow N]] [--dual] [-n N] [--tree DIR] [--out FILE]
+        [--functions K] [--profiles DIR]
+    (make instructions; make instructions ARGS="--cert rsa";
+     make instructions ARGS="--keep-alive 100"; ARGS="--direction egress")
 
 Why: the machine is shared, so wall-clock and CPU-time figures move a lot
 between runs (the same code measured 655 to 1 165 full handshakes per
@@ -24,7 +26,7 @@ valgrind --tool=callgrind ...` with the configuration of
 peers also get an OpenSSL config with `NumTickets = 0`: without it HAProxy
 still sends a TLS 1.3 ticket per connection, about 110 k instructions more,
 since `no-tls-tickets` only makes the ticket stateful). tlsproxy is this
-working tree: `sys.executable -m proxy run` with the repository as cwd and
+working tree (or --tree DIR): `python -m proxy run` with the tree as cwd and
 PYTHONPATH, and PYTHONHASHSEED=0. Once the port answers (Python under
 valgrind takes 10-20 s to start) one warm-up request is made, the counters
 are reset, N connections (default 400) are made from 8 client threads (this
@@ -38,7 +40,45 @@ hitch has no client authentication and is skipped; `--allow N` gives
 tlsproxy an `[listeners.tls.allow]` table of N `uri` entries, N - 1 that the
 client does not match and its own SPIFFE ID last, so every connection is
 admitted by the last alternative);
-then the counters are dumped, the target and nginx are stopped by PID. The
+then the counters are dumped, the target and nginx are stopped by PID.
+
+`--keep-alive R` (1..1000, with connections x R at most 20 000): each
+connection makes one full handshake, then R sequential `GET /small.txt` on
+it (HTTP/1.1 keep-alive, the last one with `Connection: close`, then read to
+EOF), each response checked for a 200 and the body. The default -n is then
+80 (fewer where 80 x R would pass the bound), and the output gives
+instructions per request, total / (connections x R), beside those per
+connection. The suggested R is 100, as in the Makefile's example: it keeps
+the handshake's share of the per-request figure to about a fifth for
+tlsproxy (3.8 M over 100 requests against roughly 150 k per request) while
+8 000 requests take well under a minute under valgrind; subtracting the
+full-handshake figure of a plain run, (per connection with R - per
+connection without) / (R - 1), gives the cost of one more request alone.
+
+`--direction egress`: the other half of a sidecar, as ../shared/bench/run
+`--direction egress` sets it up. The clients speak plain HTTP to the
+target, which originates TLS to nginx, now serving TLS with the same
+certificate and refusing resumption (`ssl_session_tickets off`,
+`ssl_session_cache off`, and the peers' OpenSSL config); the targets verify
+the chain against that certificate and the name localhost: tlsproxy a
+listener with `[listeners.upstream_tls]` (`server_name = "localhost"`, `ca`,
+`session_resumption = false`) and no `[listeners.tls]`; HAProxy a plain
+bind and `server ... ssl verify required ca-file ... verifyhost localhost
+sni str(localhost) no-ssl-reuse`; hitch has no client mode and is skipped,
+and --mtls, --allow and --dual are refused. nginx logs each request's
+connection serial and `$ssl_session_reused`: the run fails if any upstream
+session was resumed, and reports how many upstream connections were made
+(one per client connection, and one for the warm-up) and their TLS version
+and cipher.
+
+`--tree DIR`: the tlsproxy source tree to measure (default: this one), run
+as `python -m proxy run` with DIR as cwd and PYTHONPATH, by DIR's own
+`.venv/bin/python` when it has one (its dependencies), else by this
+interpreter; the output names the tree's commit. This compares two builds
+with one version of this tool: e.g. a detached worktree of an older commit
+against this one.
+
+The
 dump's self costs are summed per shared object (libcrypto, libssl, libc,
 libpython, the program itself, other) and divided by N; a target with
 several processes (hitch: a master and its children) is the sum of all of
@@ -100,6 +140,7 @@ from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from cryptography.x509.oid import NameOID
 
 from benchmarks.processes import (
+    SESSION_LOG,
     SMALL_BYTES,
     Processes,
     descendants,
@@ -109,6 +150,7 @@ from benchmarks.processes import (
 )
 
 REPO = Path(__file__).resolve().parent.parent
+TREE_PYTHON = Path(".venv/bin/python")  # a tree's own interpreter, when it has one
 TARGETS = ("tlsproxy", "haproxy", "hitch")
 DEFAULT_TARGETS = "tlsproxy,haproxy"
 REFERENCE = "haproxy"  # the ratio's denominator
@@ -126,6 +168,17 @@ CLIENT_THREADS = 8
 MIN_CONNECTIONS, MAX_CONNECTIONS = CLIENT_THREADS, 5000
 MAX_FUNCTIONS = 100
 REQUEST = b"GET /small.txt HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n"
+KEEP_ALIVE_REQUEST = b"GET /small.txt HTTP/1.1\r\nHost: localhost\r\n\r\n"
+# --keep-alive R: requests per connection, and all requests of a run. The
+# bounds keep one target's run within minutes under valgrind (tlsproxy runs
+# about 150 k instructions per request, a few million a second there).
+MAX_KEEP_ALIVE = 1000
+MAX_REQUESTS = 20_000
+KEEP_ALIVE_CONNECTIONS = 80  # the default -n with --keep-alive: 10 per client thread
+FULL_HANDSHAKE_CONNECTIONS = 400  # the default -n otherwise
+DIRECTIONS = ("ingress", "egress")
+EGRESS_TARGETS = ("tlsproxy", "haproxy")  # hitch has no TLS client mode
+MAX_HEADER_BYTES = 16_384  # a response's header block, before its body
 
 TARGET_START_S = 300  # a target under valgrind must listen within this
 SOCKET_TIMEOUT_S = 60  # any one socket operation of a client connection
@@ -300,6 +353,9 @@ class Setup:
     # --dual: tlsproxy also gets a certificate of the other key type for the
     # same names (the clients accept both, so the --cert one is served)
     dual: Certificate | None = None
+    egress: bool = False  # --direction egress: plain in, TLS out to nginx
+    requests: int = 1  # per connection: 1, or --keep-alive R
+    tree: Path = REPO  # --tree: the tlsproxy source tree measured
 
 
 @dataclass(frozen=True)
@@ -323,6 +379,16 @@ def target_command(name: str, d: Path, port: int, setup: Setup) -> Command:
         if clients is not None:
             mtls = f'client_auth = "require"\nclient_ca = "{clients.ca}"\n'
             mtls += allow_table(setup.allow) if setup.allow else ""
+        tls = f"""[listeners.tls]
+certificates = [{certificates}]
+session_tickets = false
+{mtls}"""
+        if setup.egress:
+            tls = f"""[listeners.upstream_tls]
+server_name = "localhost"
+ca = "{cert.cert}"
+session_resumption = false
+"""
         conf = d / "tlsproxy.toml"
         conf.write_text(f"""[admin]
 listen = "127.0.0.1:{free_port()}"
@@ -330,15 +396,35 @@ listen = "127.0.0.1:{free_port()}"
 name = "bench"
 listen = "127.0.0.1:{port}"
 backend = "127.0.0.1:{backend}"
-[listeners.tls]
-certificates = [{certificates}]
-session_tickets = false
-{mtls}""")
-        env = {**os.environ, "PYTHONHASHSEED": "0", "PYTHONPATH": str(REPO)}
-        argv = [sys.executable, "-m", "proxy", "run", "--config", str(conf)]
+{tls}""")
+        python = tree_python(setup.tree)
+        env = {**os.environ, "PYTHONHASHSEED": "0", "PYTHONPATH": str(setup.tree)}
+        argv = [str(python), "-m", "proxy", "run", "--config", str(conf)]
         # The interpreter's own executable: its code is in libpython here (the
         # python of this venv links it); a static python would show it here.
-        return Command(argv, env, REPO, Path(sys.executable).resolve())
+        return Command(argv, env, setup.tree, python.resolve())
+    if name == "haproxy" and setup.egress:
+        upstream = (
+            f"ssl verify required ca-file {cert.cert} verifyhost localhost "
+            "sni str(localhost) no-ssl-reuse ssl-min-ver TLSv1.2"
+        )
+        conf = d / "haproxy.cfg"
+        conf.write_text(f"""global
+  nbthread 1
+  maxconn 4000
+  tune.ssl.cachesize 0
+defaults
+  mode tcp
+  timeout connect 5s
+  timeout client 60s
+  timeout server 60s
+frontend fe
+  bind 127.0.0.1:{port}
+  default_backend be
+backend be
+  server s1 127.0.0.1:{backend} {upstream}
+""")
+        return Command(["haproxy", "-db", "-f", str(conf)], peer_env, None, executable("haproxy"))
     if name == "haproxy":
         verify = "" if clients is None else f" ca-file {clients.ca} verify required"
         conf = d / "haproxy.cfg"
@@ -379,6 +465,12 @@ tls-protos = TLSv1.2 TLSv1.3
     raise ValueError(name)
 
 
+def tree_python(tree: Path) -> Path:
+    """The interpreter that runs a tree: its own virtualenv's, else this one."""
+    own = tree / TREE_PYTHON
+    return own if own.exists() else Path(sys.executable)
+
+
 def executable(name: str) -> Path:
     found = shutil.which(name)
     if found is None:
@@ -400,29 +492,66 @@ def client_context(clients: ClientPKI | None = None) -> ssl.SSLContext:
 
 @dataclass(frozen=True)
 class Fetch:
-    version: str
+    version: str  # ingress: the client's TLS; egress: "" (nginx's log tells)
     cipher: str
     resumed: bool
     ticket: bool  # the server sent a session ticket
 
 
-def fetch(port: int, ctx: ssl.SSLContext) -> Fetch:
-    """One connection: a full handshake (no session offered), the tiny file,
-    read to EOF."""
-    with (
-        socket.create_connection(("127.0.0.1", port), timeout=SOCKET_TIMEOUT_S) as raw,
-        ctx.wrap_socket(raw, server_hostname="localhost") as tls,
-    ):
-        version, cipher = tls.version() or "", (tls.cipher() or ("",))[0]
-        resumed = bool(tls.session_reused)
-        tls.sendall(REQUEST)
-        data = bytearray()
-        while chunk := tls.recv(65536):
-            data += chunk
-        if not (data.startswith(b"HTTP/1.1 200") and data.endswith(b"x" * SMALL_BYTES)):
-            raise RuntimeError(f"unexpected response: {bytes(data[:120])!r}")
-        session = tls.session  # tickets arrive after the handshake
-        return Fetch(version, cipher, resumed, session is not None and session.has_ticket)
+def read_response(sock: socket.socket | ssl.SSLSocket, last: bool) -> None:
+    """One response to GET /small.txt, checked: the last one read to EOF,
+    the others by their Content-Length (nginx sends one for a static file),
+    leaving the connection at the next response's first byte."""
+    data = bytearray()
+    while b"\r\n\r\n" not in data:
+        chunk = sock.recv(65536)
+        if not chunk or len(data) > MAX_HEADER_BYTES:
+            raise RuntimeError(f"no complete response header: {bytes(data[:120])!r}")
+        data += chunk
+    header, _, body = bytes(data).partition(b"\r\n\r\n")
+    if last:
+        rest = bytearray(body)
+        while chunk := sock.recv(65536):
+            rest += chunk
+        body = bytes(rest)
+    else:
+        length = re.search(rb"\r\ncontent-length: *(\d+)", header, re.IGNORECASE)
+        if length is None:
+            raise RuntimeError(f"no Content-Length: {header[:200]!r}")
+        want = int(length.group(1))
+        rest = bytearray(body)
+        while len(rest) < want:
+            chunk = sock.recv(65536)
+            if not chunk:
+                break
+            rest += chunk
+        body = bytes(rest)
+    if not (header.startswith(b"HTTP/1.1 200") and body == b"x" * SMALL_BYTES):
+        raise RuntimeError(f"unexpected response: {header[:120]!r} + {len(body)} B of body")
+
+
+def requests_on(sock: socket.socket | ssl.SSLSocket, requests: int) -> None:
+    """`requests` sequential GETs, keep-alive but for the last (Connection:
+    close), each response read and checked before the next is sent."""
+    for i in range(requests):
+        last = i == requests - 1
+        sock.sendall(REQUEST if last else KEEP_ALIVE_REQUEST)
+        read_response(sock, last)
+
+
+def fetch(port: int, ctx: ssl.SSLContext | None, requests: int = 1) -> Fetch:
+    """One connection: a full handshake (no session offered; none with ctx
+    None, egress), `requests` GETs of the tiny file, the last read to EOF."""
+    with socket.create_connection(("127.0.0.1", port), timeout=SOCKET_TIMEOUT_S) as raw:
+        if ctx is None:
+            requests_on(raw, requests)
+            return Fetch("", "", resumed=False, ticket=False)
+        with ctx.wrap_socket(raw, server_hostname="localhost") as tls:
+            version, cipher = tls.version() or "", (tls.cipher() or ("",))[0]
+            resumed = bool(tls.session_reused)
+            requests_on(tls, requests)
+            session = tls.session  # tickets arrive after the handshake
+            return Fetch(version, cipher, resumed, session is not None and session.has_ticket)
 
 
 @dataclass
@@ -433,10 +562,10 @@ class Load:
     seconds: float = 0.0
 
 
-def run_load(port: int, n: int, clients: ClientPKI | None) -> Load:
+def run_load(port: int, n: int, setup: Setup) -> Load:
     """n connections from CLIENT_THREADS threads; stops all of them at the
     first failure or at the deadline."""
-    ctx = client_context(clients)
+    ctx = None if setup.egress else client_context(setup.clients)
     stop = threading.Event()
     deadline = time.monotonic() + LOAD_DEADLINE_S
 
@@ -446,7 +575,7 @@ def run_load(port: int, n: int, clients: ClientPKI | None) -> Load:
             for _ in range(count):
                 if stop.is_set() or time.monotonic() > deadline:
                     break
-                result = fetch(port, ctx)
+                result = fetch(port, ctx, setup.requests)
                 mine.connections += 1
                 mine.resumed += result.resumed
                 mine.tickets += result.ticket
@@ -636,13 +765,60 @@ class Measurement:
     processes: int
     program: Path
     dumps: list[Path]
+    requests: int  # per connection
+    upstream: Upstream | None  # egress: the sessions nginx saw
 
     @property
     def per_connection(self) -> float:
         return self.profile.instructions / self.connections
 
+    @property
+    def per_request(self) -> float:
+        return self.per_connection / self.requests
+
     def group(self, name: str) -> float:
         return self.groups.get(name, 0) / self.connections
+
+
+@dataclass(frozen=True)
+class Upstream:
+    """Egress: nginx's log of one target's measured requests."""
+
+    connections: int  # distinct upstream connections
+    requests: int
+    resumed: int  # requests on a resumed session
+    version: str  # the warm-up's upstream session
+    cipher: str
+
+
+def session_lines(log: Path) -> list[list[str]]:
+    try:
+        return [line.split() for line in log.read_text().splitlines() if line.strip()]
+    except FileNotFoundError:
+        return []
+
+
+def upstream_sessions(log: Path, before: int, warmed: int, n: int, requests: int) -> Upstream:
+    """The lines nginx logged for the warm-up (`before`..`warmed`) and the
+    load (after `warmed`), checked: one upstream connection per client
+    connection, every request through, no session resumed."""
+    lines = session_lines(log)
+    warm, measured = lines[before:warmed], lines[warmed:]
+    if len(warm) != 1 or len(warm[0]) != 4:
+        raise RuntimeError(f"nginx logged {warm!r} for the warm-up request")
+    up = Upstream(
+        connections=len({fields[0] for fields in measured}),
+        requests=len(measured),
+        resumed=sum(fields[1] == "r" for fields in measured),
+        version=warm[0][2],
+        cipher=warm[0][3],
+    )
+    if up.resumed or up.requests != n * requests or up.connections != n:
+        raise RuntimeError(
+            f"upstream: {up.connections} connections, {up.requests} requests, "
+            f"{up.resumed} resumed; expected {n}, {n * requests} and none"
+        )
+    return up
 
 
 def dump_all(
@@ -675,12 +851,19 @@ def measure(name: str, setup: Setup, n: int) -> Measurement:
     proc = setup.procs.start(argv, td / "log", cmd.env, cmd.cwd)
     try:
         wait_port(port, proc, TARGET_START_S)
-        warmup = fetch(port, client_context(setup.clients))
+        log = setup.directory / SESSION_LOG
+        before = len(session_lines(log))
+        warmup = fetch(port, None if setup.egress else client_context(setup.clients))
+        warmed = len(session_lines(log))
         family = descendants(proc.pid)
         dump_all(proc, family, "baseline", cmd, cg_dir)
-        print(f"instructions: {name}: {n} connections", file=sys.stderr)
-        load = run_load(port, n, setup.clients)
+        each = f", {setup.requests} requests each" if setup.requests > 1 else ""
+        print(f"instructions: {name}: {n} connections{each}", file=sys.stderr)
+        load = run_load(port, n, setup)
         dump_all(proc, family, "measured", cmd, cg_dir)
+        upstream = None
+        if setup.egress:
+            upstream = upstream_sessions(log, before, warmed, n, setup.requests)
         profile = Profile()
         dumps = [dump_file(cg_dir, pid, "measured") for pid in family]
         for path in dumps:
@@ -700,7 +883,17 @@ def measure(name: str, setup: Setup, n: int) -> Measurement:
     for obj, cost in profile.objects.items():
         groups[group_of(obj, cmd.program)] += cost
     return Measurement(
-        name, n, profile, dict(groups), load, warmup, len(family), cmd.program, dumps
+        name,
+        n,
+        profile,
+        dict(groups),
+        load,
+        warmup,
+        len(family),
+        cmd.program,
+        dumps,
+        setup.requests,
+        upstream,
     )
 
 
@@ -716,10 +909,10 @@ def version_of(cmd: list[str], pattern: str) -> str:
     return match.group(1) if match else "?"
 
 
-def tree_state() -> str:
+def tree_state(tree: Path) -> str:
     def git(*args: str) -> str:
         out = subprocess.run(
-            ["git", "--no-optional-locks", "-C", str(REPO), *args],
+            ["git", "--no-optional-locks", "-C", str(tree), *args],
             capture_output=True,
             text=True,
             timeout=30,
@@ -735,12 +928,12 @@ def tree_state() -> str:
     return f"{head} + uncommitted changes" if dirty else head
 
 
-def versions(targets: list[str]) -> dict[str, str]:
+def versions(targets: list[str], tree: Path) -> dict[str, str]:
     found = {
         "valgrind": version_of(["valgrind", "--version"], r"valgrind-(\S+)"),
         "python": platform.python_version(),
         "openssl": ssl.OPENSSL_VERSION,
-        "tree": tree_state(),
+        "tree": tree_state(tree) + ("" if tree == REPO else f" ({tree})"),
     }
     if "haproxy" in targets:
         found["haproxy"] = version_of(["haproxy", "-v"], r"version (\S+)")
@@ -770,31 +963,60 @@ def report(
     certname = "ECDSA P-256" if cert == "ecdsa" else "RSA-2048"
     first = results[0]
     w = out.write
-    w(f"Instructions per connection (callgrind), {certname} certificate, {client_auth(args)}\n")
+    direction = (
+        "egress (plain HTTP in, TLS out to nginx)"
+        if args.direction == "egress"
+        else "ingress (TLS in, plain to nginx)"
+    )
+    w(
+        f"Instructions per connection (callgrind), {direction}, {certname} certificate, "
+        f"{client_auth(args)}\n"
+    )
+    handshake = (
+        f"upstream {first.upstream.version}, {first.upstream.cipher}"
+        if first.upstream is not None
+        else f"{first.warmup.version}, {first.warmup.cipher}"
+    )
+    gets = (
+        f"{first.requests} x GET {SMALL_BYTES} B keep-alive, the last with Connection: close"
+        if first.requests > 1
+        else f"GET {SMALL_BYTES} B, Connection: close"
+    )
     w(
         f"{first.connections} connections per target from {CLIENT_THREADS} client threads: "
-        f"full handshake ({first.warmup.version}, {first.warmup.cipher}), "
-        f"GET {SMALL_BYTES} B, Connection: close\n"
+        f"full handshake ({handshake}), {gets}\n"
     )
     w(", ".join(f"{k} {v}" for k, v in info.items()) + "\n")
     for m in results:
+        up = m.upstream
+        seen = (
+            f"; nginx saw {up.connections} upstream connections, {up.requests} requests, "
+            f"{up.resumed} resumed, {up.version} {up.cipher}"
+            if up is not None
+            else ""
+        )
         w(
             f"{m.target}: {m.load.connections} ok, {m.load.resumed} resumed, "
             f"{m.load.tickets} with a session ticket, {m.load.seconds:.0f} s under valgrind, "
             f"{m.processes} process(es); dump summary/totals "
-            f"{m.profile.summary / max(m.profile.totals, 1):.4f}\n"
+            f"{m.profile.summary / max(m.profile.totals, 1):.4f}{seen}\n"
         )
-    w("\nInstructions per connection, by shared object:\n")
-    w(f"{'target':<18} {'total':>10}" + "".join(f" {g:>10}" for g in GROUPS) + "\n")
-    for m in results:
-        row = f"{m.target:<18} {num(m.per_connection):>10}"
-        w(row + "".join(f" {num(m.group(g)):>10}" for g in GROUPS) + "\n")
     by_name = {m.target: m for m in results}
     ref = by_name.get(REFERENCE)
-    if ref is not None and "tlsproxy" in by_name:
-        mine = by_name["tlsproxy"]
-        row = f"{'tlsproxy - ' + REFERENCE:<18} {num(mine.per_connection - ref.per_connection):>10}"
-        w(row + "".join(f" {num(mine.group(g) - ref.group(g)):>10}" for g in GROUPS) + "\n")
+    per_request = first.requests > 1
+    for unit in ("connection", "request") if per_request else ("connection",):
+        per = first.requests if unit == "request" else 1
+        w(f"\nInstructions per {unit}, by shared object:\n")
+        w(f"{'target':<18} {'total':>10}" + "".join(f" {g:>10}" for g in GROUPS) + "\n")
+        for m in results:
+            row = f"{m.target:<18} {num(m.per_connection / per):>10}"
+            w(row + "".join(f" {num(m.group(g) / per):>10}" for g in GROUPS) + "\n")
+        if ref is not None and "tlsproxy" in by_name:
+            mine = by_name["tlsproxy"]
+            diff = (mine.per_connection - ref.per_connection) / per
+            row = f"{'tlsproxy - ' + REFERENCE:<18} {num(diff):>10}"
+            groups = [(mine.group(g) - ref.group(g)) / per for g in GROUPS]
+            w(row + "".join(f" {num(g):>10}" for g in groups) + "\n")
     w("\n")
     if ref is not None:
         for m in results:
@@ -834,12 +1056,15 @@ def record(
         "date": time.strftime("%Y-%m-%d %H:%M %Z"),
         "target": m.target,
         "cert": args.cert,
+        "direction": args.direction,
+        "requests_per_connection": m.requests,
         "mtls": args.mtls,
         "allow_entries": args.allow if m.target == "tlsproxy" else 0,
         "connections": n,
         "client_threads": CLIENT_THREADS,
         "instructions": m.profile.instructions,
         "per_connection": round(m.per_connection),
+        "per_request": round(m.per_request),
         "per_connection_by_group": {g: round(m.group(g)) for g in GROUPS},
         "per_connection_by_object": {
             obj: round(cost / n) for obj, cost in m.profile.objects.most_common(10)
@@ -847,8 +1072,9 @@ def record(
         f"ratio_to_{REFERENCE}": ratio_to_reference(m, results),
         "dump_summary": m.profile.summary,
         "dump_totals": m.profile.totals,
-        "tls_version": m.warmup.version,
-        "cipher": m.warmup.cipher,
+        "tls_version": m.upstream.version if m.upstream else m.warmup.version,
+        "cipher": m.upstream.cipher if m.upstream else m.warmup.cipher,
+        "upstream_connections": m.upstream.connections if m.upstream else None,
         "resumed": m.load.resumed,
         "tickets": m.load.tickets,
         "seconds": round(m.load.seconds, 1),
@@ -858,6 +1084,29 @@ def record(
 
 
 # -------------------------------------------------------------------- main --
+
+
+def check_load(ap: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """--keep-alive R and -n: their bounds, and -n's default (fewer
+    connections with R requests each)."""
+    if not 1 <= args.keep_alive <= MAX_KEEP_ALIVE:
+        ap.error(f"--keep-alive must be 1..{MAX_KEEP_ALIVE}")
+    if args.connections is None:
+        args.connections = FULL_HANDSHAKE_CONNECTIONS
+        if args.keep_alive > 1:
+            fit = MAX_REQUESTS // args.keep_alive
+            args.connections = max(MIN_CONNECTIONS, min(KEEP_ALIVE_CONNECTIONS, fit))
+    if not MIN_CONNECTIONS <= args.connections <= MAX_CONNECTIONS:
+        ap.error(f"--connections must be {MIN_CONNECTIONS}..{MAX_CONNECTIONS}")
+    if args.connections * args.keep_alive > MAX_REQUESTS:
+        ap.error(f"--connections x --keep-alive must be at most {MAX_REQUESTS}")
+
+
+def source_tree(ap: argparse.ArgumentParser, option: str, tree: Path) -> Path:
+    tree = tree.resolve()
+    if not (tree / "proxy" / "__main__.py").is_file():
+        ap.error(f"{option}: no tlsproxy source tree (proxy/__main__.py) in {tree}")
+    return tree
 
 
 def parse_args() -> argparse.Namespace:
@@ -879,11 +1128,34 @@ def parse_args() -> argparse.Namespace:
         help="tlsproxy serves an RSA and an ECDSA certificate side by side (--cert's is served)",
     )
     ap.add_argument(
+        "--direction",
+        choices=DIRECTIONS,
+        default="ingress",
+        help="ingress: TLS in, plain to nginx (default); egress: plain in, TLS to nginx",
+    )
+    ap.add_argument(
+        "--keep-alive",
+        type=int,
+        default=1,
+        metavar="R",
+        help=f"R keep-alive requests per connection, 1..{MAX_KEEP_ALIVE} (e.g. 100)",
+    )
+    ap.add_argument(
         "-n",
         "--connections",
         type=int,
-        default=400,
-        help=f"measured connections per target, {MIN_CONNECTIONS}..{MAX_CONNECTIONS}",
+        help=(
+            f"measured connections per target, {MIN_CONNECTIONS}..{MAX_CONNECTIONS} "
+            f"(default {FULL_HANDSHAKE_CONNECTIONS}; with --keep-alive "
+            f"{KEEP_ALIVE_CONNECTIONS}, or fewer to stay within {MAX_REQUESTS} requests)"
+        ),
+    )
+    ap.add_argument(
+        "--tree",
+        type=Path,
+        default=REPO,
+        metavar="DIR",
+        help="the tlsproxy source tree to measure (default: this one)",
     )
     ap.add_argument(
         "--mtls",
@@ -912,8 +1184,8 @@ def parse_args() -> argparse.Namespace:
         help="copy the measured callgrind dumps here (for callgrind_annotate, kcachegrind)",
     )
     args = ap.parse_args()
-    if not MIN_CONNECTIONS <= args.connections <= MAX_CONNECTIONS:
-        ap.error(f"--connections must be {MIN_CONNECTIONS}..{MAX_CONNECTIONS}")
+    check_load(ap, args)
+    args.tree = source_tree(ap, "--tree", args.tree)
     if not 0 <= args.functions <= MAX_FUNCTIONS:
         ap.error(f"--functions must be 0..{MAX_FUNCTIONS}")
     if not 0 <= args.allow <= MAX_ALLOW or (args.allow and not args.mtls):
@@ -921,6 +1193,11 @@ def parse_args() -> argparse.Namespace:
     args.targets = [t.strip() for t in args.targets.split(",") if t.strip()]
     if args.mtls and "hitch" in args.targets:
         ap.error("--mtls: hitch has no client certificate authentication")
+    if args.direction == "egress":
+        if args.mtls or args.dual:
+            ap.error("--direction egress: --mtls, --allow and --dual are ingress options")
+        if not set(args.targets) <= set(EGRESS_TARGETS):
+            ap.error(f"--direction egress: targets from {','.join(EGRESS_TARGETS)} only")
     unknown = [t for t in args.targets if t not in TARGETS]
     if unknown or not args.targets or len(set(args.targets)) != len(args.targets):
         ap.error(
@@ -969,11 +1246,30 @@ def run(
         d.chmod(0o755)  # nginx's worker and hitch run as nobody
         cert = make_certificate(d, args.cert)
         peer_env = {**os.environ, "OPENSSL_CONF": str(openssl_conf(d))}
-        nginx, backend = start_nginx(d, procs, ["taskset", "-c", str(LOAD_CPU)])
+        egress = args.direction == "egress"
+        nginx, backend = start_nginx(
+            d,
+            procs,
+            ["taskset", "-c", str(LOAD_CPU)],
+            (cert.cert, cert.key) if egress else None,
+            peer_env if egress else None,
+        )
         other = "rsa" if args.cert == "ecdsa" else "ecdsa"
         dual = make_certificate(d, other, "dual-") if args.dual else None
         clients = make_client_pki(d) if args.mtls else None
-        setup = Setup(d, backend, cert, peer_env, procs, clients, args.allow, dual)
+        setup = Setup(
+            d,
+            backend,
+            cert,
+            peer_env,
+            procs,
+            clients,
+            args.allow,
+            dual,
+            egress,
+            args.keep_alive,
+            args.tree,
+        )
         try:
             for name in targets:
                 try:
@@ -1000,7 +1296,7 @@ def main() -> int:
         return 2
     os.sched_setaffinity(0, {LOAD_CPU})  # the clients stay off the target's CPU
     signal.signal(signal.SIGTERM, on_signal)
-    info = versions(targets)
+    info = versions(targets, args.tree)
     procs = Processes(STOP_WAIT_S)
     try:
         results, failed = run(args, targets, procs)

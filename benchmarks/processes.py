@@ -15,6 +15,10 @@ from pathlib import Path
 
 SMALL_BYTES = 100  # the file every load fetches, as in ../shared/bench/run
 NGINX_START_S = 15.0  # nginx must listen within this
+# A TLS nginx logs one line per request here (in its directory): the
+# connection's serial, then "r" for a resumed session or "." for a full
+# handshake, the protocol and the cipher.
+SESSION_LOG = "sessions.log"
 
 
 def free_port() -> int:
@@ -125,15 +129,32 @@ class Processes:
 
 
 def start_nginx(
-    d: Path, procs: Processes, prefix: list[str] | None = None
+    d: Path,
+    procs: Processes,
+    prefix: list[str] | None = None,
+    tls: tuple[Path, Path] | None = None,
+    env: dict[str, str] | None = None,
 ) -> tuple[subprocess.Popen[bytes], int]:
     """nginx-light serving `small.txt` from `d` (which nginx's workers, as
     nobody, must be able to read), one worker, no access log; `prefix` such
-    as `taskset -c 1` must exec nginx, keeping the PID. Returns it and its port."""
+    as `taskset -c 1` must exec nginx, keeping the PID. With `tls` (a
+    certificate and key) it serves TLS and refuses resumption (no tickets,
+    no session cache; `env` may add an OpenSSL config), logging every
+    request's session to SESSION_LOG instead. Keep-alive connections are
+    not cut short (by default nginx closes one after 1000 requests).
+    Returns it and its port."""
     www = d / "www"
     www.mkdir()
     (www / "small.txt").write_bytes(b"x" * SMALL_BYTES)
     port = free_port()
+    server = f"listen 127.0.0.1:{port}; root {www};"
+    if tls is not None:
+        server = (
+            f"listen 127.0.0.1:{port} ssl; root {www};\n"
+            f"    ssl_certificate {tls[0]}; ssl_certificate_key {tls[1]};\n"
+            "    ssl_protocols TLSv1.2 TLSv1.3; ssl_session_tickets off; ssl_session_cache off;\n"
+            f"    access_log {d / SESSION_LOG} sessions;"
+        )
     conf = d / "nginx.conf"
     conf.write_text(f"""worker_processes 1;
 daemon off;
@@ -142,13 +163,17 @@ error_log {d}/nginx-error.log warn;
 events {{ worker_connections 4096; }}
 http {{
   access_log off;
+  log_format sessions "$connection $ssl_session_reused $ssl_protocol $ssl_cipher";
+  keepalive_requests 1000000;
   client_body_temp_path {d}/tmp-body; proxy_temp_path {d}/tmp-proxy;
   fastcgi_temp_path {d}/tmp-fcgi; uwsgi_temp_path {d}/tmp-uwsgi;
   scgi_temp_path {d}/tmp-scgi;
-  server {{ listen 127.0.0.1:{port}; root {www}; }}
+  server {{
+    {server}
+  }}
 }}
 """)  # fmt: skip
     cmd = [*(prefix or []), "nginx", "-p", str(d), "-e", str(d / "nginx-error.log")]
-    proc = procs.start([*cmd, "-c", str(conf)], d / "nginx.log")
+    proc = procs.start([*cmd, "-c", str(conf)], d / "nginx.log", env)
     wait_port(port, proc, NGINX_START_S)
     return proc, port

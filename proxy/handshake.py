@@ -273,12 +273,15 @@ class _Loop:
             tls.obj.do_handshake()
         self.wants_write += await tls.flush()
         self.drained_socket = True  # nothing sent before our hello: wait first
+        self.wants_read += 1  # counted before the wait: a timeout or reset ends it
         first = await self._recv()
-        self.wants_read += 1
         self.first = first[:RECORD_HEADER]
-        if not first or first[0] not in TLS_RECORD_TYPES:
-            return  # server_closed or not_tls, from the bytes alone
-        tls.incoming.write(first)
+        if first and first[0] not in TLS_RECORD_TYPES:
+            return  # not_tls, from the bytes alone
+        if first:
+            tls.incoming.write(first)
+        else:  # EOF at once: OpenSSL's EOF error says server_closed, as for one later
+            tls.incoming.write_eof()
         tls.drained_socket = self.drained_socket
         await self._handshake(tls)
 

@@ -34,7 +34,7 @@ from collections.abc import Awaitable
 
 import trio
 
-from proxy.ends import CloseReason, End, Gone
+from proxy.ends import WAIT, CloseReason, End, Gone
 from proxy.metrics import ListenerMetrics
 
 # Bounds on the idle scan's period, in seconds: at most a second late for the
@@ -138,7 +138,13 @@ class Splice:
         metrics = self.metrics
         counter = metrics.bytes_to_backend if to_backend else metrics.bytes_to_client
         try:
-            while chunk := await source.recv():
+            while True:
+                chunk = source.ready()
+                if chunk is WAIT:
+                    await source.refill()
+                    continue
+                if chunk is None:
+                    break
                 self.last_activity = trio.current_time()
                 view, n = chunk
                 await sink.send_all(view[:n])

@@ -19,9 +19,10 @@ the one loop of `proxy.handshake`, under the listener's
   `bad_certificate`, ...) arrives as an alert on that read: counted then as
   `client_cert_rejected_by_server`, on the upstream handshake and not as a
   splice error. Plaintext (or a session ticket followed by data, or a clean
-  close) makes it `success`. A connection that ends before any read
-  (the client gave up, a drain) counts `success` at its close: the server
-  sent no refusal.
+  close) makes it `success`. A connection that ends before that read
+  (the client gave up, a drain, a write to the upstream that met its reset)
+  looks at what the upstream already sent, at its close: its refusal if
+  there, else `success`.
 
 Every upstream handshake is counted exactly once, whichever of these ends it.
 The session a successful handshake leaves is kept for the next connection
@@ -31,6 +32,7 @@ to the same name (`proxy.tls_upstream.Sessions`).
 from __future__ import annotations
 
 import socket
+import ssl
 from typing import Any
 
 from proxy.buffers import BufferPool
@@ -41,18 +43,22 @@ from proxy.identity import Identity
 from proxy.outcome import UpstreamOutcome, classify_first_read_error, server_cert_reason
 from proxy.runtime import UpstreamRuntime
 from proxy.tls_upstream import upstream_name
+from proxy.tlsio import TLSConn
 
 
 class Upstream:
     """One connection's upstream TLS and what its access line says of it."""
 
-    __slots__ = ("identity", "name", "pending", "result", "runtime")
+    __slots__ = ("identity", "name", "negotiated", "pending", "result", "runtime")
 
     def __init__(self, runtime: UpstreamRuntime, backend: Address, client_sni: str | None) -> None:
         self.runtime = runtime
         self.name = upstream_name(runtime.config, backend, client_sni)
         self.result: HandshakeResult[UpstreamOutcome] | None = None
         self.identity: Identity | None = None
+        # read once the handshake completed: after a ragged or refused end
+        # OpenSSL no longer reports the version
+        self.negotiated: tuple[str, str, str, bool] | None = None
         self.pending = False  # a TLS 1.3 success waiting for the first read
 
     @property
@@ -78,6 +84,7 @@ class Upstream:
         )
         tls = result.tls
         if result.outcome is UpstreamOutcome.SUCCESS and tls is not None:
+            self.negotiated = negotiated(tls.obj)
             if runtime.needs_identity:
                 cert = tls.obj.getpeercert()
                 self.identity = Identity.from_peercert(cert) if cert else None
@@ -108,12 +115,15 @@ class Upstream:
         self._count(result)
 
     def finish(self) -> None:
-        """At the connection's close: a success nobody refused is final now."""
+        """At the connection's close, a TLS 1.3 success still waiting for its
+        first read gets its verdict from what the upstream has already sent.
+        The other direction can end the connection before this one reads
+        (a write to the upstream meets its reset after the refusal, the
+        application resets, a drain) with the refusal already in our socket:
+        it is still the outcome. Nothing there: a success nobody refused."""
         result = self.result
         if self.pending and result is not None and result.tls is not None:
-            self.pending = False
-            self.runtime.sessions.keep(self.name, result.tls.obj)
-            self._count(result)
+            self._first_read(_last_look(result.tls))
 
     def close_notify(self) -> None:
         """Best effort at the connection's close: a completed session ends
@@ -135,8 +145,8 @@ class Upstream:
             metrics.wants_write.inc(result.wants_write)
         ok = result.outcome is UpstreamOutcome.SUCCESS
         (metrics.handshake_ok if ok else metrics.handshake_failed).observe(result.seconds)
-        if ok and result.tls is not None:
-            metrics.negotiated(*negotiated(result.tls.obj))
+        if ok and self.negotiated is not None:
+            metrics.negotiated(*self.negotiated)
 
     def fields(self) -> dict[str, Any]:
         """The access line's upstream_* fields, as far as the upstream got."""
@@ -150,8 +160,8 @@ class Upstream:
             "upstream_wants_write": result.wants_write,
             "upstream_name": self.name,
         }
-        if result.tls is not None and result.tls.obj.cipher() is not None:  # completed
-            version, cipher, alpn, resumed = negotiated(result.tls.obj)
+        if self.negotiated is not None:  # completed
+            version, cipher, alpn, resumed = self.negotiated
             fields.update(
                 upstream_tls_version=version,
                 upstream_cipher=cipher,
@@ -173,3 +183,16 @@ class Upstream:
         if result.outcome is UpstreamOutcome.SERVER_IDENTITY_DENIED:
             fields["server_cert_error"] = "not_allowed"
         return fields
+
+
+def _last_look(tls: TLSConn) -> ssl.SSLError | None:
+    """The error of a read of what the peer already sent, None if none (no
+    bytes, or plaintext: the connection is closing, so it is dropped)."""
+    tls.fill_nowait()
+    try:
+        tls.obj.read(1)
+    except ssl.SSLWantReadError:
+        return None
+    except ssl.SSLError as exc:
+        return exc
+    return None

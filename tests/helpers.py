@@ -203,9 +203,15 @@ def sample(text: str, name: str, **labels: str) -> float:
     return 0.0
 
 
-async def outcomes(admin_port: int) -> dict[str, float]:
+# The outcome counters: of the handshakes we answer, and of those we originate.
+HANDSHAKES = "tlsproxy_handshakes_total"
+UPSTREAM_HANDSHAKES = "tlsproxy_upstream_handshakes_total"
+
+
+async def outcomes(admin_port: int, metric: str = HANDSHAKES) -> dict[str, float]:
+    """Every outcome's value of the counter `metric`, from one scrape."""
     _, text = await scrape(admin_port)
-    return by_label(text, "tlsproxy_handshakes_total", "outcome")
+    return by_label(text, metric, "outcome")
 
 
 def by_label(text: str, name: str, label: str) -> dict[str, float]:
@@ -218,11 +224,13 @@ def by_label(text: str, name: str, label: str) -> dict[str, float]:
     return values
 
 
-async def outcome_delta(admin_port: int, before: dict[str, float]) -> dict[str, float]:
+async def outcome_delta(
+    admin_port: int, before: dict[str, float], metric: str = HANDSHAKES
+) -> dict[str, float]:
     """Poll /metrics until one more handshake ended; return the per-outcome delta."""
     with trio.fail_after(STEP):
         while True:
-            after = await outcomes(admin_port)
+            after = await outcomes(admin_port, metric)
             if sum(after.values()) > sum(before.values()):
                 return {
                     k: v - before.get(k, 0.0) for k, v in after.items() if v != before.get(k, 0.0)

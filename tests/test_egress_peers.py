@@ -379,7 +379,8 @@ async def through(
     if not bridged:
         return await egress(nursery, world, upstream.port)
     front = world.ca.issue("front", "localhost")
-    return await egress(nursery, world, upstream.port, tls={"certificates": [front.pair()]})
+    listener = {"tls": {"certificates": [front.pair()]}}
+    return await egress(nursery, world, upstream.port, listener=listener)
 
 
 async def one_exchange(

@@ -268,25 +268,34 @@ def egress_config(
     ca: CA,
     client: Leaf | None,
     *,
-    tls: dict[str, Any] | None = None,
+    host: str = "localhost",
+    listener: dict[str, Any] | None = None,
+    process: dict[str, Any] | None = None,
     **upstream: Any,
 ) -> Config:
-    """One listener `web` to localhost:`port` with `[listeners.upstream_tls]`
-    trusting `ca` and presenting `client`: plaintext in, or with a `tls`
-    table, bridging."""
+    """One listener "web" originating TLS to `host`:`port`, trusting `ca`,
+    presenting `client`; `listener` and `process` add keys to those tables
+    (a `tls` table makes it bridge), `upstream` to its upstream_tls."""
     table: dict[str, Any] = {"ca": str(ca.ca_file)}
     if client is not None:
         table["certificates"] = [client.pair()]
     table.update(upstream)
-    listener: dict[str, Any] = {
-        "name": "web",
-        "listen": "127.0.0.1:0",
-        "backend": f"localhost:{port}",
-        "upstream_tls": table,
-    }
-    if tls is not None:
-        listener["tls"] = tls
-    return parse_config({"admin": {"listen": "127.0.0.1:0"}, "listeners": [listener]}, directory)
+    return parse_config(
+        {
+            "admin": {"listen": "127.0.0.1:0"},
+            "process": process or {},
+            "listeners": [
+                {
+                    "name": "web",
+                    "listen": "127.0.0.1:0",
+                    "backend": f"{host}:{port}",
+                    "upstream_tls": table,
+                    **(listener or {}),
+                }
+            ],
+        },
+        directory,
+    )
 
 
 def ingress_config(directory: Path, backend_port: int, ca: CA, server: Leaf, uri: str) -> Config:

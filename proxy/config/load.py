@@ -97,14 +97,18 @@ def with_overrides(
     working directory), so a bad flag is a ConfigError, never a crash."""
     data = config.model_dump(exclude={"source", "warnings"})
     first = data["listeners"][0]
-    pair = first["tls"]["certificates"][0]
     flags = [
         (data["admin"], "listen", admin),
         (first, "listen", listen),
         (first, "backend", backend),
-        (pair, "cert", cert),
-        (pair, "key", key),
     ]
+    if cert is not None or key is not None:
+        if first["tls"] is None:  # plaintext in: it serves no certificate
+            raise ConfigError(
+                (f"--cert and --key: listener {first['name']!r} has no [listeners.tls]",)
+            )
+        pair = first["tls"]["certificates"][0]
+        flags += [(pair, "cert", cert), (pair, "key", key)]
     if all(value is None for _, _, value in flags):
         return config
     for table, name, value in flags:
