@@ -211,11 +211,16 @@ UPSTREAM_HANDSHAKES = "tlsproxy_upstream_handshakes_total"
 async def outcomes(admin_port: int, metric: str = HANDSHAKES) -> dict[str, float]:
     """Every outcome's value of the counter `metric`, from one scrape."""
     _, text = await scrape(admin_port)
+    return by_label(text, metric, "outcome")
+
+
+def by_label(text: str, name: str, label: str) -> dict[str, float]:
+    """The samples of `name` in exposition text, by the value of one label."""
     values: dict[str, float] = {}
     for family in text_string_to_metric_families(text):
         for s in family.samples:
-            if s.name == metric:
-                values[s.labels["outcome"]] = float(s.value)
+            if s.name == name:
+                values[s.labels[label]] = float(s.value)
     return values
 
 
@@ -301,23 +306,40 @@ async def raw_connect(port: int) -> trio.SocketStream:
 
 
 class BioClient:
-    """A Python ssl client over a memory BIO, for exact control of close_notify.
+    """A Python ssl client (or server) over a memory BIO, for exact control of
+    close_notify.
 
     `SSLSocket.unwrap()` would read (and reject) data arriving after our
     close_notify; with a memory BIO the test decides when bytes reach OpenSSL.
+    As a server (`accept`) it is an upstream that can half-close: close_notify
+    first, then go on reading what the peer still sends.
     """
 
-    def __init__(self, stream: trio.SocketStream, context: ssl.SSLContext) -> None:
+    def __init__(
+        self, stream: trio.SocketStream, context: ssl.SSLContext, *, server_side: bool = False
+    ) -> None:
         self.stream = stream
         self.incoming = ssl.MemoryBIO()
         self.outgoing = ssl.MemoryBIO()
-        self.obj = context.wrap_bio(self.incoming, self.outgoing, server_hostname="localhost")
+        self.obj = context.wrap_bio(
+            self.incoming,
+            self.outgoing,
+            server_side=server_side,
+            server_hostname=None if server_side else "localhost",
+        )
 
     @classmethod
     async def connect(cls, port: int, context: ssl.SSLContext) -> BioClient:
         client = cls(await raw_connect(port), context)
         await client._retry(client.obj.do_handshake)
         return client
+
+    @classmethod
+    async def accept(cls, stream: trio.SocketStream, context: ssl.SSLContext) -> BioClient:
+        """The server side of an accepted stream, its handshake done."""
+        server = cls(stream, context, server_side=True)
+        await server._retry(server.obj.do_handshake)
+        return server
 
     async def _flush(self) -> None:
         if data := self.outgoing.read():

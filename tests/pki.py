@@ -228,16 +228,18 @@ def handshake(
     *,
     session: ssl.SSLSession | None = None,
     payload: bytes = b"ping",
+    close_notify: bool = False,
 ) -> Seen:
     """A blocking stdlib client (run it in a thread): handshake, one echo
-    round trip (which also collects TLS 1.3 tickets), then close."""
+    round trip (which also collects TLS 1.3 tickets), then close: with a
+    bare FIN, or (`close_notify`) the clean TLS end, both ways."""
     with (
         socket.create_connection(("127.0.0.1", port), timeout=20.0) as sock,
         context.wrap_socket(sock, server_hostname=server_hostname, session=session) as tls,
     ):
         tls.sendall(payload)
         reply = tls.recv(1024)
-        return Seen(
+        seen = Seen(
             serial=served_serial(tls.getpeercert(binary_form=True)),
             version=tls.version(),
             alpn=tls.selected_alpn_protocol(),
@@ -245,3 +247,6 @@ def handshake(
             session=tls.session,
             reply=reply,
         )
+        if close_notify:
+            tls.unwrap()
+        return seen

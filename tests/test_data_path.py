@@ -8,6 +8,7 @@ import os
 import socket
 from functools import partial
 
+import pytest
 import trio
 import trio.testing
 
@@ -169,6 +170,30 @@ async def test_client_close_notify_reaches_backend_as_fin_and_reply_still_arrive
         await client.close_notify()
         assert await client.recv_all() == b"got 100000 bytes"
         await client.stream.aclose()
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="known bug: without OP_IGNORE_UNEXPECTED_EOF on the listener's context OpenSSL "
+    "makes the bare FIN fatal, the answer's SSL_write fails (client_protocol_error); "
+    "setting it alone exposes the session-ID bug in test_resumption.py",
+)
+async def test_client_bare_fin_reaches_backend_as_fin_and_reply_still_arrives(
+    nursery: trio.Nursery, certs: Certs
+) -> None:
+    """A client that half-closes with a bare FIN (no close_notify) still gets
+    the answer: OpenSSL must not make the EOF a fatal error."""
+    port = await start_backend(nursery, _count_then_answer)
+    proxy = await start_server(nursery, build_config(certs, port))
+    with trio.fail_after(STEP):
+        client = await BioClient.connect(proxy.port, certs.client_context())
+        async with client.stream:
+            await client.send_all(b"x" * 100_000)
+            await client.stream.send_eof()
+            assert await client.recv_all() == b"got 100000 bytes"
+    (event,) = await proxy.access_log()
+    assert event["close_reason"] == "client_closed"
+    assert event["bytes_to_client"] == len(b"got 100000 bytes")
 
 
 async def test_backend_fin_reaches_client_as_close_notify_while_client_keeps_sending(

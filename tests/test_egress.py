@@ -3,7 +3,6 @@ originated to a real TLS server, the upstream outcome counted once."""
 
 from __future__ import annotations
 
-import io
 import ssl
 from collections.abc import Awaitable, Callable
 from functools import partial
@@ -12,15 +11,19 @@ from typing import Any
 
 import pytest
 import trio
-from prometheus_client import CollectorRegistry
 
-from proxy.config import Config, parse_address, parse_config
-from proxy.log import make_logger
-from proxy.metrics import Metrics
-from proxy.server import Server
-from tests.helpers import STEP, Running, echo_handler, raw_connect, sample, scrape, start_backend
-from tests.pki import CA, Leaf, client_context
-from tests.upstream_peers import thread_server, tls_behaviour
+from proxy.config import parse_address, parse_config
+from tests.helpers import STEP, echo_handler, raw_connect, sample, scrape, start_backend
+from tests.helpers import start_server as start
+from tests.pki import CA, client_context
+from tests.upstream_peers import (
+    APP_ID,
+    egress_config,
+    ingress_config,
+    server_context,
+    thread_server,
+    tls_behaviour,
+)
 
 Handler = Callable[[trio.SSLStream[trio.SocketStream]], Awaitable[None]]
 
@@ -40,62 +43,6 @@ async def start_tls_server(nursery: trio.Nursery, context: ssl.SSLContext, handl
 
     (listener,) = await nursery.start(partial(trio.serve_tcp, serve, 0, host="127.0.0.1"))
     return int(listener.socket.getsockname()[1])
-
-
-def server_context(
-    ca: CA, leaf: Leaf, *, client_ca: CA | None, tls13: bool = True
-) -> ssl.SSLContext:
-    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-    context.load_cert_chain(leaf.cert, leaf.key)
-    if not tls13:
-        context.maximum_version = ssl.TLSVersion.TLSv1_2
-    if client_ca is not None:
-        context.verify_mode = ssl.CERT_REQUIRED
-        context.load_verify_locations(client_ca.ca_file)
-    return context
-
-
-def egress_config(
-    directory: Path,
-    port: int,
-    ca: CA,
-    client: Leaf | None,
-    *,
-    host: str = "localhost",
-    listener: dict[str, Any] | None = None,
-    process: dict[str, Any] | None = None,
-    **upstream: Any,
-) -> Config:
-    """One listener "web" originating TLS to `host`:`port`, trusting `ca`,
-    presenting `client`; `listener` and `process` add keys to those tables
-    (a `tls` table makes it bridge), `upstream` to its upstream_tls."""
-    table: dict[str, Any] = {"ca": str(ca.ca_file)}
-    if client is not None:
-        table["certificates"] = [client.pair()]
-    table.update(upstream)
-    return parse_config(
-        {
-            "admin": {"listen": "127.0.0.1:0"},
-            "process": process or {},
-            "listeners": [
-                {
-                    "name": "web",
-                    "listen": "127.0.0.1:0",
-                    "backend": f"{host}:{port}",
-                    "upstream_tls": table,
-                    **(listener or {}),
-                }
-            ],
-        },
-        directory,
-    )
-
-
-async def start(nursery: trio.Nursery, config: Config) -> Running:
-    log = io.StringIO()
-    server = Server(config, Metrics(CollectorRegistry()), make_logger(stream=log))
-    bound = await nursery.start(server.run)
-    return Running(server, bound, log)
 
 
 async def echo_peer(tls: trio.SSLStream[trio.SocketStream]) -> None:
@@ -174,33 +121,6 @@ async def refused_by(port: int, tmp_path: Path, nursery: trio.Nursery, ca: CA) -
     assert (
         sample(text, "tlsproxy_upstream_handshakes_total", listener="web", outcome="success") == 0
     )
-
-
-def ingress_config(directory: Path, backend_port: int, ca: CA, server: Leaf, uri: str) -> Config:
-    """tlsproxy's own way in: mTLS required, one SPIFFE ID allowed."""
-    tls = {
-        "certificates": [server.pair()],
-        "client_auth": "require",
-        "client_ca": str(ca.ca_file),
-        "allow": {"uri": [uri]},
-    }
-    return parse_config(
-        {
-            "admin": {"listen": "127.0.0.1:0"},
-            "listeners": [
-                {
-                    "name": "web",
-                    "listen": "127.0.0.1:0",
-                    "backend": f"127.0.0.1:{backend_port}",
-                    "tls": tls,
-                }
-            ],
-        },
-        directory,
-    )
-
-
-APP_ID = "spiffe://test.example/ns/a/sa/app"
 
 
 @pytest.mark.parametrize("admitted", [True, False], ids=["allowed", "denied"])

@@ -49,7 +49,6 @@ from tests.helpers import (
 from tests.pki import CA, Leaf, client_context
 from tests.test_deploy_egress import Upstream as MTLSUpstream
 from tests.test_deploy_renewal import not_after
-from tests.test_egress import egress_config
 from tests.test_upstream_outcome import (
     GARBAGE_HANDSHAKE,
     REQUEST,
@@ -60,6 +59,7 @@ from tests.test_upstream_outcome import (
 from tests.test_workers import _all_logged, _workers
 from tests.upstream_peers import (
     READ_SIZE,
+    egress_config,
     eof_at_once,
     read_then,
     thread_server,

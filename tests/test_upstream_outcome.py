@@ -36,6 +36,7 @@ from tests.upstream_peers import (
     eof_at_once,
     jsse,
     nginx,
+    nginx_http_temp,
     originate,
     read_then,
     s_server,
@@ -148,10 +149,7 @@ def _raw(behaviour: Callable[..., None]) -> Iterator[int]:
 
 def _nginx_blocks(world_dir: Path, server: Leaf, ca: CA) -> Callable[[dict[str, int]], str]:
     def blocks(p: dict[str, int]) -> str:
-        temp = " ".join(
-            f"{kind}_temp_path {world_dir}/{kind};"
-            for kind in ("client_body", "proxy", "fastcgi", "uwsgi", "scgi")
-        )
+        temp = nginx_http_temp(world_dir)
         cert = f"ssl_certificate {server.cert}; ssl_certificate_key {server.key};"
         verify = f"ssl_verify_client on; ssl_client_certificate {ca.ca_file};"
         return f"""

@@ -7,6 +7,12 @@ Python `ssl` servers in threads, and raw sockets that misbehave on purpose.
 The client is an `SSLObject` over a `MemoryBIO` pair, as the daemon's is,
 driven by a small blocking loop (tests only: the daemon drives its own on
 Trio).
+
+The egress tests (tests/test_egress*.py) put the daemon in front of the same
+servers: the configs of an egress listener and of tlsproxy's own mTLS way
+in, a Python ssl server on Trio that can half-close (`start_bio_server`),
+and `openssl s_server -quiet` as a pipe between its stdin, the TLS peer and
+its stdout (`s_server_pipe`).
 """
 
 from __future__ import annotations
@@ -19,20 +25,29 @@ import struct
 import subprocess
 import threading
 import time
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Iterator
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
+from typing import Any
+
+import trio
 
 from proxy.clienthello import RECORD_HEADER
-from tests.helpers import STEP, free_port
+from proxy.config import Config, parse_config
+from tests.helpers import STEP, BioClient, free_port
+from tests.pki import CA, Leaf
 
 # How long a peer may take to start listening, and any one read: generous,
 # since nothing here waits on purpose.
 PEER_DEADLINE = STEP
 # A socket read's size: a whole TLS record and more.
 READ_SIZE = 65536
-# How often to look whether nginx listens yet: it takes some 10 ms.
-NGINX_POLL = 0.02
+# How often to look whether a server (nginx, s_server) listens yet: it
+# takes some 10 ms.
+LISTEN_POLL = 0.02
+# A TCP socket in the LISTEN state, in /proc/net/tcp's `st` column.
+TCP_LISTEN = "0A"
 
 Behaviour = Callable[[socket.socket], None]
 
@@ -226,6 +241,105 @@ def read_then(answer: bytes, *, reset: bool = False) -> Behaviour:
     return serve
 
 
+# ---------------------------------------------------------------- the daemon's egress
+
+# The SPIFFE ID our client certificate carries, and tlsproxy's own way in admits.
+APP_ID = "spiffe://test.example/ns/a/sa/app"
+
+
+def server_context(
+    ca: CA, leaf: Leaf, *, client_ca: CA | None, tls13: bool = True
+) -> ssl.SSLContext:
+    """A Python ssl server's: `leaf`, a client certificate from `client_ca`
+    required if given, TLS 1.2 at most unless `tls13`."""
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.load_cert_chain(leaf.cert, leaf.key)
+    if not tls13:
+        context.maximum_version = ssl.TLSVersion.TLSv1_2
+    if client_ca is not None:
+        context.verify_mode = ssl.CERT_REQUIRED
+        context.load_verify_locations(client_ca.ca_file)
+    return context
+
+
+def egress_config(
+    directory: Path,
+    port: int,
+    ca: CA,
+    client: Leaf | None,
+    *,
+    host: str = "localhost",
+    listener: dict[str, Any] | None = None,
+    process: dict[str, Any] | None = None,
+    **upstream: Any,
+) -> Config:
+    """One listener "web" originating TLS to `host`:`port`, trusting `ca`,
+    presenting `client`; `listener` and `process` add keys to those tables
+    (a `tls` table makes it bridge), `upstream` to its upstream_tls."""
+    table: dict[str, Any] = {"ca": str(ca.ca_file)}
+    if client is not None:
+        table["certificates"] = [client.pair()]
+    table.update(upstream)
+    return parse_config(
+        {
+            "admin": {"listen": "127.0.0.1:0"},
+            "process": process or {},
+            "listeners": [
+                {
+                    "name": "web",
+                    "listen": "127.0.0.1:0",
+                    "backend": f"{host}:{port}",
+                    "upstream_tls": table,
+                    **(listener or {}),
+                }
+            ],
+        },
+        directory,
+    )
+
+
+def ingress_config(directory: Path, backend_port: int, ca: CA, server: Leaf, uri: str) -> Config:
+    """tlsproxy's own way in: mTLS required, one SPIFFE ID allowed."""
+    tls = {
+        "certificates": [server.pair()],
+        "client_auth": "require",
+        "client_ca": str(ca.ca_file),
+        "allow": {"uri": [uri]},
+    }
+    return parse_config(
+        {
+            "admin": {"listen": "127.0.0.1:0"},
+            "listeners": [
+                {
+                    "name": "web",
+                    "listen": "127.0.0.1:0",
+                    "backend": f"127.0.0.1:{backend_port}",
+                    "tls": tls,
+                }
+            ],
+        },
+        directory,
+    )
+
+
+BioHandler = Callable[[BioClient], Awaitable[None]]
+
+
+async def start_bio_server(
+    nursery: trio.Nursery, context: ssl.SSLContext, handler: BioHandler
+) -> int:
+    """A Python ssl server on Trio over memory BIOs: `handler` gets each
+    connection with its handshake done, and may half-close it. A failure
+    is not swallowed: it fails the test that ran the server."""
+
+    async def serve(stream: trio.SocketStream) -> None:
+        async with stream:
+            await handler(await BioClient.accept(stream, context))
+
+    (listener,) = await nursery.start(partial(trio.serve_tcp, serve, 0, host="127.0.0.1"))
+    return int(listener.socket.getsockname()[1])
+
+
 # ---------------------------------------------------------------- openssl s_server
 
 
@@ -236,10 +350,8 @@ def s_server(*options: str) -> Iterator[int]:
     It prints `ACCEPT 127.0.0.1:<port>` once it listens; `-naccept 1` makes
     it exit after the one connection a test makes.
     """
-    openssl = shutil.which("openssl")
-    assert openssl is not None, "openssl is in the Makefile's TEST_DEBS"
     with subprocess.Popen(
-        [openssl, "s_server", "-accept", "127.0.0.1:0", "-naccept", "1", *options],
+        [_openssl(), "s_server", "-accept", "127.0.0.1:0", "-naccept", "1", *options],
         stdin=subprocess.PIPE,
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
@@ -258,6 +370,60 @@ def s_server(*options: str) -> Iterator[int]:
             process.kill()
 
 
+def _openssl() -> str:
+    openssl = shutil.which("openssl")
+    assert openssl is not None, "openssl is in the Makefile's TEST_DEBS"
+    return openssl
+
+
+@dataclass
+class SServerPipe:
+    """A running `s_server -quiet`: what it writes to the peer comes from
+    `stdin`, what the peer sent is in the file `received`, its verify
+    callback's lines (the peer certificate's subject) in `log`."""
+
+    port: int
+    process: trio.Process
+    stdin: trio.abc.SendStream
+    received: Path
+    log: Path
+
+
+@contextlib.asynccontextmanager
+async def s_server_pipe(
+    directory: Path, *options: str, naccept: int = 1
+) -> AsyncIterator[SServerPipe]:
+    """`openssl s_server -quiet` for `naccept` connections, one at a time:
+    a byte-exact pipe.
+
+    -quiet turns off its commands (a line starting with Q would stop it)
+    and all it would print among the data, the `ACCEPT` line too: so it gets
+    a fixed port, and is seen listening in /proc/net/tcp. It ends the
+    connection (exiting after the last) at the peer's close_notify or its
+    stdin's EOF; the stdin pipe stays open until the test closes it.
+    """
+    port = free_port()
+    listen = ("-accept", f"127.0.0.1:{port}", "-naccept", str(naccept))
+    received, log = directory / "s_server.out", directory / "s_server.log"
+    with received.open("wb") as out, log.open("wb") as err:
+        process = await trio.lowlevel.open_process(
+            [_openssl(), "s_server", "-quiet", *listen, *options],
+            stdin=subprocess.PIPE,
+            stdout=out,
+            stderr=err,
+        )
+    try:
+        assert process.stdin is not None
+        with trio.fail_after(PEER_DEADLINE):
+            while not listening([port]):
+                assert process.poll() is None, log.read_text()
+                await trio.sleep(LISTEN_POLL)
+        yield SServerPipe(port, process, process.stdin, received, log)
+    finally:
+        process.kill()
+        await process.wait()
+
+
 # ---------------------------------------------------------------- nginx
 
 
@@ -271,14 +437,21 @@ daemon off;
 master_process off;
 pid {dir}/nginx.pid;
 error_log stderr warn;
-events {{ worker_connections 16; }}
+events {{ worker_connections {connections}; }}
 {blocks}
 """
+# Connections one nginx may hold, its listeners', clients' and backends'
+# together: enough for the few a classifier case makes.
+NGINX_CONNECTIONS = 16
 
 
 @contextlib.contextmanager
 def nginx(
-    directory: Path, blocks: Callable[[dict[str, int]], str], names: list[str]
+    directory: Path,
+    blocks: Callable[[dict[str, int]], str],
+    names: list[str],
+    *,
+    connections: int = NGINX_CONNECTIONS,
 ) -> Iterator[dict[str, int]]:
     """nginx in the foreground with the `http`/`stream` blocks `blocks(ports)`
     writes, one fixed loopback port per name (nginx cannot report a
@@ -287,7 +460,12 @@ def nginx(
     ports = {name: free_port() for name in names}
     conf = directory / "nginx.conf"
     conf.write_text(
-        NGINX_CONF.format(stream_module=NGINX_STREAM_MODULE, dir=directory, blocks=blocks(ports))
+        NGINX_CONF.format(
+            stream_module=NGINX_STREAM_MODULE,
+            dir=directory,
+            connections=connections,
+            blocks=blocks(ports),
+        )
     )
     with subprocess.Popen(
         [binary, "-p", str(directory), "-c", str(conf), "-e", "stderr"],
@@ -301,19 +479,37 @@ def nginx(
             process.terminate()
 
 
+def nginx_http_temp(directory: Path) -> str:
+    """An http block's temporary directories, inside `directory` (Debian's
+    compiled-in ones are under /var/lib/nginx)."""
+    return " ".join(
+        f"{kind}_temp_path {directory}/{kind};"
+        for kind in ("client_body", "proxy", "fastcgi", "uwsgi", "scgi")
+    )
+
+
+def listening(ports: Iterable[int]) -> set[int]:
+    """Which of `ports` a socket listens on, from /proc/net/tcp: looking,
+    not connecting, so a server counts no probe among its connections."""
+    wanted = set(ports)
+    found: set[int] = set()
+    for line in Path("/proc/net/tcp").read_text().splitlines()[1:]:
+        local, state = line.split()[1], line.split()[3]
+        port = int(local.rsplit(":", 1)[1], 16)
+        if state == TCP_LISTEN and port in wanted:
+            found.add(port)
+    return found
+
+
 def _wait_listening(process: subprocess.Popen[bytes], ports: Iterable[int]) -> None:
+    wanted = set(ports)
     deadline = time.monotonic() + PEER_DEADLINE
-    for port in ports:
-        while True:
-            if process.poll() is not None:
-                assert process.stderr is not None
-                raise AssertionError(process.stderr.read().decode())
-            try:
-                socket.create_connection(("127.0.0.1", port), timeout=PEER_DEADLINE).close()
-                break
-            except ConnectionRefusedError:
-                assert time.monotonic() < deadline, "nginx did not listen"
-                time.sleep(NGINX_POLL)
+    while listening(wanted) != wanted:
+        if process.poll() is not None:
+            assert process.stderr is not None
+            raise AssertionError(process.stderr.read().decode())
+        assert time.monotonic() < deadline, "nginx did not listen"
+        time.sleep(LISTEN_POLL)
 
 
 # ---------------------------------------------------------------- Java (JSSE)
