@@ -56,6 +56,10 @@ from proxy.clienthello import ClientHello, supported_groups
 # OpenSSL 3 ssl.h: SSL_CTX_set1_groups_list(ctx, s) is
 # SSL_CTX_ctrl(ctx, SSL_CTRL_SET_GROUPS_LIST, 0, (char *)(s)).
 SSL_CTRL_SET_GROUPS_LIST = 92
+# SSL_CTX_set_session_cache_mode / SSL_CTX_get_session_cache_mode likewise.
+SSL_CTRL_SET_SESS_CACHE_MODE = 44
+SSL_CTRL_GET_SESS_CACHE_MODE = 45
+SSL_SESS_CACHE_OFF = 0
 
 # The option bit the guard flips and restores: one that changes nothing for a
 # context no connection has been made from yet, and that Python's setter can
@@ -192,6 +196,16 @@ def set_ciphersuites(context: ssl.SSLContext, suites: tuple[str, ...]) -> None:
     got = tls13_suites(context)
     if got != suites:
         raise ValueError(f"OpenSSL took the suites {':'.join(got) or 'none'}, not {suites}")
+
+
+def disable_session_cache(context: ssl.SSLContext) -> None:
+    """No server-side session cache: no resumption by TLS 1.2 session ID
+    (Python's ssl has no call for SSL_CTX_set_session_cache_mode)."""
+    lib = _libssl()
+    pointer = _guarded_pointer(lib, context)
+    lib.SSL_CTX_ctrl(pointer, SSL_CTRL_SET_SESS_CACHE_MODE, SSL_SESS_CACHE_OFF, None)
+    if lib.SSL_CTX_ctrl(pointer, SSL_CTRL_GET_SESS_CACHE_MODE, 0, None) != SSL_SESS_CACHE_OFF:
+        raise PolicyUnavailable("the session cache could not be turned off")
 
 
 def tls13_suites(context: ssl.SSLContext) -> tuple[str, ...]:

@@ -187,12 +187,21 @@ def apply_policy(
     ciphersuites: tuple[str, ...],
 ) -> None:
     """The protocol policy both sides share: versions, TLS 1.2 ciphers, groups,
-    TLS 1.3 suites; renegotiation and compression (CRIME) off."""
+    TLS 1.3 suites; renegotiation and compression (CRIME) off.
+
+    A bare FIN is a peer's half-close (a client's `shutdown(SHUT_WR)`,
+    nginx's `proxy_half_close`: no close_notify), read as the end of its
+    bytes (proxy.ends); OpenSSL 3 would otherwise make it a fatal error and
+    refuse our half's writes after it, and the answer would be lost. Inside
+    a handshake an EOF is still an error (`client_closed`, `server_closed`).
+    """
     context.minimum_version = MIN_VERSIONS[min_version]
     context.set_ciphers(ciphers or DEFAULT_TLS12_CIPHERS)
     openssl.set_groups(context, groups)
     openssl.set_ciphersuites(context, ciphersuites)
-    context.options |= ssl.OP_NO_RENEGOTIATION | ssl.OP_NO_COMPRESSION
+    context.options |= (
+        ssl.OP_NO_RENEGOTIATION | ssl.OP_NO_COMPRESSION | ssl.OP_IGNORE_UNEXPECTED_EOF
+    )
 
 
 def _certificate_context(tls: TLSConfig, pairs: list[CertificatePair]) -> ssl.SSLContext:
@@ -211,9 +220,11 @@ def _certificate_context(tls: TLSConfig, pairs: list[CertificatePair]) -> ssl.SS
         _load_verify_store(context, verify)
     if not tls.session_tickets:
         # OP_NO_TICKET alone still lets OpenSSL send stateful TLS 1.3 tickets
-        # backed by its session cache; zero tickets means no resumption at all.
+        # backed by its session cache, and a TLS 1.2 client resume by session
+        # ID from that cache: zero tickets and no cache mean no resumption.
         context.options |= ssl.OP_NO_TICKET
         context.num_tickets = 0
+        openssl.disable_session_cache(context)
     if tls.keylog_file is not None:
         context.keylog_filename = str(tls.keylog_file)
     return context

@@ -48,11 +48,6 @@ def build_upstream_context(upstream: UpstreamTLSConfig) -> ssl.SSLContext:
     openssl.PolicyUnavailable when the groups or suites cannot be set."""
     context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)  # CERT_REQUIRED, check_hostname
     apply_policy(context, upstream.min_version, "", upstream.groups, upstream.ciphersuites)
-    # A bare FIN is an upstream's half-close (nginx's proxy_half_close sends
-    # one, no close_notify), read as the end of its bytes (proxy.ends). Left
-    # a fatal error, OpenSSL would refuse our half's writes after it: what
-    # the app still sends would be lost.
-    context.options |= ssl.OP_IGNORE_UNEXPECTED_EOF
     ca = upstream.ca_pem
     if ca is None:
         context.load_default_certs(ssl.Purpose.SERVER_AUTH)

@@ -8,7 +8,6 @@ import os
 import socket
 from functools import partial
 
-import pytest
 import trio
 import trio.testing
 
@@ -172,12 +171,6 @@ async def test_client_close_notify_reaches_backend_as_fin_and_reply_still_arrive
         await client.stream.aclose()
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="known bug: without OP_IGNORE_UNEXPECTED_EOF on the listener's context OpenSSL "
-    "makes the bare FIN fatal, the answer's SSL_write fails (client_protocol_error); "
-    "setting it alone exposes the session-ID bug in test_resumption.py",
-)
 async def test_client_bare_fin_reaches_backend_as_fin_and_reply_still_arrives(
     nursery: trio.Nursery, certs: Certs
 ) -> None:

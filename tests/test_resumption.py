@@ -12,14 +12,6 @@ import trio
 from tests.helpers import STEP, Certs, build_config, sample, scrape, start_server
 from tests.pki import handshake
 
-# A known bug, for the one case it shows in: session_tickets = false leaves
-# OpenSSL's server session cache on, so a TLS 1.2 client resumes by session ID
-# once a connection ended cleanly. A bare FIN (the client's default end here)
-# is fatal to OpenSSL, which then drops the session, and hides the bug.
-SESSION_ID_BUG = pytest.mark.xfail(
-    strict=True, reason="session_tickets = false still resumes TLS 1.2 by session ID"
-)
-
 
 @pytest.mark.parametrize("close_notify", [False, True], ids=["FIN", "close_notify"])
 @pytest.mark.parametrize("version", [ssl.TLSVersion.TLSv1_2, ssl.TLSVersion.TLSv1_3])
@@ -32,10 +24,7 @@ async def test_second_connection_resumes_only_with_tickets(
     version: ssl.TLSVersion,
     tickets: bool,
     close_notify: bool,
-    request: pytest.FixtureRequest,
 ) -> None:
-    if close_notify and not tickets and version is ssl.TLSVersion.TLSv1_2:
-        request.applymarker(SESSION_ID_BUG)
     tls = {
         "certificates": [{"cert": str(certs.cert), "key": str(certs.key)}],
         "session_tickets": tickets,
