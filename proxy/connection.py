@@ -278,8 +278,8 @@ class _Connection:
         if self.backend is not None:
             self.backend.close()
         self.runtime.metrics.active.dec()
-        if self.runtime.access_log:
-            self.runtime.log.info("connection", **self.fields())
+        if self.runtime.access is not None:
+            self.runtime.access(self.fields())
 
     def _backend_failed(self) -> bool:
         """The way to the backend failed before the client got a byte: the

@@ -40,9 +40,11 @@ import re
 import select
 import threading
 from collections.abc import Callable
+from datetime import UTC, datetime
 from functools import partial
 from typing import Any, TextIO
 
+import orjson
 import structlog
 
 Logger = structlog.typing.FilteringBoundLogger
@@ -209,6 +211,50 @@ _ENCODER = json.JSONEncoder(default=repr)
 
 def _encode(event: dict[str, Any], **_: Any) -> str:
     return _ENCODER.encode(event)
+
+
+class AccessLog:
+    """The access line, one per connection: the hottest log call by far.
+
+    In JSON format it is rendered by orjson straight into the logger's sink,
+    with exactly the fields, order, level and timestamp the structlog
+    pipeline gives every other line (its bound context, the fields, then
+    `event`, `level`, `timestamp`), at a fraction of the pipeline's cost
+    (BENCHMARKS.md). orjson writes non-ASCII as UTF-8 where `json` escapes
+    it, and our JSON lines escape the characters that reorder a terminal's
+    text: a line that is not ASCII takes the `json` encoder instead. The
+    text format, for people, keeps the pipeline.
+    """
+
+    __slots__ = ("_context", "_log", "_write")
+
+    def __init__(self, log: Logger, level: str, fmt: str) -> None:
+        self._log = log
+        # structlog's bound logger keeps its context (the pid) and its output
+        # (our LogSink, or a WriteLogger in tests) in these attributes
+        self._context: dict[str, Any] = dict(log._context)
+        sink: Any = getattr(log, "_logger")  # noqa: B009 - not in the logger's Protocol
+        fast = fmt == "json" and _LEVELS[level] <= logging.INFO
+        self._write: Callable[[str], None] | None = sink.msg if fast else None
+
+    def __call__(self, fields: dict[str, Any]) -> None:
+        write = self._write
+        if write is None:
+            self._log.info(ACCESS_EVENT, **fields)
+            return
+        line = {
+            **self._context,
+            **fields,
+            "event": ACCESS_EVENT,
+            "level": "info",
+            "timestamp": datetime.now(UTC).isoformat().replace("+00:00", "Z"),
+        }
+        text = orjson.dumps(line, default=repr).decode()
+        write(text if text.isascii() else _ENCODER.encode(line))
+
+
+# The access line's `event`.
+ACCESS_EVENT = "connection"
 
 
 # C0 and C1 controls and DEL, and the Unicode characters that reorder or break

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 
 from proxy.config import Address, Config, ListenerConfig, UpstreamTLSConfig
 from proxy.identity import AllowList
-from proxy.log import Logger
+from proxy.log import AccessLog, Logger
 from proxy.metrics import ListenerMetrics, Metrics, UpstreamMetrics
 from proxy.sni import NameTable
 from proxy.tls import build_context
@@ -47,6 +47,7 @@ class ListenerRuntime:
     log: Logger
     access_log: bool
     upstream: UpstreamRuntime | None = None  # set: TLS to the backend
+    access: AccessLog | None = None  # writes the access line, when access_log is on
     # [[listeners.routes]]: backend by SNI, built once from the config
     routes: NameTable[Address] = field(init=False, repr=False)
     # `allow` tables compiled once, in the build: the listener's, and by SNI
@@ -114,6 +115,9 @@ def build_runtime(
         log=log,
         access_log=config.log.access_log,
         upstream=None if upstream is None else build_upstream(upstream, lm, config),
+        access=AccessLog(log, config.log.level, config.log.format)
+        if config.log.access_log
+        else None,
     )
 
 

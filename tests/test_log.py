@@ -8,10 +8,11 @@ import io
 import json
 import sys
 import threading
+from typing import Any
 from pathlib import Path
 
 from proxy import unraisable
-from proxy.log import WRITE_BYTES, Logger, LogSink, make_logger
+from proxy.log import WRITE_BYTES, AccessLog, Logger, LogSink, make_logger
 from tests.helpers import STEP
 
 # Lines logged against a stalled or broken sink: far more than its buffer holds.
@@ -163,3 +164,44 @@ def test_an_unraisable_exception_is_one_json_line_not_a_traceback() -> None:
     assert line["error"] == "raised in a finaliser"
     assert "_RaisesInFinaliser.__del__" in line["object"]
     assert "Traceback" in line["exception"]
+
+
+ACCESS_FIELDS: dict[str, Any] = {
+    "listener": "web",
+    "client": "127.0.0.1:50000",
+    "outcome": "success",
+    "handshake_ms": 1.25,
+    "resumed": False,
+    "client_san_uri": ["spiffe://a.example/x"],
+    "client_subject": None,
+}
+
+
+def test_the_access_line_has_the_fields_order_and_stamps_of_the_pipeline() -> None:
+    fast, slow = io.StringIO(), io.StringIO()
+    AccessLog(make_logger("info", "json", fast).bind(pid=7), "info", "json")(ACCESS_FIELDS)
+    make_logger("info", "json", slow).bind(pid=7).info("connection", **ACCESS_FIELDS)
+    ours, theirs = json.loads(fast.getvalue()), json.loads(slow.getvalue())
+    assert list(ours) == list(theirs) == ["pid", *ACCESS_FIELDS, "event", "level", "timestamp"]
+    assert {k: v for k, v in ours.items() if k != "timestamp"} == {
+        k: v for k, v in theirs.items() if k != "timestamp"
+    }
+    assert ours["timestamp"].endswith("Z") and len(ours["timestamp"]) == len(theirs["timestamp"])
+
+
+def test_an_access_line_that_is_not_ascii_is_escaped_like_every_json_line() -> None:
+    out = io.StringIO()
+    fields = {**ACCESS_FIELDS, "client_subject": "CN=\u202eevil\u2028"}
+    AccessLog(make_logger("info", "json", out).bind(pid=7), "info", "json")(fields)
+    line = out.getvalue()
+    assert line.isascii() and "\\u202e" in line and "\\u2028" in line
+    assert json.loads(line)["client_subject"] == "CN=\u202eevil\u2028"
+
+
+def test_the_access_line_follows_the_level_and_the_text_format() -> None:
+    quiet = io.StringIO()
+    AccessLog(make_logger("warning", "json", quiet), "warning", "json")(ACCESS_FIELDS)
+    assert quiet.getvalue() == ""
+    text = io.StringIO()
+    AccessLog(make_logger("info", "text", text), "info", "text")(ACCESS_FIELDS)
+    assert "connection" in text.getvalue() and "listener=web" in text.getvalue()
