@@ -8,8 +8,8 @@ import io
 import json
 import sys
 import threading
-from typing import Any
 from pathlib import Path
+from typing import Any
 
 from proxy import unraisable
 from proxy.log import WRITE_BYTES, AccessLog, Logger, LogSink, make_logger
