@@ -360,3 +360,30 @@ async def test_an_app_reaches_the_upstream_through_a_unix_socket(
         await app.aclose()
         (line,) = await proxy.access_log()
     assert (line["client"], line["upstream_outcome"]) == ("unix", "success")
+
+
+async def test_a_reload_starts_the_upstream_session_cache_empty(
+    tmp_path: Path, nursery: trio.Nursery
+) -> None:
+    """A session belongs to the TLS context that made it, and a reload makes
+    new contexts: the first connection after it is a full handshake again."""
+    ca = CA(tmp_path)
+    context = server_context(ca, ca.issue("upstream", "localhost"), client_ca=None)
+    port = await start_tls_server(nursery, context, echo_peer)
+    config = egress_config(tmp_path, port, ca, None)
+    proxy = await start(nursery, config)
+
+    async def exchange() -> None:
+        app = await raw_connect(proxy.port)
+        await app.send_all(b"ping")
+        assert await app.receive_some() == b"ping"
+        await app.aclose()
+
+    with trio.fail_after(STEP):
+        await exchange()
+        await exchange()
+        assert await proxy.server.reload(lambda: config, trigger="test")
+        await exchange()
+        await exchange()
+        lines = await proxy.access_log(4)
+    assert [line["upstream_resumed"] for line in lines] == [False, True, False, True]
