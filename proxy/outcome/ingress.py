@@ -22,6 +22,7 @@ from enum import StrEnum
 from proxy.clienthello import HANDSHAKE_RECORD
 from proxy.outcome.reasons import (
     ALPN_REASONS,
+    CERT_INVALID_REASONS,
     CERT_REFUSED_ALERTS,
     CERT_VERIFY_REASONS,
     CIPHER_REASONS,
@@ -60,11 +61,6 @@ _CLIENT_CERT_MISSING_REASONS = frozenset(
     {"PEER_DID_NOT_RETURN_A_CERTIFICATE", "TLSV13_ALERT_CERTIFICATE_REQUIRED"}
 )
 
-# The client's certificate failed verification (SSLCertVerificationError, whose
-# reason is CERTIFICATE_VERIFY_FAILED), or its CertificateVerify signature did
-# not match the certificate's key.
-_CLIENT_CERT_INVALID_REASONS = frozenset({"CERTIFICATE_VERIFY_FAILED", "BAD_SIGNATURE"})
-
 # Every OpenSSL reason the classifier maps; any other reason is protocol_error.
 REASONS: dict[str, Outcome] = {
     reason: outcome
@@ -76,7 +72,7 @@ REASONS: dict[str, Outcome] = {
         (CIPHER_REASONS, Outcome.NO_SHARED_CIPHER),
         (ALPN_REASONS, Outcome.ALPN_MISMATCH),
         (_CLIENT_CERT_MISSING_REASONS, Outcome.CLIENT_CERT_MISSING),
-        (_CLIENT_CERT_INVALID_REASONS, Outcome.CLIENT_CERT_INVALID),
+        (CERT_INVALID_REASONS, Outcome.CLIENT_CERT_INVALID),
     )
     for reason in reasons
 }

@@ -43,6 +43,12 @@ CIPHER_REASONS = frozenset(
 
 ALPN_REASONS = frozenset({"NO_APPLICATION_PROTOCOL", "TLSV1_ALERT_NO_APPLICATION_PROTOCOL"})
 
+# The peer's certificate failed verification (SSLCertVerificationError, whose
+# reason is CERTIFICATE_VERIFY_FAILED), or its CertificateVerify signature
+# did not match the certificate's key: the client's on the way in, the
+# server's on the way out.
+CERT_INVALID_REASONS = frozenset({"CERTIFICATE_VERIFY_FAILED", "BAD_SIGNATURE"})
+
 # Alerts a peer sends when it does not accept the certificate we presented.
 # DECRYPT_ERROR: our CertificateVerify signature did not verify with the
 # certificate's key.

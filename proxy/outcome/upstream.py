@@ -29,6 +29,7 @@ from enum import StrEnum
 from proxy.clienthello import ALERT_RECORD, HANDSHAKE_RECORD
 from proxy.outcome.reasons import (
     ALPN_REASONS,
+    CERT_INVALID_REASONS,
     CERT_REFUSED_ALERTS,
     CERT_VERIFY_REASONS,
     CIPHER_REASONS,
@@ -75,10 +76,6 @@ CLIENT_CERT_REJECTED_REASONS = CERT_REFUSED_ALERTS | frozenset(
     {"TLSV13_ALERT_CERTIFICATE_REQUIRED", "TLSV1_ALERT_ACCESS_DENIED"}
 )
 
-# The server's CertificateVerify signature did not match its certificate's
-# key; the chain itself is judged by SSLCertVerificationError.
-_SERVER_CERT_INVALID_REASONS = frozenset({"CERTIFICATE_VERIFY_FAILED", "BAD_SIGNATURE"})
-
 # Every OpenSSL reason the classifier maps (besides HANDSHAKE_FAILURE_ALERT,
 # which needs the first byte); any other reason is protocol_error.
 UPSTREAM_REASONS: dict[str, UpstreamOutcome] = {
@@ -89,7 +86,7 @@ UPSTREAM_REASONS: dict[str, UpstreamOutcome] = {
         (CIPHER_REASONS, UpstreamOutcome.NO_SHARED_CIPHER),
         (ALPN_REASONS, UpstreamOutcome.ALPN_MISMATCH),
         (CLIENT_CERT_REJECTED_REASONS, UpstreamOutcome.CLIENT_CERT_REJECTED_BY_SERVER),
-        (_SERVER_CERT_INVALID_REASONS, UpstreamOutcome.SERVER_CERT_INVALID),
+        (CERT_INVALID_REASONS, UpstreamOutcome.SERVER_CERT_INVALID),
     )
     for reason in reasons
 }
