@@ -12,10 +12,10 @@ from typing import Any
 import pytest
 import trio
 
-from proxy.config import parse_address, parse_config
+from proxy.config import Config, parse_address, parse_config
 from tests.helpers import STEP, echo_handler, raw_connect, sample, scrape, start_backend
 from tests.helpers import start_server as start
-from tests.pki import CA, client_context
+from tests.pki import CA, Leaf, client_context
 from tests.upstream_peers import (
     APP_ID,
     egress_config,
@@ -175,6 +175,25 @@ async def test_the_tunnel_app_to_egress_to_ingress_to_backend(
         assert egress_line["close_reason"] in ("backend_closed", "backend_reset")
 
 
+def bridge_config(directory: Path, port: int, front: Leaf, upstream: dict[str, Any]) -> Config:
+    """A listener that re-encrypts: `front` served, TLS again to `port`."""
+    return parse_config(
+        {
+            "admin": {"listen": "127.0.0.1:0"},
+            "listeners": [
+                {
+                    "name": "web",
+                    "listen": "127.0.0.1:0",
+                    "backend": f"127.0.0.1:{port}",
+                    "tls": {"certificates": [front.pair()]},
+                    "upstream_tls": upstream,
+                }
+            ],
+        },
+        directory,
+    )
+
+
 @pytest.mark.parametrize("server_name", ["", "api.internal"], ids=["sni passed", "server_name"])
 async def test_bridging_re_encrypts_with_the_sni_passed_on_or_set(
     tmp_path: Path, nursery: trio.Nursery, server_name: str
@@ -193,22 +212,7 @@ async def test_bridging_re_encrypts_with_the_sni_passed_on_or_set(
     upstream: dict[str, Any] = {"ca": str(ca.ca_file)}
     if server_name:
         upstream["server_name"] = server_name
-    config = parse_config(
-        {
-            "admin": {"listen": "127.0.0.1:0"},
-            "listeners": [
-                {
-                    "name": "web",
-                    "listen": "127.0.0.1:0",
-                    "backend": f"127.0.0.1:{port}",
-                    "tls": {"certificates": [front.pair()]},
-                    "upstream_tls": upstream,
-                }
-            ],
-        },
-        tmp_path,
-    )
-    proxy = await start(nursery, config)
+    proxy = await start(nursery, bridge_config(tmp_path, port, front, upstream))
     client = client_context(ca)
     with trio.fail_after(STEP):
         stream = trio.SSLStream(
@@ -237,21 +241,8 @@ async def test_a_session_is_resumed_only_with_the_name_it_was_made_with(
     ca = CA(tmp_path)
     context = server_context(ca, ca.issue("upstream", "a.example", "b.example"), client_ca=None)
     port = await start_tls_server(nursery, context, echo_peer)
-    config = parse_config(
-        {
-            "admin": {"listen": "127.0.0.1:0"},
-            "listeners": [
-                {
-                    "name": "web",
-                    "listen": "127.0.0.1:0",
-                    "backend": f"127.0.0.1:{port}",
-                    "tls": {"certificates": [ca.issue("front", "a.example", "b.example").pair()]},
-                    "upstream_tls": {"ca": str(ca.ca_file)},
-                }
-            ],
-        },
-        tmp_path,
-    )
+    front = ca.issue("front", "a.example", "b.example")
+    config = bridge_config(tmp_path, port, front, {"ca": str(ca.ca_file)})
     proxy = await start(nursery, config)
     client = client_context(ca)
     names = ["a.example", "a.example", "b.example", "b.example", "a.example"]
