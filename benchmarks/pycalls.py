@@ -2,6 +2,7 @@
 
     .venv/bin/python -m benchmarks.pycalls [--tree DIR] [--base DIR]
         [--direction ingress|egress] [--keep-alive R] [--cert ecdsa|rsa] [-n N] [--top K]
+        [--by-module]
 
 Why: callgrind (`benchmarks/instructions.py`) counts instructions per shared
 object and per C function, and nearly all of the interpreter's share is one
@@ -206,6 +207,39 @@ def report(tree: Calls, base: Calls | None, top: int) -> None:
         )
 
 
+# The profile's own time by where the code lives, first match wins: (what,
+# file prefix, or text in a C function's name).
+MODULES: tuple[tuple[str, tuple[str, ...]], ...] = (
+    ("tlsproxy (proxy/)", ("proxy/",)),
+    ("Trio", ("trio/", "outcome/", "sniffio/")),
+    ("ssl and socket (stdlib and C)", ("3.11/ssl.py", "3.11/socket.py", "_ssl.", "_socket.")),
+    ("prometheus-client", ("prometheus_client/",)),
+    ("logging (structlog, json, orjson)", ("structlog/", "3.11/json/", "orjson", "_json.")),
+    ("waiting in epoll (not CPU: the loop idles there)", ("select.epoll",)),
+)
+
+
+def module_of(key: tuple[str, str]) -> str:
+    path, name = key
+    for what, marks in MODULES:
+        if any(path.startswith(m) or m in name for m in marks):
+            return what
+    return "other stdlib" if path.startswith("3.11/") else "other (builtins, C)"
+
+
+def report_modules(tree: Calls) -> None:
+    """Own time per connection by module, and its share: a ranking (cProfile
+    inflates every call alike), not absolute time."""
+    own: dict[str, float] = {}
+    for key, (_calls, seconds) in tree.stats.items():
+        own[module_of(key)] = own.get(module_of(key), 0.0) + seconds
+    total = sum(own.values())
+    print(f"Own time by module, per connection, {tree.connections} connections; tree {tree.tree}")
+    print(f"{'own us':>10} {'share':>7}  module")
+    for what, seconds in sorted(own.items(), key=lambda item: -item[1]):
+        print(f"{seconds / tree.connections * 1e6:>10.1f} {seconds / total:>7.1%}  {what}")
+
+
 def parse_args() -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
     ap.add_argument("--tree", type=Path, default=REPO, help="the tree measured (default: this)")
@@ -215,6 +249,7 @@ def parse_args() -> argparse.Namespace:
     ap.add_argument("--cert", choices=("ecdsa", "rsa"), default="ecdsa")
     ap.add_argument("-n", "--connections", type=int)
     ap.add_argument("--top", type=int, default=DEFAULT_TOP, metavar="K")
+    ap.add_argument("--by-module", action="store_true", help="also the own time summed by module")
     args = ap.parse_args()
     check_load(ap, args)
     if not 1 <= args.top <= MAX_TOP:
@@ -242,6 +277,8 @@ def main() -> int:
     finally:
         procs.stop_all()
     report(tree, base, args.top)
+    if args.by_module:
+        report_modules(tree)
     return 0
 
 
