@@ -27,6 +27,7 @@ from tests.helpers import (
     start_backend,
     start_server,
     tls_connect,
+    until,
 )
 
 MIB = 1024 * 1024
@@ -410,3 +411,30 @@ async def test_access_log_line_has_every_field(proxy: Running, certs: Certs) -> 
     assert event["sni"] == "localhost"
     assert event["tls_version"] == "TLSv1.3"
     assert event["outcome"] == "success"
+
+
+async def test_the_bytes_of_an_open_connection_are_counted_while_it_is_open(
+    nursery: trio.Nursery, certs: Certs
+) -> None:
+    """tlsproxy_bytes_total is published at each idle scan, not only when a
+    connection ends: a long stream shows its bytes while it lasts."""
+    port = await start_backend(nursery, echo_handler)
+    proxy = await start_server(nursery, build_config(certs, port))
+    payload = b"x" * 5000
+    with trio.fail_after(STEP):
+        tls = await tls_connect(proxy.port, certs.client_context())
+        await tls.send_all(payload)
+        received = b""
+        while len(received) < len(payload):
+            received += await tls.receive_some()
+
+        async def counted() -> bool:
+            _, text = await scrape(proxy.admin_port)
+            return [
+                sample(text, "tlsproxy_bytes_total", listener="web", direction=direction)
+                for direction in ("to_backend", "to_client")
+            ] == [len(payload), len(payload)]
+
+        await until(counted)
+        assert proxy.log_events("connection") == [], "the connection is still open"
+        await tls.aclose()
