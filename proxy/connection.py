@@ -262,7 +262,7 @@ class _Connection:
                 self.close_reason = f"upstream_{upstream.result.outcome.value}"
         if splice is not None:
             self.shared.idle.forget(splice)
-            splice.report_bytes()
+            splice.report_bytes(trio.current_time())
             if self.close_reason is None and splice.close_reason is not None:
                 self.close_reason = splice.close_reason.value
         if drained:

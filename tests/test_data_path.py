@@ -346,8 +346,9 @@ async def test_silent_backend_is_counted_timeout_within_connect_timeout(
 
 
 # The idle test's timeout, and the margin past it plus the scan period
-# (IdleWatch scans every quarter of the shortest timeout) allowed for a loaded
-# machine before a close counts as late.
+# (IdleWatch scans every quarter of the shortest timeout, and stamps a
+# connection active at the first scan after its bytes moved) allowed for a
+# loaded machine before a close counts as late.
 IDLE = 1.0
 IDLE_MARGIN = 1.5
 # Echoes before going idle, one per PING_EVERY seconds, for longer than the
@@ -375,7 +376,7 @@ async def test_idle_connection_is_closed_after_idle_timeout(
         await client.stream.aclose()
     # Lower bound: the proxy's last activity precedes idle_since by the echo's
     # way back to us, a few milliseconds.
-    assert IDLE - 0.1 <= idle_for <= IDLE + IDLE / 4 + IDLE_MARGIN, idle_for
+    assert IDLE - 0.1 <= idle_for <= IDLE + 2 * IDLE / 4 + IDLE_MARGIN, idle_for
     (event,) = await proxy.access_log()
     assert event["close_reason"] == "idle_timeout"
     assert event["bytes_to_backend"] == event["bytes_to_client"] == 2 * PINGS
