@@ -45,9 +45,8 @@ class ListenerRuntime:
     context: ssl.SSLContext | None  # None: the clients speak plaintext
     metrics: ListenerMetrics
     log: Logger
-    access_log: bool
     upstream: UpstreamRuntime | None = None  # set: TLS to the backend
-    access: AccessLog | None = None  # writes the access line, when access_log is on
+    access: AccessLog | None = None  # writes the access line; None: log.access_log off
     # [[listeners.routes]]: backend by SNI, built once from the config
     routes: NameTable[Address] = field(init=False, repr=False)
     # `allow` tables compiled once, in the build: the listener's, and by SNI
@@ -57,6 +56,10 @@ class ListenerRuntime:
     route_allow: NameTable[Rules | None] = field(init=False, repr=False)
     # the certificate's identity is read only when something uses it
     needs_identity: bool = field(init=False, repr=False)
+
+    @property
+    def access_log(self) -> bool:
+        return self.access is not None
 
     def __post_init__(self) -> None:
         self.routes = NameTable((route.sni, route.backend) for route in self.config.routes)
@@ -113,7 +116,6 @@ def build_runtime(
         context=None if tls is None else build_context(tls),
         metrics=lm,
         log=log,
-        access_log=config.log.access_log,
         upstream=None if upstream is None else build_upstream(upstream, lm, config),
         access=AccessLog(log, config.log.level, config.log.format)
         if config.log.access_log

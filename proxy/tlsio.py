@@ -151,16 +151,13 @@ class TLSConn:
         read, for a last look at a connection about to close (a reset or an
         empty socket leaves nothing more to feed)."""
         view = self.pool.take()
-        try:
+        with contextlib.suppress(OSError):
             n = self.sock.recv_into(view, FILL_BYTES)
             if n:
                 self.incoming.write(view[:n])
             else:
                 self.incoming.write_eof()
-        except OSError:
-            pass
-        finally:
-            self.pool.give(view)
+        self.pool.give(view)
 
     async def flush(self) -> int:
         """Send everything OpenSSL produced; returns the waits for writability."""

@@ -40,7 +40,12 @@ from proxy.config import Address
 from proxy.ends import BACKEND, TLSEnd
 from proxy.handshake import HandshakeResult, negotiated, run_client_handshake
 from proxy.identity import Identity
-from proxy.outcome import UpstreamOutcome, classify_first_read_error, server_cert_reason
+from proxy.outcome import (
+    NOT_ALLOWED,
+    UpstreamOutcome,
+    classify_first_read_error,
+    server_cert_reason,
+)
 from proxy.runtime import UpstreamRuntime
 from proxy.tls_upstream import upstream_name
 from proxy.tlsio import TLSConn
@@ -181,7 +186,7 @@ class Upstream:
             if reason is not None:
                 fields["server_cert_error"] = reason
         if result.outcome is UpstreamOutcome.SERVER_IDENTITY_DENIED:
-            fields["server_cert_error"] = "not_allowed"
+            fields["server_cert_error"] = NOT_ALLOWED
         return fields
 
 

@@ -7,7 +7,6 @@ one import callers use.
 """
 
 from proxy.outcome.ingress import (
-    NOT_ALLOWED,
     REASONS,
     SSLV2_CLIENT_HELLO,
     SSLV2_HELLO_MASK,
@@ -23,6 +22,7 @@ from proxy.outcome.reasons import (
     CERT_VERIFY_REASONS,
     CIPHER_REASONS,
     EOF_REASONS,
+    NOT_ALLOWED,
     VERSION_REASONS,
     openssl_reason,
     verify_words,

@@ -77,10 +77,6 @@ REASONS: dict[str, Outcome] = {
     for reason in reasons
 }
 
-# The access log's client_cert_error for a verified certificate whose
-# identity no `allow` entry admits (outcome client_cert_denied).
-NOT_ALLOWED = "not_allowed"
-
 
 def classify_first_bytes(first: bytes) -> Outcome | None:
     """Judge the first bytes, read before OpenSSL sees anything.

@@ -109,3 +109,9 @@ def verify_words(exc: ssl.SSLCertVerificationError, words: dict[int, str]) -> st
     """The log's word for a failed verification, or OpenSSL's own message."""
     code = exc.verify_code
     return words.get(code) or str(exc.verify_message or code)
+
+
+# The access log's client_cert_error (client_cert_denied) or
+# server_cert_error (server_identity_denied) for a verified certificate whose
+# identity no `allow` entry admits.
+NOT_ALLOWED = "not_allowed"
