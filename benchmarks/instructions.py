@@ -403,30 +403,19 @@ backend = "127.0.0.1:{backend}"
         # The interpreter's own executable: its code is in libpython here (the
         # python of this venv links it); a static python would show it here.
         return Command(argv, env, setup.tree, python.resolve())
-    if name == "haproxy" and setup.egress:
-        upstream = (
-            f"ssl verify required ca-file {cert.cert} verifyhost localhost "
-            "sni str(localhost) no-ssl-reuse ssl-min-ver TLSv1.2"
-        )
-        conf = d / "haproxy.cfg"
-        conf.write_text(f"""global
-  nbthread 1
-  maxconn 4000
-  tune.ssl.cachesize 0
-defaults
-  mode tcp
-  timeout connect 5s
-  timeout client 60s
-  timeout server 60s
-frontend fe
-  bind 127.0.0.1:{port}
-  default_backend be
-backend be
-  server s1 127.0.0.1:{backend} {upstream}
-""")
-        return Command(["haproxy", "-db", "-f", str(conf)], peer_env, None, executable("haproxy"))
     if name == "haproxy":
-        verify = "" if clients is None else f" ca-file {clients.ca} verify required"
+        if setup.egress:  # plain in, TLS out
+            bind, server = (
+                "",
+                (
+                    f" ssl verify required ca-file {cert.cert} verifyhost localhost "
+                    "sni str(localhost) no-ssl-reuse ssl-min-ver TLSv1.2"
+                ),
+            )
+        else:
+            verify = "" if clients is None else f" ca-file {clients.ca} verify required"
+            bind = f" ssl crt {cert.pem} no-tls-tickets ssl-min-ver TLSv1.2{verify}"
+            server = ""
         conf = d / "haproxy.cfg"
         conf.write_text(f"""global
   nbthread 1
@@ -438,10 +427,10 @@ defaults
   timeout client 60s
   timeout server 60s
 frontend fe
-  bind 127.0.0.1:{port} ssl crt {cert.pem} no-tls-tickets ssl-min-ver TLSv1.2{verify}
+  bind 127.0.0.1:{port}{bind}
   default_backend be
 backend be
-  server s1 127.0.0.1:{backend}
+  server s1 127.0.0.1:{backend}{server}
 """)
         return Command(["haproxy", "-db", "-f", str(conf)], peer_env, None, executable("haproxy"))
     if name == "hitch":
