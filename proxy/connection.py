@@ -26,6 +26,7 @@ import contextlib
 import socket
 import ssl
 import struct
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -39,8 +40,9 @@ from proxy.handshake import HandshakeResult, negotiated, run_handshake
 from proxy.identity import Identity
 from proxy.ja4 import ja4
 from proxy.outcome import NOT_ALLOWED, Outcome, client_cert_reason
+from proxy.parking import IdleWatch, ParkingLot
 from proxy.runtime import ListenerRuntime
-from proxy.splice import IdleWatch, Splice
+from proxy.splice import Splice
 from proxy.tls import server_name
 from proxy.tlsio import TLSConn
 from proxy.upstream import Upstream
@@ -58,65 +60,68 @@ class ListenerState:
 
 
 class ConnectionSet:
-    """Every live connection's cancel scope, so a drain can wait for or cut them,
-    and the receive buffers they share."""
+    """Every live connection, running (its cancel scope) or parked (in the
+    lot), so that a drain can wait for or cut them; and what they share:
+    receive buffers, the idle watch and the parking lot."""
 
     def __init__(self) -> None:
         self.buffers = BufferPool()
-        self.idle = IdleWatch()
+        self.lot: ParkingLot[_Connection] = ParkingLot(_resume, _close_parked)
+        self.idle = IdleWatch(self.lot)
         self.live: set[trio.CancelScope] = set()
         self.cutting = False
         self._idle = trio.Event()
+
+    def __len__(self) -> int:
+        return len(self.live) + len(self.lot)
 
     def add(self, scope: trio.CancelScope) -> None:
         self.live.add(scope)
 
     def discard(self, scope: trio.CancelScope) -> None:
         self.live.discard(scope)
-        if not self.live:
+        self._check_idle()
+
+    def _check_idle(self) -> None:
+        if not self.live and not self.lot:
             self._idle.set()
 
     async def wait_idle(self) -> None:
         """Return once no connection is live."""
-        if self.live:
+        while self.live or self.lot:
             self._idle = trio.Event()
             await self._idle.wait()
 
     def cut(self) -> None:
-        """Cancel every live connection; each logs close_reason=drain."""
+        """End every live connection; each logs close_reason=drain."""
         self.cutting = True
         for scope in self.live:
             scope.cancel()
+        self.lot.close_all(CloseReason.DRAIN)
+        self._check_idle()
 
 
 async def handle_connection(
     sock: socket.socket, peer: Any, listener: ListenerState, connections: ConnectionSet
 ) -> None:
-    """Serve one accepted socket; never raises, always closes, always logs.
+    """Serve one accepted socket; never raises, always closes, always logs."""
+    conn = _Connection(sock, peer, listener, connections)
+    await conn.own(conn.serve)
 
-    The connection's one nursery is also its cancel scope: a drain cuts it,
-    and the splice's second direction runs in it (one scope and one nursery
-    per connection, not one each for the connection and the splice: an idle
-    connection's memory is mostly such objects).
-    """
-    conn = _Connection(sock, peer, listener.runtime, connections)
-    scope: trio.CancelScope | None = None
-    try:
-        async with trio.open_nursery() as nursery:
-            scope = nursery.cancel_scope
-            connections.add(scope)
-            await conn.serve(nursery)
-    except Exception:
-        conn.runtime.metrics.internal_errors.inc()
-        conn.runtime.log.exception(
-            "connection failed unexpectedly; please report this", **conn.fields()
-        )
-        conn.close_reason = "internal_error"
-    finally:
-        if scope is not None:
-            connections.discard(scope)
-        listener.active -= 1  # taken by the accept loop, before this task started
-        conn.close(drained=scope is not None and scope.cancelled_caught and connections.cutting)
+
+async def _resume(conn: _Connection) -> None:
+    """A parked connection's task again, started by the lot when one of its
+    sockets became readable (unless the lot closed it meanwhile). Taken and
+    added to the live set with no checkpoint between: it is never neither."""
+    if conn.shared.lot.take(conn):
+        await conn.own(conn.resume)
+
+
+def _close_parked(conn: _Connection, reason: CloseReason) -> None:
+    """The lot ends a connection it owns: an idle timeout or a drain."""
+    assert conn.splice is not None
+    conn.splice.ended(reason)
+    conn.end(drained=reason is CloseReason.DRAIN)
 
 
 class _Connection:
@@ -136,6 +141,7 @@ class _Connection:
         "close_reason",
         "identity",
         "ja4",
+        "listener",
         "negotiated",
         "peer",
         "result",
@@ -148,9 +154,10 @@ class _Connection:
     )
 
     def __init__(
-        self, sock: socket.socket, peer: Any, runtime: ListenerRuntime, shared: ConnectionSet
+        self, sock: socket.socket, peer: Any, listener: ListenerState, shared: ConnectionSet
     ) -> None:
-        self.runtime = runtime
+        self.listener = listener
+        self.runtime = runtime = listener.runtime
         self.shared = shared
         self.start = trio.current_time()
         self.client = sock
@@ -169,6 +176,54 @@ class _Connection:
         self.close_reason: str | None = None
         runtime.metrics.accepted.inc()
         runtime.metrics.active.inc()
+
+    async def own(self, body: Callable[[trio.Nursery], Awaitable[None]]) -> None:
+        """Run `body` as the connection's task, then close the connection or,
+        if it parked, hand it to the lot (see proxy.parking); never raises.
+
+        The connection's one nursery is also its cancel scope: a drain cuts
+        it, and the splice's second direction runs in it (one scope and one
+        nursery per connection, not one each for the connection and the
+        splice: a running connection's memory is mostly such objects).
+        """
+        shared = self.shared
+        scope: trio.CancelScope | None = None
+        try:
+            async with trio.open_nursery() as nursery:
+                scope = nursery.cancel_scope
+                shared.add(scope)
+                await body(nursery)
+        except Exception:
+            self.runtime.metrics.internal_errors.inc()
+            self.runtime.log.exception(
+                "connection failed unexpectedly; please report this", **self.fields()
+            )
+            self.close_reason = "internal_error"
+        finally:
+            splice = self.splice
+            parking = splice is not None and splice.parking and self.close_reason is None
+            if scope is None:
+                self.end(drained=False)
+            elif parking and not scope.cancel_called:
+                assert splice is not None
+                shared.lot.park(self, splice)  # before the discard: never neither
+                shared.discard(scope)
+            else:
+                shared.discard(scope)
+                # cut by a drain: in a wait, or on its way to the lot
+                self.end(drained=shared.cutting and (scope.cancelled_caught or parking))
+
+    def end(self, *, drained: bool) -> None:
+        self.listener.active -= 1  # taken by the accept loop, before the task started
+        self.close(drained=drained)
+
+    async def resume(self, nursery: trio.Nursery) -> None:
+        """The woken connection's copying, from where it parked."""
+        splice = self.splice
+        assert splice is not None
+        splice.resume()
+        self.shared.idle.watch(splice)
+        await splice.run(nursery)
 
     async def serve(self, nursery: trio.Nursery) -> None:
         runtime = self.runtime
@@ -209,7 +264,8 @@ class _Connection:
                 await self.splice.prime(early)
             except Gone:
                 return
-        await self.splice.run(nursery, self.shared.idle)
+        self.shared.idle.watch(self.splice)
+        await self.splice.run(nursery)
 
     async def _terminate(
         self,

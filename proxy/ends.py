@@ -103,7 +103,7 @@ class Gone(Exception):
 class PlainEnd:
     """A socket that carries plaintext."""
 
-    __slots__ = ("drained", "moved", "pool", "side", "sock")
+    __slots__ = ("done", "drained", "moved", "pool", "side", "sock", "waiting")
 
     def __init__(
         self, sock: socket.socket, side: Side, pool: BufferPool, *, speaks_first: bool
@@ -116,6 +116,13 @@ class PlainEnd:
         # yet: wait for its first bytes instead of spending a read on EAGAIN.
         # A client that spoke first has most likely sent already.
         self.drained = not speaks_first
+        self.waiting = False  # the pump waits for readability (proxy.parking)
+        self.done = False  # read to its end, and the end passed on
+
+    def ready(self) -> None:
+        """Readable, or worth one read: the parking lot woke the connection."""
+        self.drained = False
+        self.waiting = False
 
     async def send_all(self, view: memoryview) -> None:
         sock = self.sock
@@ -140,7 +147,7 @@ class PlainEnd:
 class TLSEnd:
     """A peer that speaks TLS, its handshake done."""
 
-    __slots__ = ("close_notify_wanted", "conn", "moved", "pool", "side", "verdict")
+    __slots__ = ("close_notify_wanted", "conn", "done", "moved", "pool", "side", "verdict")
 
     def __init__(
         self,
@@ -155,6 +162,21 @@ class TLSEnd:
         self.close_notify_wanted = False
         self.verdict = verdict
         self.moved = 0  # plaintext bytes read from this end and written on
+        self.done = False  # read to its end, and the end passed on
+
+    @property
+    def sock(self) -> socket.socket:
+        return self.conn.sock
+
+    @property
+    def waiting(self) -> bool:
+        """The pump waits for ciphertext (proxy.parking)."""
+        return self.conn.waiting
+
+    def ready(self) -> None:
+        """Readable, or worth one read: the parking lot woke the connection."""
+        self.conn.drained_socket = False
+        self.conn.waiting = False
 
     async def recv(self) -> Chunk | None:
         conn = self.conn

@@ -185,8 +185,8 @@ class Server(Reloading):
     ) -> None:
         async with trio.open_nursery() as handlers:
             self._handlers = handlers
-            idle_watch = trio.CancelScope()
-            handlers.start_soon(self._watch_idle, idle_watch)
+            services = trio.CancelScope()  # the idle watch and the parking lot
+            handlers.start_soon(self._watch_idle, services, handlers)
             async with trio.open_nursery() as accepting:
                 self._accepting = accepting
                 for listener in self._bound.values():
@@ -201,11 +201,13 @@ class Server(Reloading):
                 self._accepting = None
                 accepting.cancel_scope.cancel()
             await self._drain()
-            idle_watch.cancel()
+            services.cancel()
 
-    async def _watch_idle(self, scope: trio.CancelScope) -> None:
+    async def _watch_idle(self, scope: trio.CancelScope, handlers: trio.Nursery) -> None:
         with scope:
-            await self.connections.idle.run()
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(self.connections.lot.run, handlers)
+                await self.connections.idle.run()
 
     def _start_accepting(self, listener: Listener) -> None:
         self.log.info(
@@ -243,13 +245,12 @@ class Server(Reloading):
 
     async def _drain(self) -> None:
         timeout = self.config.process.drain_timeout
-        live = len(self.connections.live)
-        self.log.info("draining", connections=live, drain_timeout=timeout)
+        self.log.info("draining", connections=len(self.connections), drain_timeout=timeout)
         with trio.move_on_after(timeout):
             await self.connections.wait_idle()
-        if self.connections.live:
+        if self.connections:
             self.log.warning(
                 "drain_timeout expired; closing the remaining connections",
-                connections=len(self.connections.live),
+                connections=len(self.connections),
             )
             self.connections.cut()

@@ -11,8 +11,9 @@ listener kinds (terminate, originate, bridge; plain in and out is not one)
 share one copy loop, one back-pressure rule and one half-close rule.
 
 The idle timeouts of all connections are enforced by one `IdleWatch` task
-per process, not a task each: a task and its parked wait are the biggest
-part of an idle connection's memory. Each direction reads one chunk and
+per process (`proxy.parking`), not a task each, and a connection idle for
+long enough parks: its tasks end, and the parking lot starts them again when
+a byte comes (`park`, `resume`). Each direction reads one chunk and
 writes all of it before reading again, so a slow receiver stops the reader
 (back-pressure through the kernel's socket buffers) and memory per
 connection is bounded by one chunk per direction. The chunk buffers are
@@ -30,6 +31,7 @@ resets or breaks the protocol, or when no byte moved for `idle_timeout`.
 
 from __future__ import annotations
 
+import socket
 from collections.abc import Awaitable
 from typing import cast
 
@@ -39,47 +41,6 @@ from proxy.ends import CloseReason, End, Gone, PlainEnd
 from proxy.metrics import ListenerMetrics
 
 _wait_readable = trio.lowlevel.wait_readable
-
-# Bounds on the idle scan's period, in seconds: at most a second late for the
-# usual minutes-long timeouts, and never a busy loop for tiny ones.
-SCAN_MAX = 1.0
-SCAN_MIN = 0.05
-
-
-class IdleWatch:
-    """Every established connection's idle timeout, checked by one task,
-    which also publishes the bytes each has moved since its last scan.
-
-    The check is a scan of the connections' byte counts, a few microseconds
-    per thousand connections, run a few times per shortest timeout: a scan
-    that finds bytes moved since the last one stamps the connection active,
-    so a connection idles out at most two scans (half its timeout, and at
-    most 2 x `SCAN_MAX`) late, and no chunk reads the clock.
-    """
-
-    __slots__ = ("_interval", "_splices")
-
-    def __init__(self) -> None:
-        self._splices: set[Splice] = set()
-        self._interval = SCAN_MAX
-
-    def watch(self, splice: Splice) -> None:
-        self._splices.add(splice)
-        self._interval = min(self._interval, max(SCAN_MIN, splice.idle_timeout / 4))
-
-    def forget(self, splice: Splice) -> None:
-        self._splices.discard(splice)
-
-    def __len__(self) -> int:
-        return len(self._splices)
-
-    async def run(self) -> None:
-        while True:
-            await trio.sleep(self._interval)
-            now = trio.current_time()
-            for splice in list(self._splices):
-                splice.report_bytes(now)
-                splice.expire_if_idle(now)
 
 
 class Splice:
@@ -92,6 +53,7 @@ class Splice:
         "idle_timeout",
         "last_activity",
         "metrics",
+        "parking",
         "reported_to_backend",
         "reported_to_client",
         "scope",
@@ -106,25 +68,75 @@ class Splice:
         self.metrics = metrics
         self.close_reason: CloseReason | None = None
         self.scope: trio.CancelScope | None = None
+        self.parking = False  # `park` woke the pumps' waits to end them
         self.last_activity = trio.current_time()
         # what tlsproxy_bytes_total has been told of each direction so far
         self.reported_to_backend = 0
         self.reported_to_client = 0
 
-    def run(self, nursery: trio.Nursery, idle: IdleWatch) -> Awaitable[None]:
-        """Copy until both directions end, one fails, or the connection idles out.
+    def run(self, nursery: trio.Nursery) -> Awaitable[None]:
+        """Copy until both directions end, one fails, the connection idles
+        out, or it parks.
 
-        The client-to-backend direction runs as a task of the connection's
-        nursery; the caller awaits the returned backend-to-client direction in
-        its own task (returned, not awaited here: a coroutine frame less in
-        every idle connection). `_end` cancels the nursery. The caller reads
-        `close_reason` once the nursery has closed, and removes the splice
-        from `idle` then.
+        Each open direction runs: client to backend as a task of the
+        connection's nursery, and the other returned for the caller to
+        await in its own task (not awaited here: a coroutine frame less in
+        every running connection); after a park only the open ones run
+        again. `end` cancels the nursery. The caller reads `close_reason`
+        once the nursery has closed, and parks the connection if `parking`.
         """
         self.scope = nursery.cancel_scope
-        idle.watch(self)
-        nursery.start_soon(self._pump, self.client, self.backend)
-        return self._pump(self.backend, self.client)
+        self.parking = False
+        client, backend = self.client, self.backend
+        if backend.done:
+            return self._pump(client, backend)
+        if not client.done:
+            nursery.start_soon(self._pump, client, backend)
+        return self._pump(backend, client)
+
+    def sources(self) -> list[socket.socket]:
+        """The sockets of the directions still open: what a parked
+        connection waits on."""
+        return [end.sock for end in (self.client, self.backend) if not end.done]
+
+    def parkable(self) -> bool:
+        """Every open direction waits to read and nothing is there to read.
+
+        The second half makes `park` exact: a pump whose wait the kernel has
+        already answered (its task woken, not yet run) still shows as
+        waiting, but its socket is readable, and parking it would lose the
+        wake-up.
+        """
+        scope = self.scope
+        if scope is None or scope.cancel_called or (self.client.done and self.backend.done):
+            return False  # ending: parked with nothing to wait on, it would never wake
+        for end in (self.client, self.backend):
+            if end.done:
+                continue
+            if not end.waiting:
+                return False
+            try:
+                end.sock.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT)
+            except BlockingIOError:
+                continue
+            except OSError:
+                return False  # a reset: the pump's read reports it
+            return False  # bytes, or a FIN
+        return True
+
+    def park(self) -> None:
+        """End the pumps of a `parkable` connection: each open direction's
+        read wait raises ClosedResourceError and its pump returns, leaving
+        the state as it is for `resume`."""
+        self.parking = True
+        for sock in self.sources():
+            trio.lowlevel.notify_closing(sock)
+
+    def resume(self) -> None:
+        """Before `run` again: the lot woke the connection because one of its
+        sockets is readable; read both at once instead of waiting first."""
+        for end in (self.client, self.backend):
+            end.ready()
 
     @property
     def bytes_to_backend(self) -> int:
@@ -162,19 +174,19 @@ class Splice:
             self.reported_to_client = moved
             self.last_activity = now
 
-    def expire_if_idle(self, now: float) -> None:
-        if now - self.last_activity >= self.idle_timeout:
-            self._end(CloseReason.IDLE_TIMEOUT)
-
-    def _end(self, reason: CloseReason) -> None:
+    def end(self, reason: CloseReason) -> None:
         """Stop both directions; a failure overrides a clean half-close as the reason."""
+        self.ended(reason)
+        assert self.scope is not None
+        self.scope.cancel()
+
+    def ended(self, reason: CloseReason) -> None:
+        """Record why the connection ends (a parked one has no task to stop)."""
         if self.close_reason is None or self.close_reason in (
             CloseReason.CLIENT_CLOSED,
             CloseReason.BACKEND_CLOSED,
         ):
             self.close_reason = reason
-        assert self.scope is not None
-        self.scope.cancel()
 
     async def _pump(self, source: End, sink: End) -> None:
         """Read a chunk, write all of it, and again; at the source's end,
@@ -197,7 +209,9 @@ class Splice:
                     view, n = chunk
                 else:
                     if plain.drained:
+                        plain.waiting = True
                         await _wait_readable(sock)
+                        plain.waiting = False
                     view = take()
                     try:
                         n = sock.recv_into(view)
@@ -216,7 +230,12 @@ class Splice:
                 give(view)
                 source.moved += n  # published by report_bytes
             await sink.close_write()
+            source.done = True
             if self.close_reason is None:
                 self.close_reason = source.side.closed
         except Gone as exc:
-            self._end(exc.reason)
+            self.end(exc.reason)
+        except trio.ClosedResourceError:
+            if not self.parking:
+                raise
+            # parked: the read wait was woken by `park`, nothing was read

@@ -67,6 +67,7 @@ class TLSConn:
         "outgoing",
         "pool",
         "sock",
+        "waiting",
     )
 
     obj: ssl.SSLObject  # set by the constructor of the side, `server` or `client`
@@ -79,6 +80,7 @@ class TLSConn:
         self._flushing = False
         self._flush_done: trio.Event | None = None
         self.drained_socket = True
+        self.waiting = False  # in `fill`'s wait for readability
 
     @classmethod
     def server(
@@ -127,7 +129,9 @@ class TLSConn:
                 # The last read was short: the socket was empty then, and a
                 # read now would most likely be a system call spent on EAGAIN.
                 waited = True
+                self.waiting = True
                 await trio.lowlevel.wait_readable(self.sock)
+                self.waiting = False
             view = pool.take()
             try:
                 n = self.sock.recv_into(view, FILL_BYTES)

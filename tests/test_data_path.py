@@ -12,7 +12,7 @@ import trio
 import trio.testing
 
 from proxy.ends import TLSEnd
-from proxy.splice import SCAN_MAX
+from proxy.parking import SCAN_MAX
 from tests.helpers import (
     STEP,
     BioClient,

@@ -68,6 +68,7 @@ LAYERS: tuple[tuple[str, frozenset[str]], ...] = (
                 "handshake",
                 "ends",
                 "splice",
+                "parking",
                 "backend",
                 "resolver",
                 "accept_proxy",

@@ -1,0 +1,435 @@
+"""Idle connections park (no task) and wake with their state intact: every
+transition over real sockets, with a real TLS client and a real backend.
+
+A connection is parked when it is in the lot and no task holds it: the
+server's live set (the cancel scopes of connections' tasks) is empty and the
+idle watch scans nothing, while `tlsproxy_connections_active` still counts it.
+"""
+
+from __future__ import annotations
+
+import resource
+import socket
+import subprocess
+import sys
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+import trio
+from prometheus_client import CollectorRegistry
+
+from proxy.buffers import BufferPool
+from proxy.connection import ConnectionSet
+from proxy.ends import BACKEND, CLIENT, PlainEnd
+from proxy.metrics import Metrics
+from proxy.parking import PARK_AFTER, SCAN_MAX
+from proxy.splice import Splice
+from tests.helpers import (
+    STEP,
+    BioClient,
+    Certs,
+    Running,
+    build_config,
+    sample,
+    scrape,
+    start_backend,
+    start_server,
+    until,
+)
+
+Handler = Callable[[trio.SocketStream], Awaitable[None]]
+
+
+def parked(connections: ConnectionSet, count: int = 1) -> bool:
+    return len(connections.lot) == count and not connections.live and not len(connections.idle)
+
+
+async def until_parked(proxy: Running, count: int = 1) -> None:
+    async def check() -> bool:
+        return parked(proxy.server.connections, count)
+
+    await until(check)
+
+
+async def until_stopped(proxy: Running) -> None:
+    async def check() -> bool:
+        return proxy.server.state == "stopped"
+
+    await until(check)
+
+
+async def active(proxy: Running) -> float:
+    _, text = await scrape(proxy.admin_port)
+    return sample(text, "tlsproxy_connections_active", listener="web")
+
+
+async def _proxy(nursery: trio.Nursery, certs: Certs, handler: Handler, **listener: Any) -> Running:
+    port = await start_backend(nursery, handler)
+    return await start_server(nursery, build_config(certs, port, **listener))
+
+
+async def _echo(stream: trio.SocketStream) -> None:
+    """Echo until EOF, then half-close."""
+    try:
+        async for data in stream:
+            await stream.send_all(data)
+        await stream.send_eof()
+    except trio.BrokenResourceError:
+        pass
+
+
+async def test_an_idle_connection_parks_and_client_bytes_wake_it(
+    nursery: trio.Nursery, certs: Certs
+) -> None:
+    proxy = await _proxy(nursery, certs, _echo)
+    with trio.fail_after(STEP):
+        client = await BioClient.connect(proxy.port, certs.client_context())
+        await client.send_all(b"one")
+        assert await client.recv() == b"one"
+        start = trio.current_time()
+    await until_parked(proxy)
+    # not before PARK_AFTER without a byte; the proxy's last byte came before `start`
+    assert trio.current_time() - start >= PARK_AFTER - 0.05
+    assert await active(proxy) == 1  # parked is still live
+    with trio.fail_after(STEP):
+        for word in (b"two", b"three"):
+            await client.send_all(word)
+            assert await client.recv() == word
+            await until_parked(proxy)  # and parks again
+        await client.close_notify()
+        assert await client.recv() == b""  # the echo's half-close, as close_notify
+        await client.stream.aclose()
+    (event,) = await proxy.access_log()
+    assert event["close_reason"] == "client_closed"
+    assert event["bytes_to_backend"] == event["bytes_to_client"] == len(b"onetwothree")
+    assert await active(proxy) == 0
+    assert len(proxy.server.connections) == 0
+
+
+async def test_bytes_from_the_backend_wake_a_parked_connection(
+    nursery: trio.Nursery, certs: Certs
+) -> None:
+    speak = trio.Event()
+
+    async def answer_later(stream: trio.SocketStream) -> None:
+        assert await stream.receive_some(10) == b"ask"
+        await speak.wait()
+        await stream.send_all(b"answer")
+        await stream.aclose()
+
+    proxy = await _proxy(nursery, certs, answer_later)
+    with trio.fail_after(STEP):
+        client = await BioClient.connect(proxy.port, certs.client_context())
+        await client.send_all(b"ask")
+    await until_parked(proxy)
+    speak.set()
+    with trio.fail_after(STEP):
+        assert await client.recv_all() == b"answer"  # then the backend's FIN as close_notify
+        await client.close_notify()
+        await client.stream.aclose()
+    (event,) = await proxy.access_log()
+    assert event["close_reason"] == "backend_closed"
+    assert (event["bytes_to_backend"], event["bytes_to_client"]) == (3, 6)
+
+
+async def test_a_client_half_close_while_parked_reaches_the_backend_which_still_answers(
+    nursery: trio.Nursery, certs: Certs
+) -> None:
+    got = bytearray()
+
+    async def read_to_eof_then_answer(stream: trio.SocketStream) -> None:
+        async for data in stream:
+            got.extend(data)
+        await stream.send_all(b"after your eof")
+        await stream.aclose()
+
+    proxy = await _proxy(nursery, certs, read_to_eof_then_answer)
+    with trio.fail_after(STEP):
+        client = await BioClient.connect(proxy.port, certs.client_context())
+        await client.send_all(b"request")
+    await until_parked(proxy)
+    with trio.fail_after(STEP):
+        await client.close_notify()
+        assert await client.recv_all() == b"after your eof"
+        await client.stream.aclose()
+    assert bytes(got) == b"request"
+    (event,) = await proxy.access_log()
+    assert event["close_reason"] == "client_closed"
+
+
+async def test_a_backend_half_close_while_parked_and_then_a_park_with_one_direction_open(
+    nursery: trio.Nursery, certs: Certs
+) -> None:
+    """The backend's FIN wakes the connection and reaches the client as
+    close_notify; the client's direction stays open, parks alone, and the
+    client's later bytes wake it and reach the backend."""
+    fin = trio.Event()
+    got = bytearray()
+    backend_done = trio.Event()
+
+    async def fin_first_then_read(stream: trio.SocketStream) -> None:
+        assert await stream.receive_some(10) == b"hello"
+        await fin.wait()
+        await stream.send_eof()
+        async for data in stream:
+            got.extend(data)
+        backend_done.set()
+
+    proxy = await _proxy(nursery, certs, fin_first_then_read)
+    with trio.fail_after(STEP):
+        client = await BioClient.connect(proxy.port, certs.client_context())
+        await client.send_all(b"hello")
+    await until_parked(proxy)
+    fin.set()
+    with trio.fail_after(STEP):
+        assert await client.recv() == b""  # close_notify: the backend is done sending
+    await until_parked(proxy)  # one direction open: parked on the client's socket only
+    (splice,) = proxy.server.connections.lot._cars.values()
+    assert splice.sources() == [splice.client.sock]
+    with trio.fail_after(STEP):
+        await client.send_all(b" and more")
+        await client.close_notify()
+        await backend_done.wait()
+        await client.stream.aclose()
+    assert bytes(got) == b" and more"
+    (event,) = await proxy.access_log()
+    assert event["close_reason"] == "backend_closed"
+    assert (event["bytes_to_backend"], event["bytes_to_client"]) == (14, 0)
+
+
+async def test_a_parked_connection_idles_out_after_idle_timeout(
+    nursery: trio.Nursery, certs: Certs
+) -> None:
+    idle_timeout = 3 * PARK_AFTER
+    proxy = await _proxy(nursery, certs, _echo, idle_timeout=idle_timeout)
+    with trio.fail_after(STEP):
+        client = await BioClient.connect(proxy.port, certs.client_context())
+        await client.send_all(b"x")
+        assert await client.recv() == b"x"
+        idle_since = trio.current_time()  # a little after the proxy's last byte
+    await until_parked(proxy)
+    assert trio.current_time() - idle_since < idle_timeout, "parked only at the timeout"
+    with trio.fail_after(STEP):
+        assert await client.recv() == b""  # close_notify
+    idle_for = trio.current_time() - idle_since
+    await client.stream.aclose()
+    # at the timeout, at most two scans late (a scan stamps activity one scan late)
+    assert idle_timeout - 0.1 <= idle_for <= idle_timeout + 2 * SCAN_MAX + 1.0, idle_for
+    (event,) = await proxy.access_log()
+    assert event["close_reason"] == "idle_timeout"
+    assert event["bytes_to_backend"] == event["bytes_to_client"] == 1
+    assert await active(proxy) == 0
+
+
+async def test_drain_cuts_a_parked_connection_with_close_reason_drain(
+    nursery: trio.Nursery, certs: Certs
+) -> None:
+    proxy = await _proxy(nursery, certs, _echo, drain_timeout=0.2)
+    with trio.fail_after(STEP):
+        client = await BioClient.connect(proxy.port, certs.client_context())
+        await client.send_all(b"x")
+        assert await client.recv() == b"x"
+    await until_parked(proxy)
+    proxy.server.request_drain()
+    with trio.fail_after(STEP):
+        assert await client.recv() == b""  # close_notify at the drain timeout
+        await client.stream.aclose()
+    await until_stopped(proxy)
+    (event,) = await proxy.access_log()
+    assert event["close_reason"] == "drain"
+    (draining,) = proxy.log_events("draining")
+    assert draining["connections"] == 1  # the parked connection is counted
+    assert proxy.log_events("drain_timeout expired; closing the remaining connections")
+
+
+async def test_a_drain_waits_for_a_parked_connection_that_finishes_on_its_own(
+    nursery: trio.Nursery, certs: Certs
+) -> None:
+    proxy = await _proxy(nursery, certs, _echo, drain_timeout=60.0)
+    with trio.fail_after(STEP):
+        client = await BioClient.connect(proxy.port, certs.client_context())
+        await client.send_all(b"x")
+        assert await client.recv() == b"x"
+    await until_parked(proxy)
+    proxy.server.request_drain()
+    await trio.sleep(2 * SCAN_MAX)
+    assert proxy.server.state == "draining", "the drain did not wait for the parked connection"
+    with trio.fail_after(STEP):
+        await client.send_all(b"last")
+        assert await client.recv() == b"last"
+        await client.close_notify()
+        assert await client.recv() == b""
+        await client.stream.aclose()
+    await until_stopped(proxy)
+    (event,) = await proxy.access_log()
+    assert event["close_reason"] == "client_closed"
+
+
+async def test_a_reset_while_parked_is_seen_at_once(nursery: trio.Nursery, certs: Certs) -> None:
+    proxy = await _proxy(nursery, certs, _echo)
+    with trio.fail_after(STEP):
+        client = await BioClient.connect(proxy.port, certs.client_context())
+        await client.send_all(b"x")
+        assert await client.recv() == b"x"
+    await until_parked(proxy)
+    client.stream.socket.setsockopt(
+        trio.socket.SOL_SOCKET, trio.socket.SO_LINGER, b"\x01\x00\x00\x00\x00\x00\x00\x00"
+    )
+    client.stream.socket.close()
+    (event,) = await proxy.access_log()
+    assert event["close_reason"] == "client_reset"
+    assert len(proxy.server.connections) == 0
+
+
+ROOT = Path(__file__).parent.parent
+# Connections in the burst: 10 000, or what the open-file limit lets the
+# test process (the daemon's two descriptors per connection) hold.
+BURST = 10_000
+
+
+@pytest.fixture
+def burst_size() -> Iterator[int]:
+    """BURST, or fewer under the hard open-file limit (the soft one raised to it)."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+    yield min(BURST, (hard - 512) // 2)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+
+
+async def test_thousands_of_parked_connections_woken_in_one_burst(
+    nursery: trio.Nursery, certs: Certs, burst_size: int
+) -> None:
+    """Every connection parks; one byte on each, sent all at once, wakes
+    every one, every echo comes back, and they all park again. The clients
+    and the echo backend run in another process (tests/burst_peer.py), so
+    that this one's descriptors are the daemon's."""
+    count = burst_size
+    peer = await trio.lowlevel.open_process(
+        [sys.executable, "-m", "tests.burst_peer", str(certs.ca_file), str(count)],
+        cwd=ROOT,
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+    )
+    assert peer.stdin is not None and peer.stdout is not None
+    lines = _Lines(peer.stdout)
+    try:
+        with trio.fail_after(STEP):
+            backend = int(await lines.next())
+        config = build_config(certs, backend, max_connections=count + 10)
+        proxy = await start_server(nursery, config)
+        await peer.stdin.send_all(f"{proxy.port}\n".encode())
+        with trio.fail_after(STEP + count / 50):
+            assert await lines.next() == "opened"
+        await until_parked(proxy, count)
+        await peer.stdin.send_all(b"wake\n")
+        with trio.fail_after(STEP + count / 200):
+            assert await lines.next() == "echoed"
+        await until_parked(proxy, count)
+        await peer.stdin.send_all(b"close\n")
+        with trio.fail_after(STEP + count / 200):
+            assert await lines.next() == "closed"
+
+        async def none_active() -> bool:
+            return await active(proxy) == 0
+
+        await until(none_active)
+        # Every line the log buffer kept (it drops, and counts, what does not fit)
+        events = proxy.log_events("connection")
+        _, text = await scrape(proxy.admin_port)
+        assert len(events) + sample(text, "tlsproxy_log_lines_dropped_total") == count
+        assert {(e["bytes_to_backend"], e["bytes_to_client"]) for e in events} == {(2, 2)}
+        assert {e["close_reason"] for e in events} == {"client_closed"}
+    finally:
+        peer.kill()
+        await peer.wait()
+
+
+class _Lines:
+    """The burst peer's lines, as they come."""
+
+    def __init__(self, stream: trio.abc.ReceiveStream) -> None:
+        self._stream = stream
+        self._buffer = b""
+
+    async def next(self) -> str:
+        while b"\n" not in self._buffer:
+            chunk = await self._stream.receive_some(4096)
+            if not chunk:
+                raise AssertionError(f"the burst peer exited: {self._buffer!r}")
+            self._buffer += chunk
+        line, _, self._buffer = self._buffer.partition(b"\n")
+        return line.decode()
+
+
+# ------------------------------------------------- when a splice may park
+# Over socket pairs, with the ends' states set as the pumps set them: the
+# cases a scan can meet that the transitions above reach only by chance.
+
+
+@dataclass
+class Ends:
+    """A splice between two plain ends over socket pairs, and the far sides."""
+
+    splice: Splice
+    client: PlainEnd
+    backend: PlainEnd
+    client_peer: socket.socket
+
+
+@pytest.fixture
+async def ends() -> AsyncIterator[Ends]:
+    pool = BufferPool()
+    client_sock, client_peer = socket.socketpair()
+    backend_sock, backend_peer = socket.socketpair()
+    for sock in (client_sock, backend_sock):
+        sock.setblocking(False)
+    metrics = Metrics(CollectorRegistry()).for_listener("web", terminates=False, originates=False)
+    client = PlainEnd(client_sock, CLIENT, pool, speaks_first=True)
+    backend = PlainEnd(backend_sock, BACKEND, pool, speaks_first=False)
+    splice = Splice(client, backend, 60.0, metrics)
+    splice.scope = trio.CancelScope()
+    client.waiting = backend.waiting = True  # both pumps in their read waits
+    yield Ends(splice, client, backend, client_peer)
+    for sock in (client_sock, backend_sock, client_peer, backend_peer):
+        sock.close()
+
+
+async def test_a_splice_whose_pumps_both_wait_to_read_an_empty_socket_parks(ends: Ends) -> None:
+    assert ends.splice.parkable()
+
+
+async def test_a_splice_whose_directions_have_both_ended_never_parks(ends: Ends) -> None:
+    """Between its last pump's end and its task's: parked, nothing would wake it."""
+    ends.client.done = ends.backend.done = True
+    assert not ends.splice.parkable()
+
+
+async def test_a_splice_with_one_direction_ended_parks_on_the_other(ends: Ends) -> None:
+    ends.backend.done = True
+    assert ends.splice.parkable()
+    assert ends.splice.sources() == [ends.client.sock]
+
+
+async def test_a_splice_whose_pump_is_not_in_its_read_wait_does_not_park(ends: Ends) -> None:
+    ends.backend.waiting = False  # e.g. writing, held up by a full socket
+    assert not ends.splice.parkable()
+
+
+@pytest.mark.parametrize("what", ["bytes", "fin"])
+async def test_a_splice_whose_socket_is_readable_does_not_park(ends: Ends, what: str) -> None:
+    """The pump's wait already answered by the kernel, its task not yet run:
+    it still shows as waiting, and parking would lose the wake-up."""
+    if what == "bytes":
+        ends.client_peer.send(b"x")
+    else:
+        ends.client_peer.shutdown(socket.SHUT_WR)
+    assert not ends.splice.parkable()
+
+
+async def test_a_cancelled_splice_does_not_park(ends: Ends) -> None:
+    assert ends.splice.scope is not None
+    ends.splice.scope.cancel()
+    assert not ends.splice.parkable()
