@@ -26,7 +26,7 @@ import contextlib
 import socket
 import ssl
 import struct
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Coroutine
 from dataclasses import dataclass
 from typing import Any
 
@@ -36,7 +36,7 @@ from proxy import accept_proxy, backend, openssl
 from proxy.buffers import BufferPool
 from proxy.config import Address, format_sockaddr
 from proxy.ends import BACKEND, CLIENT, CloseReason, End, Gone, PlainEnd, TLSEnd
-from proxy.handshake import HandshakeResult, negotiated, run_handshake
+from proxy.handshake import HandshakeResult, Negotiated, negotiated, run_handshake
 from proxy.identity import Identity
 from proxy.ja4 import ja4
 from proxy.outcome import NOT_ALLOWED, Outcome, client_cert_reason
@@ -101,20 +101,20 @@ class ConnectionSet:
         self._check_idle()
 
 
-async def handle_connection(
+def handle_connection(
     sock: socket.socket, peer: Any, listener: ListenerState, connections: ConnectionSet
-) -> None:
-    """Serve one accepted socket; never raises, always closes, always logs."""
+) -> Coroutine[Any, Any, None]:
+    """The task that serves one accepted socket: never raises, always
+    closes, always logs. (The connection's own coroutine, not one awaiting
+    it: every frame of a task's chain runs again at each of its wake-ups.)"""
     conn = _Connection(sock, peer, listener, connections)
-    await conn.own(conn.serve)
+    return conn.own(conn.serve)
 
 
-async def _resume(conn: _Connection) -> None:
+def _resume(conn: _Connection) -> Coroutine[Any, Any, None]:
     """A parked connection's task again, started by the lot when one of its
-    sockets became readable (unless the lot closed it meanwhile). Taken and
-    added to the live set with no checkpoint between: it is never neither."""
-    if conn.shared.lot.take(conn):
-        await conn.own(conn.resume)
+    sockets became readable."""
+    return conn.own(conn.resume, parked=True)
 
 
 def _close_parked(conn: _Connection, reason: CloseReason) -> None:
@@ -164,7 +164,7 @@ class _Connection:
         self.peer = peer  # kept for the PROXY header: getpeername() fails after a reset
         self.result: HandshakeResult[Outcome] | None = None
         self.ja4: str | None = None
-        self.negotiated: tuple[str, str, str, bool] | None = None
+        self.negotiated: Negotiated | None = None
         self.client_cert: dict[str, Any] | None = None
         self.identity: Identity | None = None  # the verified client certificate's, read once
         self.allow_rules: str | None = None  # the allow table that judged it
@@ -177,9 +177,12 @@ class _Connection:
         runtime.metrics.accepted.inc()
         runtime.metrics.active.inc()
 
-    async def own(self, body: Callable[[trio.Nursery], Awaitable[None]]) -> None:
+    async def own(
+        self, body: Callable[[trio.Nursery], Awaitable[None]], *, parked: bool = False
+    ) -> None:
         """Run `body` as the connection's task, then close the connection or,
         if it parked, hand it to the lot (see proxy.parking); never raises.
+        `parked`: the lot woke it, and still owns it until it is taken.
 
         The connection's one nursery is also its cancel scope: a drain cuts
         it, and the splice's second direction runs in it (one scope and one
@@ -187,8 +190,12 @@ class _Connection:
         splice: a running connection's memory is mostly such objects).
         """
         shared = self.shared
+        if parked and not shared.lot.take(self):
+            return  # the lot closed it between the wake-up and now
         scope: trio.CancelScope | None = None
         try:
+            # Taken from the lot and added to the live set with no checkpoint
+            # between (entering a nursery is none): never neither.
             async with trio.open_nursery() as nursery:
                 scope = nursery.cancel_scope
                 shared.add(scope)
@@ -206,6 +213,7 @@ class _Connection:
                 self.end(drained=False)
             elif parking and not scope.cancel_called:
                 assert splice is not None
+                splice.scope = None  # the ended nursery's: not kept while parked
                 shared.lot.park(self, splice)  # before the discard: never neither
                 shared.discard(scope)
             else:

@@ -203,16 +203,26 @@ def _upstream_verdict(
     return classify_upstream(first=loop.first, error=error, timed_out=timed_out)
 
 
-def negotiated(obj: ssl.SSLObject) -> tuple[str, str, str, bool]:
+Negotiated = tuple[str, str, str, bool]
+
+# Every (version, cipher, alpn, resumed) seen, so that connections share
+# one tuple instead of each keeping its own four objects (about 200 bytes
+# a connection, for its access line). Bounded: the versions, ciphers and
+# ALPN names a listener's policy allows.
+_NEGOTIATED: dict[Negotiated, Negotiated] = {}
+
+
+def negotiated(obj: ssl.SSLObject) -> Negotiated:
     """(version, cipher, alpn, resumed) of a completed handshake, as the
     metrics' labels and the access line spell them."""
     cipher = obj.cipher()
-    return (
+    values = (
         obj.version() or "unknown",
         cipher[0] if cipher else "unknown",
         obj.selected_alpn_protocol() or "none",
         bool(obj.session_reused),
     )
+    return _NEGOTIATED.setdefault(values, values)
 
 
 def cut_outcome(saw_eof: bool) -> Outcome:

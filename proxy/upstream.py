@@ -38,7 +38,7 @@ from typing import Any
 from proxy.buffers import BufferPool
 from proxy.config import Address
 from proxy.ends import BACKEND, TLSEnd
-from proxy.handshake import HandshakeResult, negotiated, run_client_handshake
+from proxy.handshake import HandshakeResult, Negotiated, negotiated, run_client_handshake
 from proxy.identity import Identity
 from proxy.outcome import (
     NOT_ALLOWED,
@@ -63,7 +63,7 @@ class Upstream:
         self.identity: Identity | None = None
         # read once the handshake completed: after a ragged or refused end
         # OpenSSL no longer reports the version
-        self.negotiated: tuple[str, str, str, bool] | None = None
+        self.negotiated: Negotiated | None = None
         self.pending = False  # a TLS 1.3 success waiting for the first read
 
     @property
