@@ -13,12 +13,13 @@ import socket
 import subprocess
 import sys
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
 import pytest
 import trio
+from cryptography import x509
 from prometheus_client import CollectorRegistry
 
 from proxy.buffers import BufferPool
@@ -33,10 +34,12 @@ from tests.helpers import (
     Certs,
     Running,
     build_config,
+    issue_leaf,
     sample,
     scrape,
     start_backend,
     start_server,
+    tls_connect,
     until,
 )
 
@@ -282,6 +285,63 @@ async def test_a_reset_while_parked_is_seen_at_once(nursery: trio.Nursery, certs
     (event,) = await proxy.access_log()
     assert event["close_reason"] == "client_reset"
     assert len(proxy.server.connections) == 0
+
+
+async def test_a_parked_connection_counts_against_max_connections(
+    nursery: trio.Nursery, certs: Certs
+) -> None:
+    proxy = await _proxy(nursery, certs, _echo, max_connections=1)
+    with trio.fail_after(STEP):
+        client = await BioClient.connect(proxy.port, certs.client_context())
+        await client.send_all(b"x")
+        assert await client.recv() == b"x"
+    await until_parked(proxy)
+    with trio.fail_after(STEP):
+        refused = await trio.open_tcp_stream("127.0.0.1", proxy.port)
+        assert await refused.receive_some(10) == b""  # accepted and closed at once
+        await refused.aclose()
+        await client.close_notify()
+        assert await client.recv() == b""
+        await client.stream.aclose()
+    _, text = await scrape(proxy.admin_port)
+    assert sample(text, "tlsproxy_connections_rejected_total", reason="max_connections") == 1
+
+
+async def test_a_connection_parked_across_a_reload_wakes_on_its_own_runtime(
+    nursery: trio.Nursery, certs: Certs, tmp_path: Path
+) -> None:
+    """The reload swaps the listener's runtime (a new certificate, a new
+    idle_timeout) under a parked connection; woken, it goes on as it was:
+    served, and not idled out by the new, shorter timeout."""
+    port = await start_backend(nursery, _echo)
+    proxy = await start_server(nursery, build_config(certs, port))
+    with trio.fail_after(STEP):
+        client = await BioClient.connect(proxy.port, certs.client_context())
+        await client.send_all(b"before")
+        assert await client.recv() == b"before"
+    await until_parked(proxy)
+    cert, key, serial = issue_leaf(certs.ca, tmp_path, "rotated")
+    rotated = replace(certs, cert=cert, key=key)
+    short = 3 * PARK_AFTER
+    assert await proxy.server.reload(
+        lambda: build_config(rotated, port, idle_timeout=short), trigger="test"
+    )
+    with trio.fail_after(STEP):
+        fresh = await tls_connect(proxy.port, certs.client_context())
+        der = fresh.getpeercert(binary_form=True)
+        assert der is not None and x509.load_der_x509_certificate(der).serial_number == serial
+        await fresh.aclose()
+    await trio.sleep(short + 2 * SCAN_MAX + 0.5)  # past the new timeout, parked all along
+    with trio.fail_after(STEP):
+        await client.send_all(b"after")
+        assert await client.recv() == b"after"
+        await client.close_notify()
+        assert await client.recv() == b""
+        await client.stream.aclose()
+    events = await proxy.access_log(2)
+    (event,) = [e for e in events if e["bytes_to_backend"]]
+    assert event["close_reason"] == "client_closed"
+    assert event["bytes_to_backend"] == len(b"beforeafter")
 
 
 ROOT = Path(__file__).parent.parent
