@@ -272,6 +272,9 @@ class _Connection:
                 await self.splice.prime(early)
             except Gone:
                 return
+        if self.splice.quiet():
+            self.splice.parking = True  # parked from the start: no pump task yet
+            return
         self.shared.idle.watch(self.splice)
         await self.splice.run(nursery)
 

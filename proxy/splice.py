@@ -37,10 +37,21 @@ from typing import cast
 
 import trio
 
-from proxy.ends import CloseReason, End, Gone, PlainEnd
+from proxy.ends import CloseReason, End, Gone, PlainEnd, TLSEnd
 from proxy.metrics import ListenerMetrics
 
 _wait_readable = trio.lowlevel.wait_readable
+
+
+def _readable(sock: socket.socket) -> bool:
+    """Bytes, a FIN or an error are waiting: a read would not block."""
+    try:
+        sock.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT)
+    except BlockingIOError:
+        return False
+    except OSError:
+        return True  # a reset: the read reports it
+    return True
 
 
 class Splice:
@@ -110,19 +121,26 @@ class Splice:
         scope = self.scope
         if scope is None or scope.cancel_called or (self.client.done and self.backend.done):
             return False  # ending: parked with nothing to wait on, it would never wake
-        for end in (self.client, self.backend):
-            if end.done:
-                continue
-            if not end.waiting:
-                return False
-            try:
-                end.sock.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT)
-            except BlockingIOError:
-                continue
-            except OSError:
-                return False  # a reset: the pump's read reports it
-            return False  # bytes, or a FIN
-        return True
+        return all(
+            end.done or (end.waiting and not _readable(end.sock))
+            for end in (self.client, self.backend)
+        )
+
+    def quiet(self) -> bool:
+        """Before the first `run`: neither peer has sent a byte to copy, so
+        the connection parks before its pumps exist.
+
+        A pool's or a channel's connection, opened ahead of its use, then
+        never holds a task, and a burst of them leaves no high-water mark
+        of tasks behind (the interpreter keeps the memory it once had). A
+        client whose first bytes came with its handshake, the usual case,
+        has them waiting by now, or in OpenSSL already, and runs at once.
+        """
+        return not any(
+            (isinstance(end, TLSEnd) and not end.conn.drained())  # fed to OpenSSL already
+            or _readable(end.sock)
+            for end in (self.client, self.backend)
+        )
 
     def park(self) -> None:
         """End the pumps of a `parkable` connection: each open direction's

@@ -112,6 +112,28 @@ async def test_an_idle_connection_parks_and_client_bytes_wake_it(
     assert len(proxy.server.connections) == 0
 
 
+async def test_a_connection_silent_after_its_handshake_parks_before_its_pumps_run(
+    nursery: trio.Nursery, certs: Certs
+) -> None:
+    """A pool's connection opened ahead of use: parked as soon as it is
+    established, with no idle interval; its first bytes wake it."""
+    proxy = await _proxy(nursery, certs, _echo)
+    with trio.fail_after(STEP):
+        client = await BioClient.connect(proxy.port, certs.client_context())
+        start = trio.current_time()
+    await until_parked(proxy)
+    assert trio.current_time() - start < PARK_AFTER, "parked only after the idle interval"
+    with trio.fail_after(STEP):
+        await client.send_all(b"first")
+        assert await client.recv() == b"first"
+        await client.close_notify()
+        assert await client.recv() == b""
+        await client.stream.aclose()
+    (event,) = await proxy.access_log()
+    assert (event["bytes_to_backend"], event["bytes_to_client"]) == (5, 5)
+    assert event["close_reason"] == "client_closed"
+
+
 async def test_bytes_from_the_backend_wake_a_parked_connection(
     nursery: trio.Nursery, certs: Certs
 ) -> None:
@@ -487,6 +509,14 @@ async def test_a_splice_whose_socket_is_readable_does_not_park(ends: Ends, what:
     else:
         ends.client_peer.shutdown(socket.SHUT_WR)
     assert not ends.splice.parkable()
+
+
+async def test_a_splice_is_quiet_before_its_first_run_only_when_neither_socket_has_bytes(
+    ends: Ends,
+) -> None:
+    assert ends.splice.quiet()
+    ends.client_peer.send(b"GET /")
+    assert not ends.splice.quiet()
 
 
 async def test_a_cancelled_splice_does_not_park(ends: Ends) -> None:

@@ -1,0 +1,89 @@
+"""What waking a parked connection costs the daemon, in CPU per request.
+
+    .venv/bin/python -m benchmarks.wake_cost [N] [ROUNDS]
+
+N TLS connections to the real daemon (a subprocess, on CPU 0, the clients
+and the echo backend in this process on CPU 1). A round sends one byte on
+every connection, all at once, and reads every echo. Rounds 0.1 s apart
+keep every connection running (it parks only after `PARK_AFTER` without a
+byte); rounds `PARK_AFTER` + 1 s apart let every connection park between
+two rounds, so each of its requests wakes it. The daemon's CPU time per
+request (user + system, from /proc) is compared: the difference is what a
+park and a wake cost. The gaps between rounds cost the daemon its idle
+scans, a few per second whatever the load, which the longer gaps count a
+little more of.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import trio
+
+from benchmarks.harness import OPEN_CONCURRENCY, open_tls, raise_fd_limit, running_daemon
+from proxy.parking import PARK_AFTER
+
+RUNNING_GAP = 0.1
+PARKED_GAP = PARK_AFTER + 1.0
+TICKS = os.sysconf("SC_CLK_TCK")
+
+
+def _cpu_seconds(pid: int) -> float:
+    fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
+    return (int(fields[11]) + int(fields[12])) / TICKS  # utime, stime
+
+
+async def _round(streams: list[trio.SSLStream[trio.SocketStream]]) -> None:
+    async def one(stream: trio.SSLStream[trio.SocketStream]) -> None:
+        await stream.send_all(b"y")
+        assert await stream.receive_some(1) == b"y"
+
+    async with trio.open_nursery() as nursery:
+        for stream in streams:
+            nursery.start_soon(one, stream)
+
+
+async def _cpu_per_request(
+    pid: int, streams: list[trio.SSLStream[trio.SocketStream]], rounds: int, gap: float
+) -> float:
+    await _round(streams)  # the first round of a phase wakes or keeps them as the last left
+    await trio.sleep(gap)
+    before = _cpu_seconds(pid)
+    for _ in range(rounds):
+        await _round(streams)
+        await trio.sleep(gap)
+    return (_cpu_seconds(pid) - before) / (rounds * len(streams))
+
+
+async def main(count: int, rounds: int) -> None:
+    count = min(count, raise_fd_limit(count))
+    async with running_daemon(command_prefix=("taskset", "-c", "0")) as daemon:
+        pid = daemon.process.pid
+        streams: list[trio.SSLStream[trio.SocketStream]] = []
+        limit = trio.Semaphore(OPEN_CONCURRENCY)
+
+        async def open_one() -> None:
+            async with limit:
+                streams.append(await open_tls(daemon))
+
+        async with trio.open_nursery() as nursery:
+            for _ in range(count):
+                nursery.start_soon(open_one)
+        running = await _cpu_per_request(pid, streams, rounds, RUNNING_GAP)
+        parked = await _cpu_per_request(pid, streams, rounds, PARKED_GAP)
+        for stream in streams:
+            await trio.aclose_forcefully(stream)
+    print(
+        f"{count} connections, {rounds} rounds each: {running * 1e6:.0f} us of daemon CPU "
+        f"per request kept running ({RUNNING_GAP} s apart), {parked * 1e6:.0f} us parked "
+        f"and woken ({PARKED_GAP} s apart): a park and a wake cost "
+        f"{(parked - running) * 1e6:.0f} us, {parked / running:.2f}x a running request"
+    )
+
+
+if __name__ == "__main__":
+    os.sched_setaffinity(0, {1})
+    args = [int(arg) for arg in sys.argv[1:]]
+    trio.run(main, *(args + [1000, 10][len(args) :]))
