@@ -100,14 +100,17 @@ async def main(count: int) -> None:
 
             async def open_one() -> trio.SSLStream[trio.SocketStream]:
                 tls = trio.SSLStream(
-                    await trio.open_tcp_stream("127.0.0.1", port), context, server_hostname="localhost"
+                    await trio.open_tcp_stream("127.0.0.1", port),
+                    context,
+                    server_hostname="localhost",
                 )
                 await tls.send_all(b".")
                 assert await tls.receive_some(1) == b"."
                 return tls
 
             async def until_parked(parked: int) -> None:
-                while len(server.connections.lot) != parked or server.connections.live:
+                # a state of the server to poll, not an event it sets
+                while len(server.connections.lot) != parked or server.connections.live:  # noqa: ASYNC110
                     await trio.sleep(0.05)
 
             for _ in range(50):  # warm up: the buffer pool, OpenSSL's tables, caches

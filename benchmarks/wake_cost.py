@@ -85,5 +85,5 @@ async def main(count: int, rounds: int) -> None:
 
 if __name__ == "__main__":
     os.sched_setaffinity(0, {1})
-    args = [int(arg) for arg in sys.argv[1:]]
-    trio.run(main, *(args + [1000, 10][len(args) :]))
+    count, rounds = ([int(arg) for arg in sys.argv[1:]] + [1000, 10][len(sys.argv) - 1 :])[:2]
+    trio.run(main, count, rounds)
