@@ -4,6 +4,7 @@ real daemon as a subprocess, TLS clients, and the daemon's resident memory."""
 from __future__ import annotations
 
 import json
+import os
 import resource
 import ssl
 import subprocess
@@ -50,6 +51,12 @@ def rss_kib(pid: int) -> int:
         if line.startswith("VmRSS:"):
             return int(line.split()[1])
     raise RuntimeError(f"no VmRSS for pid {pid}")
+
+
+def cpu_seconds(pid: int) -> float:
+    """The process's user + system CPU time so far, from /proc."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")  # utime, stime
 
 
 @dataclass

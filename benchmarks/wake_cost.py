@@ -18,21 +18,20 @@ from __future__ import annotations
 
 import os
 import sys
-from pathlib import Path
 
 import trio
 
-from benchmarks.harness import OPEN_CONCURRENCY, open_tls, raise_fd_limit, running_daemon
+from benchmarks.harness import (
+    OPEN_CONCURRENCY,
+    cpu_seconds,
+    open_tls,
+    raise_fd_limit,
+    running_daemon,
+)
 from proxy.parking import PARK_AFTER
 
 RUNNING_GAP = 0.1
 PARKED_GAP = PARK_AFTER + 1.0
-TICKS = os.sysconf("SC_CLK_TCK")
-
-
-def _cpu_seconds(pid: int) -> float:
-    fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
-    return (int(fields[11]) + int(fields[12])) / TICKS  # utime, stime
 
 
 async def _round(streams: list[trio.SSLStream[trio.SocketStream]]) -> None:
@@ -50,11 +49,11 @@ async def _cpu_per_request(
 ) -> float:
     await _round(streams)  # the first round of a phase wakes or keeps them as the last left
     await trio.sleep(gap)
-    before = _cpu_seconds(pid)
+    before = cpu_seconds(pid)
     for _ in range(rounds):
         await _round(streams)
         await trio.sleep(gap)
-    return (_cpu_seconds(pid) - before) / (rounds * len(streams))
+    return (cpu_seconds(pid) - before) / (rounds * len(streams))
 
 
 async def main(count: int, rounds: int) -> None:
