@@ -94,7 +94,10 @@ class ParkingLot(Generic[Car]):
         self._close = close
         self._epoll = select.epoll()
         self._cars: dict[Car, Splice] = {}  # parked, or woken and not yet taken
-        self._by_fd: dict[int, Car] = {}  # the parked ones' watched descriptors
+        # The parked ones' watched descriptors, indexed by descriptor: a list
+        # of small dense ints costs a slot each, where a dict costs an entry
+        # and an int object (about 190 bytes a connection, BENCHMARKS.md).
+        self._by_fd: list[Car | None] = []
 
     def __len__(self) -> int:
         return len(self._cars)
@@ -106,10 +109,13 @@ class ParkingLot(Generic[Car]):
         """Take a connection whose tasks have ended: its open sources join
         the epoll (bytes already there are reported at once)."""
         self._cars[car] = splice
+        by_fd = self._by_fd
         for sock in splice.sources():
             fd = sock.fileno()
+            if fd >= len(by_fd):
+                by_fd.extend([None] * (fd + 1 - len(by_fd)))
             self._epoll.register(fd, _WATCH)
-            self._by_fd[fd] = car
+            by_fd[fd] = car
 
     def take(self, car: Car) -> bool:
         """The woken connection's task takes it back; False when the lot
@@ -133,9 +139,11 @@ class ParkingLot(Generic[Car]):
         self._unwatch(splice)
 
     def _unwatch(self, splice: Splice) -> None:
+        by_fd = self._by_fd
         for sock in splice.sources():
             fd = sock.fileno()
-            if self._by_fd.pop(fd, None) is not None:
+            if fd < len(by_fd) and by_fd[fd] is not None:
+                by_fd[fd] = None
                 with contextlib.suppress(OSError):
                     self._epoll.unregister(fd)
 
@@ -147,7 +155,7 @@ class ParkingLot(Generic[Car]):
             while True:
                 await trio.lowlevel.wait_readable(epoll.fileno())
                 for fd, _ in epoll.poll(0, WAKE_BATCH):
-                    car = self._by_fd.get(fd)
+                    car = self._by_fd[fd]
                     if car is None:  # its other socket woke it in this batch
                         continue
                     self._unwatch(self._cars[car])

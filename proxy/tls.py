@@ -57,6 +57,7 @@ from __future__ import annotations
 
 import os
 import ssl
+import sys
 import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -293,7 +294,9 @@ class _SNISelector:
         self, conn: ssl.SSLObject, server_name: str | None, _ctx: ssl.SSLContext
     ) -> int | None:
         notes = notes_of(conn)
-        notes.sni = server_name
+        # Interned: the connections to one name share one string while they
+        # live (kept for the access line); the interpreter drops it after them.
+        notes.sni = None if server_name is None else sys.intern(server_name)
         found = self.names.lookup(server_name)
         if found is not None:
             notes.sni_match, context = found
