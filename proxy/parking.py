@@ -43,6 +43,7 @@ it gone, ends at once.
 from __future__ import annotations
 
 import contextlib
+import math
 import select
 from collections.abc import Awaitable, Callable, Hashable
 from typing import Any, Generic, TypeVar
@@ -94,6 +95,7 @@ class ParkingLot(Generic[Car]):
         self._close = close
         self._epoll = select.epoll()
         self._cars: dict[Car, Splice] = {}  # parked, or woken and not yet taken
+        self._next_expiry = math.inf  # no parked connection's idle timeout comes sooner
         # The parked ones' watched descriptors, indexed by descriptor: a list
         # of small dense ints costs a slot each, where a dict costs an entry
         # and an int object (about 190 bytes a connection, BENCHMARKS.md).
@@ -109,6 +111,7 @@ class ParkingLot(Generic[Car]):
         """Take a connection whose tasks have ended: its open sources join
         the epoll (bytes already there are reported at once)."""
         self._cars[car] = splice
+        self._next_expiry = min(self._next_expiry, splice.last_activity + splice.idle_timeout)
         by_fd = self._by_fd
         for sock in splice.sources():
             fd = sock.fileno()
@@ -123,11 +126,22 @@ class ParkingLot(Generic[Car]):
         return self._cars.pop(car, None) is not None
 
     def expire(self, now: float) -> None:
-        """Close every parked connection whose idle timeout has passed."""
+        """Close every parked connection whose idle timeout has passed.
+
+        Only when the earliest deadline has come: a look at every parked
+        connection at each scan cost 3.6 % of a core with 9 488 parked
+        (BENCHMARKS.md), and the deadlines are minutes away.
+        """
+        if now < self._next_expiry:
+            return
+        self._next_expiry = math.inf
         for car, splice in list(self._cars.items()):
-            if now - splice.last_activity >= splice.idle_timeout:
+            deadline = splice.last_activity + splice.idle_timeout
+            if now >= deadline:
                 self._remove(car, splice)
                 self._close(car, CloseReason.IDLE_TIMEOUT)
+            else:
+                self._next_expiry = min(self._next_expiry, deadline)
 
     def close_all(self, reason: CloseReason) -> None:
         for car, splice in list(self._cars.items()):

@@ -24,9 +24,9 @@ from prometheus_client import CollectorRegistry
 
 from proxy.buffers import BufferPool
 from proxy.connection import ConnectionSet
-from proxy.ends import BACKEND, CLIENT, PlainEnd
+from proxy.ends import BACKEND, CLIENT, CloseReason, PlainEnd
 from proxy.metrics import Metrics
-from proxy.parking import PARK_AFTER, SCAN_MAX
+from proxy.parking import PARK_AFTER, SCAN_MAX, ParkingLot
 from proxy.splice import Splice
 from tests.helpers import (
     STEP,
@@ -523,3 +523,40 @@ async def test_a_cancelled_splice_does_not_park(ends: Ends) -> None:
     assert ends.splice.scope is not None
     ends.splice.scope.cancel()
     assert not ends.splice.parkable()
+
+
+async def test_the_lot_expires_each_parked_connection_at_its_own_timeout() -> None:
+    """The lot looks at its connections only when the earliest timeout has
+    come: one parked later with a shorter timeout still closes on time, and
+    one with a longer timeout stays."""
+    pool = BufferPool()
+    metrics = Metrics(CollectorRegistry()).for_listener("web", terminates=False, originates=False)
+    closed: list[tuple[str, CloseReason]] = []
+    lot: ParkingLot[str] = ParkingLot(_never_resumed, lambda car, why: closed.append((car, why)))
+    pairs = [socket.socketpair() for _ in range(4)]
+    try:
+        now = trio.current_time()
+        for car, timeout, (a, _), (b, _) in (
+            ("long", 300.0, pairs[0], pairs[1]),
+            ("short", 10.0, pairs[2], pairs[3]),
+        ):
+            splice = Splice(
+                PlainEnd(a, CLIENT, pool, speaks_first=True),
+                PlainEnd(b, BACKEND, pool, speaks_first=False),
+                timeout,
+                metrics,
+            )
+            lot.park(car, splice)
+        lot.expire(now + 9.0)
+        assert closed == [] and len(lot) == 2
+        lot.expire(now + 10.5)
+        assert closed == [("short", CloseReason.IDLE_TIMEOUT)]
+        assert "long" in lot and "short" not in lot
+    finally:
+        for pair in pairs:
+            for sock in pair:
+                sock.close()
+
+
+async def _never_resumed(car: str) -> None:
+    raise AssertionError("nothing woke")
