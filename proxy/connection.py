@@ -213,15 +213,30 @@ class _Connection:
             parking = splice is not None and splice.parking and self.close_reason is None
             if scope is None:
                 self.end(drained=False)
-            elif parking and not scope.cancel_called:
-                assert splice is not None
-                splice.scope = None  # the ended nursery's: not kept while parked
-                shared.lot.park(self, splice)  # before the discard: never neither
-                shared.discard(scope)
+            elif parking and not scope.cancel_called and self._park(splice):
+                shared.discard(scope)  # after the lot took it: never neither
             else:
                 shared.discard(scope)
                 # cut by a drain: in a wait, or on its way to the lot
                 self.end(drained=shared.cutting and (scope.cancelled_caught or parking))
+
+    def _park(self, splice: Splice | None) -> bool:
+        """Hand the connection to the lot; False if the kernel refused (it
+        is closed as any other then, and the process serves on)."""
+        assert splice is not None
+        try:
+            self.shared.lot.park(self, splice)
+        except (OSError, ValueError) as exc:
+            self.runtime.metrics.internal_errors.inc()
+            self.close_reason = "internal_error"
+            self.runtime.log.error(
+                "could not park an idle connection; closed it; please report this",
+                **self.fields(),
+                error=str(exc),
+            )
+            return False
+        splice.scope = None  # the ended nursery's: not kept while parked
+        return True
 
     def end(self, *, drained: bool) -> None:
         self.listener.active -= 1  # taken by the accept loop, before the task started

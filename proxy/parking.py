@@ -109,16 +109,21 @@ class ParkingLot(Generic[Car]):
 
     def park(self, car: Car, splice: Splice) -> None:
         """Take a connection whose tasks have ended: its open sources join
-        the epoll (bytes already there are reported at once)."""
+        the epoll (bytes already there are reported at once). Raises
+        OSError or ValueError, having taken nothing, if the kernel refuses."""
+        by_fd = self._by_fd
+        try:
+            for sock in splice.sources():
+                fd = sock.fileno()
+                self._epoll.register(fd, _WATCH)  # a closed socket's -1: ValueError
+                if fd >= len(by_fd):
+                    by_fd.extend([None] * (fd + 1 - len(by_fd)))
+                by_fd[fd] = car
+        except (OSError, ValueError):
+            self._unwatch(splice)  # all or nothing: the caller closes it instead
+            raise
         self._cars[car] = splice
         self._next_expiry = min(self._next_expiry, splice.last_activity + splice.idle_timeout)
-        by_fd = self._by_fd
-        for sock in splice.sources():
-            fd = sock.fileno()
-            if fd >= len(by_fd):
-                by_fd.extend([None] * (fd + 1 - len(by_fd)))
-            self._epoll.register(fd, _WATCH)
-            by_fd[fd] = car
 
     def take(self, car: Car) -> bool:
         """The woken connection's task takes it back; False when the lot

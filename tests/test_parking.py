@@ -560,3 +560,19 @@ async def test_the_lot_expires_each_parked_connection_at_its_own_timeout() -> No
 
 async def _never_resumed(car: str) -> None:
     raise AssertionError("nothing woke")
+
+
+async def test_a_lot_that_cannot_watch_a_socket_takes_nothing(ends: Ends) -> None:
+    """All or nothing: a source the kernel refuses (here a closed one) leaves
+    the lot without the connection and without its other socket, so the
+    caller can close it as any other connection."""
+    lot: ParkingLot[str] = ParkingLot(_never_resumed, lambda car, why: None)
+    backend = ends.backend.sock
+    ends.backend.sock = socket.socket()
+    ends.backend.sock.close()
+    with pytest.raises((OSError, ValueError)):
+        lot.park("car", ends.splice)
+    assert len(lot) == 0 and "car" not in lot
+    ends.backend.sock = backend
+    lot.park("car", ends.splice)  # the client's socket was not left registered
+    assert "car" in lot
