@@ -53,18 +53,19 @@ import trio
 from proxy.ends import CloseReason
 from proxy.splice import Splice
 
-# How long a connection moves no byte before it parks, in seconds. Waking a
-# parked connection costs a task and a few system calls, a fraction of one
-# keep-alive request (BENCHMARKS.md), so a connection that parks between
-# every two requests pays that at most twice a second; half a second is far
-# above the gaps inside a burst of requests (milliseconds) and below the
-# seconds to minutes a pooled or streaming connection idles.
+# How long a connection moves no byte before it parks, in seconds. A park
+# and a wake cost the CPU of about four running requests (two tasks started,
+# the sockets moved between Trio's epoll and the lot's; BENCHMARKS.md), so a
+# connection that parks between every two requests pays that at most twice
+# a second; half a second is far above the gaps inside a burst of requests
+# (milliseconds) and below the seconds to minutes a pooled or streaming
+# connection idles.
 PARK_AFTER = 0.5
 
 # Bounds on the scan's period, in seconds: a connection parks at most one
 # scan after PARK_AFTER (the scan stamps activity it sees, at most one scan
 # late) and idles out at most two scans late; never a busy loop for tiny
-# timeouts. A scan costs well under a microsecond per running connection.
+# timeouts. A scan costs about a microsecond per running connection.
 SCAN_MAX = PARK_AFTER / 2
 SCAN_MIN = 0.05
 
