@@ -73,7 +73,8 @@ class Daemon:
         return rss_kib(self.process.pid)
 
 
-async def _echo(stream: trio.SocketStream) -> None:
+async def echo(stream: trio.SocketStream) -> None:
+    """The benchmarks' backend: echo until EOF."""
     try:
         async for data in stream:
             await stream.send_all(data)
@@ -119,7 +120,7 @@ async def running_daemon(
         context = ssl.create_default_context()
         ca.configure_trust(context)
         async with trio.open_nursery() as nursery:
-            backend = await nursery.start(partial(trio.serve_tcp, _echo, 0, host="127.0.0.1"))
+            backend = await nursery.start(partial(trio.serve_tcp, echo, 0, host="127.0.0.1"))
             config = directory / "tlsproxy.toml"
             config.write_text(
                 f"""\
@@ -170,3 +171,18 @@ async def open_tls(daemon: Daemon) -> trio.SSLStream[trio.SocketStream]:
         await trio.aclose_forcefully(stream)
         raise
     return tls
+
+
+async def open_many(daemon: Daemon, count: int) -> list[trio.SSLStream[trio.SocketStream]]:
+    """`count` clients as `open_tls` makes them, OPEN_CONCURRENCY at a time."""
+    streams: list[trio.SSLStream[trio.SocketStream]] = []
+    limit = trio.Semaphore(OPEN_CONCURRENCY)
+
+    async def one() -> None:
+        async with limit:
+            streams.append(await open_tls(daemon))
+
+    async with trio.open_nursery() as nursery:
+        for _ in range(count):
+            nursery.start_soon(one)
+    return streams

@@ -31,6 +31,7 @@ import trio
 import trustme
 from prometheus_client import CollectorRegistry
 
+from benchmarks.harness import echo
 from proxy.config import parse_config
 from proxy.log import make_logger
 from proxy.metrics import Metrics
@@ -38,14 +39,6 @@ from proxy.server import Server
 
 PROXY = str(Path(__file__).resolve().parent.parent / "proxy")
 FRAMES = 40
-
-
-async def _echo(stream: trio.SocketStream) -> None:
-    try:
-        async for data in stream:
-            await stream.send_all(data)
-    except trio.BrokenResourceError:
-        pass
 
 
 def _site(trace: tracemalloc.Trace) -> str:
@@ -78,7 +71,7 @@ async def main(count: int) -> None:
         context = ssl.create_default_context()
         ca.configure_trust(context)
         async with trio.open_nursery() as nursery:
-            (backend,) = await nursery.start(partial(trio.serve_tcp, _echo, 0, host="127.0.0.1"))
+            (backend,) = await nursery.start(partial(trio.serve_tcp, echo, 0, host="127.0.0.1"))
             config = parse_config(
                 {
                     "admin": {"listen": "127.0.0.1:0"},

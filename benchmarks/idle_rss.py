@@ -18,10 +18,8 @@ import sys
 import trio
 
 from benchmarks.harness import (
-    OPEN_CONCURRENCY,
-    Daemon,
     cpu_seconds,
-    open_tls,
+    open_many,
     raise_fd_limit,
     running_daemon,
 )
@@ -35,20 +33,6 @@ SETTLE = 1.0
 HOLD = 10.0
 
 
-async def _open_many(daemon: Daemon, count: int) -> list[trio.SSLStream[trio.SocketStream]]:
-    streams: list[trio.SSLStream[trio.SocketStream]] = []
-    limit = trio.Semaphore(OPEN_CONCURRENCY)
-
-    async def one() -> None:
-        async with limit:
-            streams.append(await open_tls(daemon))
-
-    async with trio.open_nursery() as nursery:
-        for _ in range(count):
-            nursery.start_soon(one)
-    return streams
-
-
 async def _close_all(streams: list[trio.SSLStream[trio.SocketStream]]) -> None:
     for stream in streams:
         await trio.aclose_forcefully(stream)
@@ -56,11 +40,11 @@ async def _close_all(streams: list[trio.SSLStream[trio.SocketStream]]) -> None:
 
 async def measure(count: int) -> float:
     async with running_daemon() as daemon:
-        await _close_all(await _open_many(daemon, WARM_UP))
+        await _close_all(await open_many(daemon, WARM_UP))
         await trio.sleep(SETTLE)
         before = daemon.rss_kib
         start = trio.current_time()
-        streams = await _open_many(daemon, count)
+        streams = await open_many(daemon, count)
         opened = trio.current_time() - start
         await trio.sleep(SETTLE)
         after = daemon.rss_kib

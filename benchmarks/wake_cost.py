@@ -22,9 +22,8 @@ import sys
 import trio
 
 from benchmarks.harness import (
-    OPEN_CONCURRENCY,
     cpu_seconds,
-    open_tls,
+    open_many,
     raise_fd_limit,
     running_daemon,
 )
@@ -60,16 +59,7 @@ async def main(count: int, rounds: int) -> None:
     count = min(count, raise_fd_limit(count))
     async with running_daemon(command_prefix=("taskset", "-c", "0")) as daemon:
         pid = daemon.process.pid
-        streams: list[trio.SSLStream[trio.SocketStream]] = []
-        limit = trio.Semaphore(OPEN_CONCURRENCY)
-
-        async def open_one() -> None:
-            async with limit:
-                streams.append(await open_tls(daemon))
-
-        async with trio.open_nursery() as nursery:
-            for _ in range(count):
-                nursery.start_soon(open_one)
+        streams = await open_many(daemon, count)
         running = await _cpu_per_request(pid, streams, rounds, RUNNING_GAP)
         parked = await _cpu_per_request(pid, streams, rounds, PARKED_GAP)
         for stream in streams:

@@ -22,19 +22,10 @@ from functools import partial
 
 import trio
 
-from tests.helpers import BioClient
+from tests.helpers import BioClient, echo_handler
 
 # TLS handshakes in flight while opening: a bounded load on the daemon.
 OPENING = 64
-
-
-async def _echo(stream: trio.SocketStream) -> None:
-    try:
-        async for data in stream:
-            await stream.send_all(data)
-        await stream.send_eof()
-    except trio.BrokenResourceError:
-        pass
 
 
 async def _each(clients: list[BioClient], step: object) -> None:
@@ -62,7 +53,9 @@ async def main(ca_file: str, count: int) -> None:
         print(line, flush=True)
 
     async with trio.open_nursery() as nursery:
-        (listener,) = await nursery.start(partial(trio.serve_tcp, _echo, 0, host="127.0.0.1"))
+        (listener,) = await nursery.start(
+            partial(trio.serve_tcp, echo_handler, 0, host="127.0.0.1")
+        )
         say(str(listener.socket.getsockname()[1]))
         port = int(await command())
         clients: list[BioClient] = []

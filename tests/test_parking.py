@@ -34,6 +34,7 @@ from tests.helpers import (
     Certs,
     Running,
     build_config,
+    echo_handler,
     issue_leaf,
     sample,
     scrape,
@@ -64,6 +65,16 @@ async def until_stopped(proxy: Running) -> None:
     await until(check)
 
 
+async def echoed_then_parked(proxy: Running, certs: Certs, first: bytes = b"x") -> BioClient:
+    """A TLS client through the proxy that echoed `first`, once parked."""
+    with trio.fail_after(STEP):
+        client = await BioClient.connect(proxy.port, certs.client_context())
+        await client.send_all(first)
+        assert await client.recv() == first
+    await until_parked(proxy)
+    return client
+
+
 async def active(proxy: Running) -> float:
     _, text = await scrape(proxy.admin_port)
     return sample(text, "tlsproxy_connections_active", listener="web")
@@ -74,20 +85,10 @@ async def _proxy(nursery: trio.Nursery, certs: Certs, handler: Handler, **listen
     return await start_server(nursery, build_config(certs, port, **listener))
 
 
-async def _echo(stream: trio.SocketStream) -> None:
-    """Echo until EOF, then half-close."""
-    try:
-        async for data in stream:
-            await stream.send_all(data)
-        await stream.send_eof()
-    except trio.BrokenResourceError:
-        pass
-
-
 async def test_an_idle_connection_parks_and_client_bytes_wake_it(
     nursery: trio.Nursery, certs: Certs
 ) -> None:
-    proxy = await _proxy(nursery, certs, _echo)
+    proxy = await _proxy(nursery, certs, echo_handler)
     with trio.fail_after(STEP):
         client = await BioClient.connect(proxy.port, certs.client_context())
         await client.send_all(b"one")
@@ -117,7 +118,7 @@ async def test_a_connection_silent_after_its_handshake_parks_before_its_pumps_ru
 ) -> None:
     """A pool's connection opened ahead of use: parked as soon as it is
     established, with no idle interval; its first bytes wake it."""
-    proxy = await _proxy(nursery, certs, _echo)
+    proxy = await _proxy(nursery, certs, echo_handler)
     with trio.fail_after(STEP):
         client = await BioClient.connect(proxy.port, certs.client_context())
         start = trio.current_time()
@@ -229,7 +230,7 @@ async def test_a_parked_connection_idles_out_after_idle_timeout(
     nursery: trio.Nursery, certs: Certs
 ) -> None:
     idle_timeout = 3 * PARK_AFTER
-    proxy = await _proxy(nursery, certs, _echo, idle_timeout=idle_timeout)
+    proxy = await _proxy(nursery, certs, echo_handler, idle_timeout=idle_timeout)
     with trio.fail_after(STEP):
         client = await BioClient.connect(proxy.port, certs.client_context())
         await client.send_all(b"x")
@@ -252,12 +253,8 @@ async def test_a_parked_connection_idles_out_after_idle_timeout(
 async def test_drain_cuts_a_parked_connection_with_close_reason_drain(
     nursery: trio.Nursery, certs: Certs
 ) -> None:
-    proxy = await _proxy(nursery, certs, _echo, drain_timeout=0.2)
-    with trio.fail_after(STEP):
-        client = await BioClient.connect(proxy.port, certs.client_context())
-        await client.send_all(b"x")
-        assert await client.recv() == b"x"
-    await until_parked(proxy)
+    proxy = await _proxy(nursery, certs, echo_handler, drain_timeout=0.2)
+    client = await echoed_then_parked(proxy, certs)
     proxy.server.request_drain()
     with trio.fail_after(STEP):
         assert await client.recv() == b""  # close_notify at the drain timeout
@@ -273,12 +270,8 @@ async def test_drain_cuts_a_parked_connection_with_close_reason_drain(
 async def test_a_drain_waits_for_a_parked_connection_that_finishes_on_its_own(
     nursery: trio.Nursery, certs: Certs
 ) -> None:
-    proxy = await _proxy(nursery, certs, _echo, drain_timeout=60.0)
-    with trio.fail_after(STEP):
-        client = await BioClient.connect(proxy.port, certs.client_context())
-        await client.send_all(b"x")
-        assert await client.recv() == b"x"
-    await until_parked(proxy)
+    proxy = await _proxy(nursery, certs, echo_handler, drain_timeout=60.0)
+    client = await echoed_then_parked(proxy, certs)
     proxy.server.request_drain()
     await trio.sleep(2 * SCAN_MAX)
     assert proxy.server.state == "draining", "the drain did not wait for the parked connection"
@@ -294,12 +287,8 @@ async def test_a_drain_waits_for_a_parked_connection_that_finishes_on_its_own(
 
 
 async def test_a_reset_while_parked_is_seen_at_once(nursery: trio.Nursery, certs: Certs) -> None:
-    proxy = await _proxy(nursery, certs, _echo)
-    with trio.fail_after(STEP):
-        client = await BioClient.connect(proxy.port, certs.client_context())
-        await client.send_all(b"x")
-        assert await client.recv() == b"x"
-    await until_parked(proxy)
+    proxy = await _proxy(nursery, certs, echo_handler)
+    client = await echoed_then_parked(proxy, certs)
     client.stream.socket.setsockopt(
         trio.socket.SOL_SOCKET, trio.socket.SO_LINGER, b"\x01\x00\x00\x00\x00\x00\x00\x00"
     )
@@ -312,12 +301,8 @@ async def test_a_reset_while_parked_is_seen_at_once(nursery: trio.Nursery, certs
 async def test_a_parked_connection_counts_against_max_connections(
     nursery: trio.Nursery, certs: Certs
 ) -> None:
-    proxy = await _proxy(nursery, certs, _echo, max_connections=1)
-    with trio.fail_after(STEP):
-        client = await BioClient.connect(proxy.port, certs.client_context())
-        await client.send_all(b"x")
-        assert await client.recv() == b"x"
-    await until_parked(proxy)
+    proxy = await _proxy(nursery, certs, echo_handler, max_connections=1)
+    client = await echoed_then_parked(proxy, certs)
     with trio.fail_after(STEP):
         refused = await trio.open_tcp_stream("127.0.0.1", proxy.port)
         assert await refused.receive_some(10) == b""  # accepted and closed at once
@@ -335,13 +320,9 @@ async def test_a_connection_parked_across_a_reload_wakes_on_its_own_runtime(
     """The reload swaps the listener's runtime (a new certificate, a new
     idle_timeout) under a parked connection; woken, it goes on as it was:
     served, and not idled out by the new, shorter timeout."""
-    port = await start_backend(nursery, _echo)
+    port = await start_backend(nursery, echo_handler)
     proxy = await start_server(nursery, build_config(certs, port))
-    with trio.fail_after(STEP):
-        client = await BioClient.connect(proxy.port, certs.client_context())
-        await client.send_all(b"before")
-        assert await client.recv() == b"before"
-    await until_parked(proxy)
+    client = await echoed_then_parked(proxy, certs, b"before")
     cert, key, serial = issue_leaf(certs.ca, tmp_path, "rotated")
     rotated = replace(certs, cert=cert, key=key)
     short = 3 * PARK_AFTER
