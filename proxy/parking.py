@@ -173,6 +173,8 @@ class ParkingLot(Generic[Car]):
         epoll = self._epoll
         try:
             while True:
+                # Always a checkpoint: the rest of the process runs between
+                # two batches even when more wakes are already waiting.
                 await trio.lowlevel.wait_readable(epoll.fileno())
                 for fd, _ in epoll.poll(0, WAKE_BATCH):
                     car = self._by_fd[fd]
@@ -180,7 +182,6 @@ class ParkingLot(Generic[Car]):
                         continue
                     self._unwatch(self._cars[car])
                     nursery.start_soon(self._resume, car)
-                await trio.lowlevel.checkpoint()
         finally:
             epoll.close()
 

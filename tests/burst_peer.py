@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import ssl
 import sys
+from collections.abc import Awaitable, Callable
 from functools import partial
 
 import trio
@@ -28,10 +29,10 @@ from tests.helpers import BioClient, echo_handler
 OPENING = 64
 
 
-async def _each(clients: list[BioClient], step: object) -> None:
+async def _each(clients: list[BioClient], step: Callable[[BioClient], Awaitable[None]]) -> None:
     async with trio.open_nursery() as nursery:
         for client in clients:
-            nursery.start_soon(step, client)  # type: ignore[arg-type]
+            nursery.start_soon(step, client)
 
 
 async def main(ca_file: str, count: int) -> None:
