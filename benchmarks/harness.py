@@ -11,7 +11,7 @@ import subprocess
 import sys
 import tempfile
 from collections import Counter
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from functools import partial
@@ -107,10 +107,13 @@ async def _drain(stream: trio.abc.ReceiveStream, events: Counter[str]) -> None:
 
 @asynccontextmanager
 async def running_daemon(
-    idle_timeout: float = 3600.0, command_prefix: Sequence[str] = ()
+    idle_timeout: float = 3600.0,
+    command_prefix: Sequence[str] = (),
+    backend_handler: Callable[[trio.SocketStream], Awaitable[None]] = echo,
 ) -> AsyncIterator[Daemon]:
     """The daemon, started as `*command_prefix python -m proxy run` (a prefix
-    such as `taskset -c 0` must exec the command, keeping the PID)."""
+    such as `taskset -c 0` must exec the command, keeping the PID), in
+    front of a backend in this process (by default `echo`)."""
     with tempfile.TemporaryDirectory() as tmp:
         directory = Path(tmp)
         ca = trustme.CA()
@@ -120,7 +123,9 @@ async def running_daemon(
         context = ssl.create_default_context()
         ca.configure_trust(context)
         async with trio.open_nursery() as nursery:
-            backend = await nursery.start(partial(trio.serve_tcp, echo, 0, host="127.0.0.1"))
+            backend = await nursery.start(
+                partial(trio.serve_tcp, backend_handler, 0, host="127.0.0.1")
+            )
             config = directory / "tlsproxy.toml"
             config.write_text(
                 f"""\

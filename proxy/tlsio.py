@@ -13,7 +13,8 @@ socket to be readable, except that the bytes go through our hands:
     want read   -> flush outgoing to the socket (waiting while it is full:
                    the want-write), then recv into incoming (waiting while
                    it is empty: the want-read), retry
-    write       -> SSL_write into outgoing, then flush
+    write       -> SSL_write into outgoing a record at a time, then send
+                   the records with one system call
 
 A memory BIO never blocks, so OpenSSL itself never wants to write; the
 socket does, and that wait is what counts as a want-write.
@@ -51,6 +52,9 @@ from proxy.buffers import BufferPool
 # read size bounds it; 64 KiB reads measured ~10 % more bulk throughput but
 # would leave 64 KiB behind in every connection that once received a burst.
 FILL_BYTES = 16 * 1024 + 5 + 256
+
+# The largest TLS plaintext record (RFC 8446, 5.1).
+TLS_RECORD = 16 * 1024
 
 
 class TLSConn:
@@ -163,12 +167,38 @@ class TLSConn:
                 self.incoming.write_eof()
         self.pool.give(view)
 
+    async def write(self, view: memoryview) -> int:
+        """Encrypt `view` and send it; returns the waits for writability.
+
+        The outgoing memory BIO keeps the largest size it ever held, so more
+        than a record is encrypted one record at a time and each record taken
+        out at once: the BIO stays near 16 KiB. The records then go out in
+        one `sendmsg`, one system call as for a single 64 KiB write (a
+        flush per record cost ~10 % of bulk throughput).
+        """
+        obj = self.obj
+        if len(view) <= TLS_RECORD:
+            obj.write(view)  # after a flush in progress: its loop sends it, or ours
+            return await self.flush()
+        if self._flushing:
+            await self._flushed()
+        read = self.outgoing.read
+        records: list[bytes | memoryview] = []
+        for start in range(0, len(view), TLS_RECORD):
+            obj.write(view[start : start + TLS_RECORD])
+            records.append(read())
+        # No wait since `_flushed`: nothing can have been queued before these.
+        self._flushing = True
+        try:
+            waits = await self._send(records)
+        finally:
+            self._flush_finished()
+        return waits + await self.flush()  # what the reading side queued meanwhile
+
     async def flush(self) -> int:
         """Send everything OpenSSL produced; returns the waits for writability."""
-        while self._flushing:
-            if self._flush_done is None:
-                self._flush_done = trio.Event()
-            await self._flush_done.wait()
+        if self._flushing:
+            await self._flushed()
         outgoing = self.outgoing
         if not outgoing.pending:
             return 0
@@ -186,10 +216,35 @@ class TLSConn:
                     else:
                         data = data[sent:]
         finally:
-            self._flushing = False
-            if self._flush_done is not None:
-                self._flush_done.set()
-                self._flush_done = None
+            self._flush_finished()
+        return waits
+
+    async def _flushed(self) -> None:
+        """Until no flush is in progress: ciphertext leaves in the order
+        OpenSSL wrote it, and one task at a time sends it."""
+        while self._flushing:
+            if self._flush_done is None:
+                self._flush_done = trio.Event()
+            await self._flush_done.wait()
+
+    def _flush_finished(self) -> None:
+        self._flushing = False
+        if self._flush_done is not None:
+            self._flush_done.set()
+            self._flush_done = None
+
+    async def _send(self, records: list[bytes | memoryview]) -> int:
+        """All of `records`, in order, gathered into as few system calls as
+        the socket takes; returns the waits for writability."""
+        waits = 0
+        while records:
+            try:
+                sent = self.sock.sendmsg(records)
+            except BlockingIOError:
+                waits += 1
+                await trio.lowlevel.wait_writable(self.sock)
+                continue
+            records = unsent(records, sent)
         return waits
 
     def flush_nowait(self) -> None:
@@ -213,3 +268,12 @@ class TLSConn:
 
     def close(self) -> None:
         self.sock.close()
+
+
+def unsent(records: list[bytes | memoryview], sent: int) -> list[bytes | memoryview]:
+    """What a gathered send of `records` left, after its first `sent` bytes."""
+    for index, record in enumerate(records):
+        if sent < len(record):
+            return [memoryview(record)[sent:], *records[index + 1 :]]
+        sent -= len(record)
+    return []
