@@ -49,7 +49,6 @@ from proxy import proxy_protocol, resolver
 from proxy.config import Address, format_sockaddr
 from proxy.identity import Identity
 from proxy.resolver import Sockaddr, Target
-from proxy.tls import server_name
 from proxy.tlsio import TLSConn
 
 # Seconds an attempt to one address gets before the next address is tried
@@ -122,7 +121,9 @@ def proxy_header(
     client: socket.socket,
     tls: TLSConn | None,
     peer: object,
+    *,
     identity: Identity | None = None,
+    sni: str | None = None,
 ) -> bytes:
     """The PROXY header for a client at `peer` (a socket address), accepted
     on `client`, that completed the handshake on `tls` (None: a plaintext
@@ -130,6 +131,7 @@ def proxy_header(
 
     `peer` is the address from accept: `getpeername()` fails once the client
     has reset, while the local address of the accepted socket stays known.
+    `sni` is the name the client's hello asked for.
     `identity` is the identity of the client's certificate, read once by the
     connection: with `client_auth` optional or require, a certificate that
     fails verification fails the handshake, so after a successful one a
@@ -138,18 +140,18 @@ def proxy_header(
     HAProxy sends it, and its SPIFFE ID when it has exactly one.
     """
     local = client.getsockname()
-    facts = None if tls is None else _tls_facts(tls, identity)
+    facts = None if tls is None else _tls_facts(tls, identity, sni)
     return proxy_protocol.encode(version, _ip_endpoint(peer), _ip_endpoint(local), facts)
 
 
-def _tls_facts(tls: TLSConn, identity: Identity | None) -> proxy_protocol.TLSFacts:
-    obj = tls.obj
+def _tls_facts(tls: TLSConn, identity: Identity | None, sni: str | None) -> proxy_protocol.TLSFacts:
+    obj = tls.engine
     cipher = obj.cipher()
     return proxy_protocol.TLSFacts(
         version=obj.version(),
         cipher=cipher[0] if cipher else None,
         alpn=obj.selected_alpn_protocol(),
-        sni=server_name(obj),
+        sni=sni,
         client_cn=identity.cn[0] if identity is not None and identity.cn else None,
         client_spiffe_id=identity.spiffe_id() if identity is not None else None,
         resumed=bool(obj.session_reused),

@@ -43,7 +43,6 @@ from proxy.outcome import NOT_ALLOWED, Outcome, client_cert_reason
 from proxy.parking import IdleWatch, ParkingLot
 from proxy.runtime import ListenerRuntime
 from proxy.splice import Splice
-from proxy.tls import server_name
 from proxy.tlsio import TLSConn
 from proxy.upstream import Upstream
 
@@ -335,7 +334,7 @@ class _Connection:
         if runtime.upstream is None:
             return PlainEnd(sock, BACKEND, self.shared.buffers, speaks_first=False)
         assert self.backend_address is not None
-        sni = None if self.tls is None else server_name(self.tls.obj)
+        sni = None if self.result is None else self.result.notes.sni
         upstream = self.upstream = Upstream(runtime.upstream, self.backend_address, sni)
         return await upstream.handshake(sock, runtime.config.handshake_timeout, self.shared.buffers)
 
@@ -415,7 +414,7 @@ class _Connection:
         runtime = self.runtime
         if not runtime.needs_identity:
             return
-        cert = tls.obj.getpeercert()
+        cert = tls.engine.getpeercert()
         self.identity = Identity.from_peercert(cert) if cert else None
         rules = runtime.allow_for(result.notes.sni)
         if rules is None:
@@ -451,7 +450,7 @@ class _Connection:
             notes.no_shared = "group"
         notes.hello = None  # the notes live as long as the connection; the hello need not
         if completed and result.tls is not None:
-            self.negotiated = negotiated(result.tls.obj)
+            self.negotiated = negotiated(result.tls.engine)
             if ok:
                 lm.negotiated(*self.negotiated)
             tls = runtime.config.tls
@@ -466,15 +465,16 @@ class _Connection:
 
     async def _connect_backend(self) -> socket.socket | None:
         runtime = self.runtime
-        tls = self.tls
-        sni = None if tls is None else server_name(tls.obj)
+        sni = None if self.result is None else self.result.notes.sni
         address = self.backend_address = runtime.backend_for(sni)
         lm = runtime.metrics
         version = runtime.config.proxy_protocol
         preamble = (
             b""
             if version == "off"
-            else backend.proxy_header(version, self.client, tls, self.peer, self.identity)
+            else backend.proxy_header(
+                version, self.client, self.tls, self.peer, identity=self.identity, sni=sni
+            )
         )
         start = trio.current_time()
         try:

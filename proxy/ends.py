@@ -177,7 +177,7 @@ class TLSEnd:
 
     async def recv(self) -> Chunk | None:
         conn = self.conn
-        obj = conn.obj
+        obj = conn.engine
         incoming = conn.incoming
         pool = self.pool
         while True:
@@ -187,7 +187,7 @@ class TLSEnd:
             if incoming.pending or incoming.eof or obj.pending():
                 view = pool.take()
                 try:
-                    n: int = obj.read(RECV_CHUNK, view)  # type: ignore[assignment]  # with a buffer: a count
+                    n = obj.read(RECV_CHUNK, view)
                 except ssl.SSLWantReadError:
                     n = -1
                 except (ssl.SSLZeroReturnError, ssl.SSLEOFError):

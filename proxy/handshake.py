@@ -79,7 +79,7 @@ from proxy.buffers import BufferPool
 from proxy.clienthello import ALERT_RECORD, HANDSHAKE_RECORD, RECORD_HEADER
 from proxy.outcome import Outcome, UpstreamOutcome, classify, classify_upstream
 from proxy.tls import HandshakeNotes, attach_notes
-from proxy.tlsio import TLSConn
+from proxy.tlsio import Engine, TLSConn
 
 OutcomeT = TypeVar("OutcomeT", Outcome, UpstreamOutcome)
 
@@ -212,7 +212,7 @@ Negotiated = tuple[str, str, str, bool]
 _NEGOTIATED: dict[Negotiated, Negotiated] = {}
 
 
-def negotiated(obj: ssl.SSLObject) -> Negotiated:
+def negotiated(obj: Engine) -> Negotiated:
     """(version, cipher, alpn, resumed) of a completed handshake, as the
     metrics' labels and the access line spell them."""
     cipher = obj.cipher()
@@ -242,6 +242,7 @@ class _Loop:
         "early",
         "first",
         "notes",
+        "owner",
         "pool",
         "sock",
         "tls",
@@ -254,6 +255,9 @@ class _Loop:
         self.early = early  # read with a PROXY header: the client's first bytes
         self.pool = pool
         self.tls: TLSConn | None = None
+        # While the handshake runs: OpenSSL's SNI callback finds it through a
+        # weak reference; the connection keeps only `tls.engine` (tlsio.Engine).
+        self.owner: ssl.SSLObject | None = None
         self.first: bytes | None = None
         self.notes = HandshakeNotes()
         self.wants_read = 0
@@ -266,8 +270,9 @@ class _Loop:
         self.first = hello[:RECORD_HEADER]
         if not hello or hello[0] != HANDSHAKE_RECORD:
             return  # the classifier decides from the bytes alone
-        tls = self.tls = TLSConn.server(self.sock, context, self.pool, hello)
-        attach_notes(tls.obj, self.notes)
+        tls, self.owner = TLSConn.server(self.sock, context, self.pool, hello)
+        self.tls = tls
+        attach_notes(self.owner, self.notes)
         await self._handshake(tls)
 
     async def originate(
@@ -278,9 +283,10 @@ class _Loop:
     ) -> None:
         """The client side: OpenSSL writes our hello, the server's first
         bytes are looked at before OpenSSL judges them, then the same loop."""
-        tls = self.tls = TLSConn.client(self.sock, context, self.pool, server_hostname, session)
+        tls, self.owner = TLSConn.client(self.sock, context, self.pool, server_hostname, session)
+        self.tls = tls
         with contextlib.suppress(ssl.SSLWantReadError):  # our ClientHello is in `outgoing`
-            tls.obj.do_handshake()
+            tls.engine.do_handshake()
         self.wants_write += await tls.flush()
         self.drained_socket = True  # nothing sent before our hello: wait first
         self.wants_read += 1  # counted before the wait: a timeout or reset ends it
@@ -299,7 +305,7 @@ class _Loop:
         """The loop both sides share, once OpenSSL has the first bytes."""
         while True:
             try:
-                tls.obj.do_handshake()
+                tls.engine.do_handshake()
                 break
             except ssl.SSLWantReadError:
                 pass  # waited for below, not holding the exception meanwhile

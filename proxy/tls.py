@@ -306,8 +306,3 @@ class _SNISelector:
             notes.refused = Outcome.ALPN_MISMATCH
             return ALERT_NO_APPLICATION_PROTOCOL
         return None
-
-
-def server_name(conn: ssl.SSLObject) -> str | None:
-    """The SNI the client sent, if any."""
-    return notes_of(conn).sni

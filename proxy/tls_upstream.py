@@ -37,6 +37,7 @@ from collections import OrderedDict
 
 from proxy.config import Address, UpstreamTLSConfig
 from proxy.tls import apply_policy, load_pair
+from proxy.tlsio import Engine
 
 # Upstream names one listener keeps a session for. A listener dials one
 # name, or one per route; the bound only guards against a config with many.
@@ -95,7 +96,7 @@ class Sessions:
             return None
         return self._by_name.get(name)
 
-    def keep(self, name: str | None, obj: ssl.SSLObject) -> None:
+    def keep(self, name: str | None, obj: Engine) -> None:
         """Remember the connection's session if OpenSSL says it can resume."""
         if not self.enabled or name is None:
             return

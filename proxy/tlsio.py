@@ -41,6 +41,7 @@ from __future__ import annotations
 import contextlib
 import socket
 import ssl
+from typing import Any, Protocol, overload
 
 import trio
 
@@ -57,6 +58,43 @@ FILL_BYTES = 16 * 1024 + 5 + 256
 TLS_RECORD = 16 * 1024
 
 
+class Engine(Protocol):
+    """OpenSSL's side of a connection, as the data path calls it: the C
+    object (`_ssl._SSLSocket`) that an `SSLObject` wraps, method for method.
+
+    An `SSLObject` is a Python object in front of it whose every method is
+    one more Python frame and whose attribute dict a connection keeps for
+    as long as it lives (about 130 bytes with our handshake notes in it,
+    BENCHMARKS.md). Only the handshake needs it: OpenSSL's SNI callback
+    passes it to ours, through a weak reference. So the handshake holds it
+    and the connection keeps only this.
+    """
+
+    @overload
+    def read(self, size: int, /) -> bytes: ...
+    @overload
+    def read(self, size: int, buffer: memoryview, /) -> int: ...
+    def write(self, data: memoryview | bytes, /) -> int: ...
+    def pending(self) -> int: ...
+    def do_handshake(self) -> None: ...
+    def shutdown(self) -> Any: ...  # SSLObject.unwrap: our close_notify
+    def getpeercert(self, binary_form: bool = False, /) -> Any: ...
+    def version(self) -> str | None: ...
+    def cipher(self) -> tuple[str, str, int] | None: ...
+    def selected_alpn_protocol(self) -> str | None: ...
+    @property
+    def session(self) -> ssl.SSLSession | None: ...
+    @property
+    def session_reused(self) -> bool: ...
+
+
+def engine_of(obj: ssl.SSLObject) -> Engine:
+    """The C object behind an `SSLObject` (its `_sslobj`, there since
+    Python 3.5; tests/test_tlsio.py checks it has what `Engine` names)."""
+    engine: Engine = obj._sslobj  # type: ignore[attr-defined]
+    return engine
+
+
 class TLSConn:
     """One peer's TLS state over its socket: a client we accepted (server
     side) or an upstream we dialled (client side); the same bytes move the
@@ -66,15 +104,15 @@ class TLSConn:
         "_flush_done",
         "_flushing",
         "drained_socket",
+        "engine",
         "incoming",
-        "obj",
         "outgoing",
         "pool",
         "sock",
         "waiting",
     )
 
-    obj: ssl.SSLObject  # set by the constructor of the side, `server` or `client`
+    engine: Engine  # set by the constructor of the side, `server` or `client`
 
     def __init__(self, sock: socket.socket, pool: BufferPool) -> None:
         self.sock = sock
@@ -89,13 +127,15 @@ class TLSConn:
     @classmethod
     def server(
         cls, sock: socket.socket, context: ssl.SSLContext, pool: BufferPool, hello: bytes
-    ) -> TLSConn:
+    ) -> tuple[TLSConn, ssl.SSLObject]:
         """An accepted client whose first bytes (`hello`, read until the
-        socket had no more) were read before OpenSSL existed."""
+        socket had no more) were read before OpenSSL existed; with the
+        `SSLObject` that the handshake must hold while it runs (see `Engine`)."""
         conn = cls(sock, pool)
         conn.incoming.write(hello)
-        conn.obj = context.wrap_bio(conn.incoming, conn.outgoing, server_side=True)
-        return conn
+        obj = context.wrap_bio(conn.incoming, conn.outgoing, server_side=True)
+        conn.engine = engine_of(obj)
+        return conn, obj
 
     @classmethod
     def client(
@@ -105,17 +145,18 @@ class TLSConn:
         pool: BufferPool,
         server_hostname: str | None,
         session: ssl.SSLSession | None,
-    ) -> TLSConn:
+    ) -> tuple[TLSConn, ssl.SSLObject]:
         """A dialled upstream: nothing to read until our ClientHello is out."""
         conn = cls(sock, pool)
-        conn.obj = context.wrap_bio(
+        obj = context.wrap_bio(
             conn.incoming,
             conn.outgoing,
             server_side=False,
             server_hostname=server_hostname,
             session=session,
         )
-        return conn
+        conn.engine = engine_of(obj)
+        return conn, obj
 
     def fileno(self) -> int:
         return self.sock.fileno()
@@ -176,7 +217,7 @@ class TLSConn:
         one `sendmsg`, one system call as for a single 64 KiB write (a
         flush per record cost ~10 % of bulk throughput).
         """
-        obj = self.obj
+        obj = self.engine
         if len(view) <= TLS_RECORD:
             obj.write(view)  # after a flush in progress: its loop sends it, or ours
             return await self.flush()
@@ -255,16 +296,16 @@ class TLSConn:
 
     def drained(self) -> bool:
         """Nothing from the peer is waiting to be decrypted."""
-        return not self.incoming.pending and not self.obj.pending()
+        return not self.incoming.pending and not self.engine.pending()
 
     def queue_close_notify(self) -> None:
         """Put our close_notify in `outgoing`; call only when `drained()`.
 
-        `unwrap` then looks for the peer's close_notify in an empty
+        OpenSSL's shutdown (`SSLObject.unwrap`) then looks for the peer's close_notify in an empty
         `incoming` and raises want-read, which is fine: our half is done.
         """
         with contextlib.suppress(ssl.SSLError, ValueError):
-            self.obj.unwrap()
+            self.engine.shutdown()
 
     def close(self) -> None:
         self.sock.close()

@@ -89,9 +89,9 @@ class Upstream:
         )
         tls = result.tls
         if result.outcome is UpstreamOutcome.SUCCESS and tls is not None:
-            self.negotiated = negotiated(tls.obj)
+            self.negotiated = negotiated(tls.engine)
             if runtime.needs_identity:
-                cert = tls.obj.getpeercert()
+                cert = tls.engine.getpeercert()
                 self.identity = Identity.from_peercert(cert) if cert else None
             allow = runtime.allow
             if allow is not None and (self.identity is None or not allow.admits(self.identity)):
@@ -99,11 +99,11 @@ class Upstream:
         if result.outcome is not UpstreamOutcome.SUCCESS or tls is None:
             self._count(result)
             return None
-        if tls.obj.version() == "TLSv1.3":
+        if tls.engine.version() == "TLSv1.3":
             self.pending = True
             return TLSEnd(tls, BACKEND, pool, self._first_read)
         self._count(result)
-        runtime.sessions.keep(self.name, tls.obj)
+        runtime.sessions.keep(self.name, tls.engine)
         return TLSEnd(tls, BACKEND, pool)
 
     def _first_read(self, error: BaseException | None) -> None:
@@ -116,7 +116,7 @@ class Upstream:
             result.outcome = refused
             result.error = error
         else:
-            self.runtime.sessions.keep(self.name, result.tls.obj)
+            self.runtime.sessions.keep(self.name, result.tls.engine)
         self._count(result)
 
     def finish(self) -> None:
@@ -195,7 +195,7 @@ def _last_look(tls: TLSConn) -> ssl.SSLError | None:
     bytes, or plaintext: the connection is closing, so it is dropped)."""
     tls.fill_nowait()
     try:
-        tls.obj.read(1)
+        tls.engine.read(1)
     except ssl.SSLWantReadError:
         return None
     except ssl.SSLError as exc:

@@ -5,6 +5,7 @@ with a real TLS client."""
 from __future__ import annotations
 
 import ctypes
+import gc
 import socket
 import ssl
 from collections.abc import AsyncIterator
@@ -16,8 +17,8 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from proxy.buffers import BufferPool
-from proxy.tlsio import TLS_RECORD, TLSConn, unsent
-from tests.helpers import Certs
+from proxy.tlsio import TLS_RECORD, Engine, TLSConn, engine_of, unsent
+from tests.helpers import Certs, Running, echo_on, tls_connect
 
 # ------------------------------------------------- what a gathered send left
 
@@ -50,6 +51,48 @@ def test_unsent_joined_is_the_joined_records_less_what_was_sent(
     assert all(left)  # no empty buffer handed to the next sendmsg
 
 
+# ------------------------------------------------- the engine, not the SSLObject
+
+
+def test_an_sslobject_has_the_engine_the_data_path_calls() -> None:
+    """`engine_of` reaches past `SSLObject` to its C object (`_sslobj`, not
+    a documented name): on a Python where it is gone or has other methods,
+    this fails first."""
+    obj = ssl.create_default_context().wrap_bio(
+        ssl.MemoryBIO(), ssl.MemoryBIO(), server_hostname="localhost"
+    )
+    engine = engine_of(obj)
+    names = {name for name in vars(Engine) if not name.startswith("_")}
+    assert names == {
+        "read", "write", "pending", "do_handshake", "shutdown", "getpeercert",
+        "version", "cipher", "selected_alpn_protocol", "session", "session_reused",
+    }  # fmt: skip
+    assert all(hasattr(engine, name) for name in names)
+
+
+async def test_an_established_connection_keeps_no_sslobject(proxy: Running, certs: Certs) -> None:
+    """Once the handshake is done the daemon keeps OpenSSL's C object only:
+    the `SSLObject` in front of it (its dict, our notes) is freed, about
+    130 bytes of every connection, and the connections go on working."""
+    before = _server_side_sslobjects()
+    clients = [await tls_connect(proxy.port, certs.client_context()) for _ in range(3)]
+    try:
+        for client in clients:
+            await echo_on(client, b"first")
+        assert _server_side_sslobjects() == before
+        for client in clients:
+            await echo_on(client, b"and again")
+    finally:
+        for client in clients:
+            await trio.aclose_forcefully(client)
+
+
+def _server_side_sslobjects() -> int:
+    """The daemon's, in this process (the clients' are client side)."""
+    gc.collect()
+    return sum(isinstance(obj, ssl.SSLObject) and obj.server_side for obj in gc.get_objects())
+
+
 # ------------------------------------------------- writes over a socket pair
 
 
@@ -57,7 +100,7 @@ async def _handshake(conn: TLSConn) -> None:
     """The want-read loop, as `proxy.handshake` drives it."""
     while True:
         try:
-            conn.obj.do_handshake()
+            conn.engine.do_handshake()
         except ssl.SSLWantReadError:
             await conn.flush()
             await conn.fill()
@@ -74,7 +117,7 @@ async def _connected(certs: Certs) -> tuple[TLSConn, trio.SSLStream[trio.SocketS
     ours.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
     context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     context.load_cert_chain(certs.cert, certs.key)
-    conn = TLSConn.server(ours, context, BufferPool(), b"")
+    conn, _ = TLSConn.server(ours, context, BufferPool(), b"")
     client = trio.SSLStream(
         trio.SocketStream(trio.socket.from_stdlib_socket(theirs)),
         certs.client_context(),
