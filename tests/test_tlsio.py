@@ -169,33 +169,35 @@ async def test_a_write_of_many_records_arrives_whole_through_a_full_socket(
     assert waits > 0  # the socket was full: the partial sends were taken
 
 
+@pytest.mark.parametrize("second", [5, 2 * TLS_RECORD + 7], ids=["small", "large"])
 async def test_writes_from_both_tasks_keep_their_order(
-    tls_pair: tuple[TLSConn, trio.SSLStream[trio.SocketStream]],
+    tls_pair: tuple[TLSConn, trio.SSLStream[trio.SocketStream]], second: int
 ) -> None:
-    """A large write held up by a full socket, and a small one from another
-    task meanwhile: the small one waits its turn, and the client reads the
-    large one's bytes first (out of order, its records would not decrypt)."""
+    """A large write held up by a full socket, and another one from a second
+    task meanwhile: the second waits its turn (a large one before it takes
+    its records out of OpenSSL), and the client reads the first one's bytes
+    first (out of order, the records would not decrypt)."""
     conn, client = tls_pair
-    large = b"L" * (3 * TLS_RECORD + 100)
-    small = b"small"
+    first = b"F" * (3 * TLS_RECORD + 100)
+    then = b"S" * second
     received = bytearray()
 
-    async def large_writer(task_status: trio.TaskStatus[None]) -> None:
+    async def first_writer(task_status: trio.TaskStatus[None]) -> None:
         task_status.started()
-        await conn.write(memoryview(large))
+        await conn.write(memoryview(first))
 
     async def reader() -> None:
         await trio.sleep(0.2)
-        while len(received) < len(large) + len(small):
+        while len(received) < len(first) + len(then):
             received.extend(await client.receive_some())
 
     with trio.fail_after(30):
         async with trio.open_nursery() as nursery:
-            await nursery.start(large_writer)
+            await nursery.start(first_writer)
             nursery.start_soon(reader)
             await trio.testing.wait_all_tasks_blocked()
-            await conn.write(memoryview(small))
-    assert bytes(received) == large + small
+            await conn.write(memoryview(then))
+    assert bytes(received) == first + then
 
 
 class _MallInfo2(ctypes.Structure):
