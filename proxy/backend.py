@@ -145,16 +145,16 @@ def proxy_header(
 
 
 def _tls_facts(tls: TLSConn, identity: Identity | None, sni: str | None) -> proxy_protocol.TLSFacts:
-    obj = tls.engine
-    cipher = obj.cipher()
+    engine = tls.engine
+    cipher = engine.cipher()
     return proxy_protocol.TLSFacts(
-        version=obj.version(),
+        version=engine.version(),
         cipher=cipher[0] if cipher else None,
-        alpn=obj.selected_alpn_protocol(),
+        alpn=engine.selected_alpn_protocol(),
         sni=sni,
         client_cn=identity.cn[0] if identity is not None and identity.cn else None,
         client_spiffe_id=identity.spiffe_id() if identity is not None else None,
-        resumed=bool(obj.session_reused),
+        resumed=bool(engine.session_reused),
     )
 
 

@@ -334,8 +334,7 @@ class _Connection:
         if runtime.upstream is None:
             return PlainEnd(sock, BACKEND, self.shared.buffers, speaks_first=False)
         assert self.backend_address is not None
-        sni = None if self.result is None else self.result.notes.sni
-        upstream = self.upstream = Upstream(runtime.upstream, self.backend_address, sni)
+        upstream = self.upstream = Upstream(runtime.upstream, self.backend_address, self.sni)
         return await upstream.handshake(sock, runtime.config.handshake_timeout, self.shared.buffers)
 
     def close(self, *, drained: bool) -> None:
@@ -367,6 +366,12 @@ class _Connection:
         self.runtime.metrics.active.dec()
         if self.runtime.access is not None:
             self.runtime.access(self.fields())
+
+    @property
+    def sni(self) -> str | None:
+        """The name the client's hello asked for (None without TLS or SNI),
+        from the handshake's notes: the connection keeps no `SSLObject`."""
+        return None if self.result is None else self.result.notes.sni
 
     def _backend_failed(self) -> bool:
         """The way to the backend failed before the client got a byte: the
@@ -465,7 +470,7 @@ class _Connection:
 
     async def _connect_backend(self) -> socket.socket | None:
         runtime = self.runtime
-        sni = None if self.result is None else self.result.notes.sni
+        sni = self.sni
         address = self.backend_address = runtime.backend_for(sni)
         lm = runtime.metrics
         version = runtime.config.proxy_protocol

@@ -177,17 +177,17 @@ class TLSEnd:
 
     async def recv(self) -> Chunk | None:
         conn = self.conn
-        obj = conn.engine
+        engine = conn.engine
         incoming = conn.incoming
         pool = self.pool
         while True:
             # With nothing fed left to decrypt (the usual case once a request
             # has been read) OpenSSL can only want more: skip asking it, and
             # the SSLWantReadError it would raise and we would catch.
-            if incoming.pending or incoming.eof or obj.pending():
+            if incoming.pending or incoming.eof or engine.pending():
                 view = pool.take()
                 try:
-                    n = obj.read(RECV_CHUNK, view)
+                    n = engine.read(RECV_CHUNK, view)
                 except ssl.SSLWantReadError:
                     n = -1
                 except (ssl.SSLZeroReturnError, ssl.SSLEOFError):

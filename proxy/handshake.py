@@ -212,15 +212,15 @@ Negotiated = tuple[str, str, str, bool]
 _NEGOTIATED: dict[Negotiated, Negotiated] = {}
 
 
-def negotiated(obj: Engine) -> Negotiated:
+def negotiated(engine: Engine) -> Negotiated:
     """(version, cipher, alpn, resumed) of a completed handshake, as the
     metrics' labels and the access line spell them."""
-    cipher = obj.cipher()
+    cipher = engine.cipher()
     values = (
-        obj.version() or "unknown",
+        engine.version() or "unknown",
         cipher[0] if cipher else "unknown",
-        obj.selected_alpn_protocol() or "none",
-        bool(obj.session_reused),
+        engine.selected_alpn_protocol() or "none",
+        bool(engine.session_reused),
     )
     return _NEGOTIATED.setdefault(values, values)
 

@@ -96,13 +96,13 @@ class Sessions:
             return None
         return self._by_name.get(name)
 
-    def keep(self, name: str | None, obj: Engine) -> None:
+    def keep(self, name: str | None, engine: Engine) -> None:
         """Remember the connection's session if OpenSSL says it can resume."""
         if not self.enabled or name is None:
             return
-        session = obj.session
+        session = engine.session
         # TLS 1.3 resumes by ticket only; TLS 1.2 by ticket or session ID
-        if session is None or not (session.has_ticket or obj.version() == "TLSv1.2"):
+        if session is None or not (session.has_ticket or engine.version() == "TLSv1.2"):
             return
         self._by_name[name] = session
         self._by_name.move_to_end(name)
