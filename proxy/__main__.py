@@ -21,7 +21,7 @@ from pathlib import Path
 import trio
 from prometheus_client import CollectorRegistry
 
-from proxy import __version__, unraisable
+from proxy import __version__, membio, unraisable
 from proxy.accept import StartupError
 from proxy.config import Config, ConfigError, default_config, load_config, with_overrides
 from proxy.fdlimit import ensure_fd_limit
@@ -128,6 +128,12 @@ def _run_logged(args: argparse.Namespace, config: Config, sink: LogSink) -> int:
         for warning in config.warnings:
             log.warning("config warning", detail=warning)
         ensure_fd_limit(config, log)  # a worker inherits the supervisor's limit
+        if membio.UNAVAILABLE is not None:
+            log.warning(
+                "parked TLS connections keep their memory buffers (1 to 45 KiB each);"
+                " run on CPython with its ssl module to have them freed",
+                reason=membio.UNAVAILABLE,
+            )
     if config.process.workers > 1 and not worker:
         return _supervise(config, log, args, sink)
     if worker:

@@ -32,7 +32,7 @@ from typing import Any
 
 import trio
 
-from proxy import accept_proxy, backend, openssl
+from proxy import accept_proxy, backend, membio, openssl
 from proxy.buffers import BufferPool
 from proxy.config import Address, format_sockaddr
 from proxy.ends import BACKEND, CLIENT, CloseReason, End, Gone, PlainEnd, TLSEnd
@@ -66,7 +66,8 @@ class ConnectionSet:
     def __init__(self) -> None:
         self.buffers = BufferPool()
         self.lot: ParkingLot[_Connection] = ParkingLot(_resume, _close_parked)
-        self.idle = IdleWatch(self.lot)
+        self.memory = membio.Releaser()  # what parked connections' TLS buffers gave back
+        self.idle = IdleWatch(self.lot, self.memory)
         self.live: set[trio.CancelScope] = set()
         self.cutting = False
         self._idle = trio.Event()
@@ -235,6 +236,7 @@ class _Connection:
             )
             return False
         splice.scope = None  # the ended nursery's: not kept while parked
+        splice.release_buffers(self.shared.memory)
         return True
 
     def end(self, *, drained: bool) -> None:

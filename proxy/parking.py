@@ -50,6 +50,7 @@ from typing import Any, Generic, TypeVar
 
 import trio
 
+from proxy import membio
 from proxy.ends import CloseReason
 from proxy.splice import Splice
 
@@ -197,12 +198,13 @@ class IdleWatch:
     can; the parked ones' timeouts are checked by the same scan.
     """
 
-    __slots__ = ("_interval", "_splices", "lot")
+    __slots__ = ("_interval", "_splices", "lot", "memory")
 
-    def __init__(self, lot: ParkingLot[Any]) -> None:
+    def __init__(self, lot: ParkingLot[Any], memory: membio.Releaser) -> None:
         self._splices: set[Splice] = set()
         self._interval = SCAN_MAX
         self.lot = lot
+        self.memory = memory
 
     def watch(self, splice: Splice) -> None:
         self._splices.add(splice)
@@ -229,3 +231,4 @@ class IdleWatch:
                 splice.park()  # its task hands it to the lot as it ends
                 self._splices.discard(splice)
         self.lot.expire(now)
+        self.memory.trim()  # what the connections parked since the last scan gave back

@@ -38,6 +38,7 @@ from typing import cast
 import trio
 
 from proxy.ends import CloseReason, End, Gone, PlainEnd, TLSEnd
+from proxy.membio import Releaser
 from proxy.metrics import ListenerMetrics
 
 _wait_readable = trio.lowlevel.wait_readable
@@ -149,6 +150,12 @@ class Splice:
         self.parking = True
         for sock in self.sources():
             trio.lowlevel.notify_closing(sock)
+
+    def release_buffers(self, memory: Releaser) -> None:
+        """Parked: what the TLS ends hold only while bytes pass goes back."""
+        for end in (self.client, self.backend):
+            if isinstance(end, TLSEnd):
+                end.conn.release_buffers(memory)
 
     def resume(self) -> None:
         """Before `run` again: the lot woke the connection because one of its

@@ -46,6 +46,7 @@ from typing import Any, Protocol, overload
 import trio
 
 from proxy.buffers import BufferPool
+from proxy.membio import Releaser
 
 # Ciphertext read per system call: one full record (16 KiB of plaintext, its
 # 5-byte header and up to 256 bytes of AEAD expansion), or several small
@@ -306,6 +307,12 @@ class TLSConn:
         """
         with contextlib.suppress(ssl.SSLError, ValueError):
             self.engine.shutdown()
+
+    def release_buffers(self, memory: Releaser) -> None:
+        """The connection parks: both memory BIOs, empty until it wakes,
+        give their buffers back (`proxy.membio`)."""
+        memory.release(self.incoming)
+        memory.release(self.outgoing)
 
     def close(self) -> None:
         self.sock.close()

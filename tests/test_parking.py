@@ -22,9 +22,10 @@ import trio
 from cryptography import x509
 from prometheus_client import CollectorRegistry
 
+from proxy import membio
 from proxy.buffers import BufferPool
 from proxy.connection import ConnectionSet
-from proxy.ends import BACKEND, CLIENT, CloseReason, PlainEnd
+from proxy.ends import BACKEND, CLIENT, CloseReason, PlainEnd, TLSEnd
 from proxy.metrics import Metrics
 from proxy.parking import PARK_AFTER, SCAN_MAX, ParkingLot
 from proxy.splice import Splice
@@ -43,6 +44,9 @@ from tests.helpers import (
     tls_connect,
     until,
 )
+from tests.pki import CA, client_context
+from tests.test_egress import bridge_config, echo_peer, start_tls_server
+from tests.upstream_peers import server_context
 
 Handler = Callable[[trio.SocketStream], Awaitable[None]]
 
@@ -224,6 +228,68 @@ async def test_a_backend_half_close_while_parked_and_then_a_park_with_one_direct
     (event,) = await proxy.access_log()
     assert event["close_reason"] == "backend_closed"
     assert (event["bytes_to_backend"], event["bytes_to_client"]) == (14, 0)
+
+
+BURST = 64 * 1024  # several records: each BIO grows to about a record and a third
+
+
+def tls_buffers(proxy: Running) -> list[int | None]:
+    """The capacity of each memory BIO of the one parked connection."""
+    (splice,) = proxy.server.connections.lot._cars.values()
+    return [
+        membio.capacity(bio)
+        for end in (splice.client, splice.backend)
+        if isinstance(end, TLSEnd)
+        for bio in (end.conn.incoming, end.conn.outgoing)
+    ]
+
+
+async def echo_burst(stream: trio.SSLStream[trio.SocketStream]) -> None:
+    await stream.send_all(bytes(BURST))
+    got = 0
+    while got < BURST:
+        got += len(await stream.receive_some())
+
+
+async def test_a_parked_connection_gives_back_its_tls_buffers_and_grows_them_again_woken(
+    nursery: trio.Nursery, certs: Certs
+) -> None:
+    """After a burst each memory BIO holds about 22 KiB; parked, none."""
+    proxy = await _proxy(nursery, certs, echo_handler)
+    with trio.fail_after(STEP):
+        stream = await tls_connect(proxy.port, certs.client_context())
+        await echo_burst(stream)
+    await until_parked(proxy)
+    assert tls_buffers(proxy) == [0, 0]
+    with trio.fail_after(STEP):
+        await echo_burst(stream)  # woken: the BIOs grow again, and work
+    await until_parked(proxy)
+    assert tls_buffers(proxy) == [0, 0]
+    assert proxy.server.connections.memory.released >= BURST  # two parks of two 22 KiB BIOs
+    with trio.fail_after(STEP):
+        await stream.aclose()
+    (event,) = await proxy.access_log()
+    assert event["bytes_to_backend"] == event["bytes_to_client"] == 2 * BURST
+
+
+async def test_a_parked_bridging_connection_gives_back_the_buffers_of_both_tls_ends(
+    nursery: trio.Nursery, tmp_path: Path
+) -> None:
+    ca = CA(tmp_path)
+    upstream = ca.issue("upstream", "localhost")
+    port = await start_tls_server(nursery, server_context(ca, upstream, client_ca=None), echo_peer)
+    front = ca.issue("front", "localhost")
+    proxy = await start_server(
+        nursery, bridge_config(tmp_path, port, front, {"ca": str(ca.ca_file)})
+    )
+    with trio.fail_after(STEP):
+        stream = await tls_connect(proxy.port, client_context(ca))
+        await echo_burst(stream)
+    await until_parked(proxy)
+    assert tls_buffers(proxy) == [0, 0, 0, 0]
+    with trio.fail_after(STEP):
+        await echo_burst(stream)
+        await stream.aclose()
 
 
 async def test_a_parked_connection_idles_out_after_idle_timeout(

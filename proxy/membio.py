@@ -1,0 +1,185 @@
+"""Giving back the buffer an empty memory BIO keeps, which Python's `ssl`
+has no call for.
+
+Why: an OpenSSL memory BIO (`BIO_s_mem`, behind `ssl.MemoryBIO`) grows its
+buffer to a third more than the most it ever held, and keeps it when it is
+empty. After a handshake, a server's outgoing BIO has held the first flight
+(certificate chain and signature: about 1 KiB with ECDSA P-256, 1.8 KiB with
+RSA-2048) and its incoming BIO the ClientHello; after a transfer of a few
+records, each holds a record and a third (about 22 KiB). OpenSSL frees its
+own record buffers between records (`SSL_MODE_RELEASE_BUFFERS`, which Python
+sets); the BIOs are ours, and only we know when they will stay empty: when a
+connection parks (`proxy.parking`). BENCHMARKS.md has the bytes.
+
+How: `BIO_ctrl(3)`'s `BIO_C_SET_BUF_MEM` gives a memory BIO another
+`BUF_MEM` and frees the one it had. With a new empty one (`BUF_MEM_new`) the
+BIO is as a new BIO, and grows again on its next write; its end-of-data
+setting (`write_eof`) is kept apart from the buffer and stays. Python
+exposes no BIO pointer: CPython's `MemoryBIO` object holds it right after
+the object header (`{PyObject_HEAD; BIO *bio; int eof_written;}`, the same
+since Python 3.5). The functions are looked up through the `_ssl` extension
+itself, whose lookups search the libcrypto it was linked with, so they are
+those of the BIO's own library. Each assumption is checked once, on a probe
+BIO, before any connection's is touched: if one does not hold, `release`
+does nothing and `UNAVAILABLE` says why (the daemon logs it at start).
+
+Freed is not yet returned: glibc's `free` gives the kernel back only the
+top of the heap, and a BIO's buffer sits among the live connections' other
+allocations, so the freed pages stay resident until a later allocation
+reuses them. `Releaser.trim` returns them (`malloc_trim(3)`) once `TRIM_BYTES` have
+been released since the last time: measured, 500 connections that each
+echoed 64 KiB and parked again hold 55 to 57 KiB of resident memory each
+without it, 13 to 14 KiB with it (BENCHMARKS.md).
+"""
+
+from __future__ import annotations
+
+import _ssl
+import ctypes
+import ssl
+import sys
+from collections.abc import Callable
+from typing import Any
+
+# openssl/bio.h
+_BIO_CTRL_PENDING = 10
+_BIO_C_SET_BUF_MEM = 114
+_BIO_C_GET_BUF_MEM_PTR = 115
+_BIO_TYPE_MEM = 1 | 0x0400
+_BIO_CLOSE = 1  # the BIO frees the buffer it is given when it is freed
+
+_PROBE_BYTES = 3000
+
+# Released bytes that make a `trim` worth its cost: it walks every free
+# chunk of the heap (a few milliseconds with ten thousand connections
+# parked, BENCHMARKS.md), so not for one small buffer, but soon enough that
+# a burst of parks is returned within a scan or two. A handshake leaves about
+# 2 KiB in a connection's BIOs, a transfer about 44 KiB: 1 MiB is some five
+# hundred parks after handshakes, or two dozen after transfers.
+TRIM_BYTES = 1 << 20
+
+
+class _BufMem(ctypes.Structure):
+    """openssl/buffer.h's `BUF_MEM`: what `capacity` reads."""
+
+    _fields_ = [
+        ("length", ctypes.c_size_t),
+        ("data", ctypes.c_void_p),
+        ("max", ctypes.c_size_t),
+        ("flags", ctypes.c_ulong),
+    ]
+
+
+_OFFSET = object.__basicsize__  # the object header, before `BIO *bio`
+
+
+def _pointer(bio: ssl.MemoryBIO) -> int | None:
+    return ctypes.c_void_p.from_address(id(bio) + _OFFSET).value
+
+
+def _function(library: Any, name: str, restype: Any, *argtypes: Any) -> Callable[..., Any]:
+    function = getattr(library, name)
+    function.restype = restype
+    function.argtypes = argtypes
+    return function  # type: ignore[no-any-return]
+
+
+class _Calls:
+    """libcrypto's functions that releasing and `capacity` use."""
+
+    def __init__(self, library: Any) -> None:
+        pointer = ctypes.c_void_p
+        self.ctrl = _function(
+            library, "BIO_ctrl", ctypes.c_long, pointer, ctypes.c_int, ctypes.c_long, pointer
+        )
+        self.method_type = _function(library, "BIO_method_type", ctypes.c_int, pointer)
+        self.buf_mem_new = _function(library, "BUF_MEM_new", pointer)
+
+
+def _load() -> tuple[_Calls | None, str | None]:
+    """The calls, or why memory BIOs keep their buffers here."""
+    if sys.implementation.name != "cpython":
+        return None, f"not CPython ({sys.implementation.name})"
+    layout = _OFFSET + ctypes.sizeof(ctypes.c_void_p) + ctypes.sizeof(ctypes.c_int)
+    if not layout <= ssl.MemoryBIO.__basicsize__ <= layout + ctypes.sizeof(ctypes.c_void_p):
+        return None, f"ssl.MemoryBIO's layout is not the known one ({ssl.MemoryBIO.__basicsize__})"
+    try:
+        calls = _Calls(ctypes.PyDLL(_ssl.__file__))  # the GIL held: each call is short
+    except (AttributeError, OSError) as exc:
+        return None, f"libcrypto's BIO functions not found through _ssl: {exc}"
+    problem = _probe(calls)
+    return (None, problem) if problem else (calls, None)
+
+
+def _probe(calls: _Calls) -> str | None:
+    """Whether the pointer is a memory BIO and a swap leaves it working."""
+    bio = ssl.MemoryBIO()
+    bio.write(b"p" * _PROBE_BYTES)
+    pointer = _pointer(bio)
+    if not pointer or calls.method_type(pointer) != _BIO_TYPE_MEM:
+        return "ssl.MemoryBIO does not hold a memory BIO where expected"
+    if calls.ctrl(pointer, _BIO_CTRL_PENDING, 0, None) != _PROBE_BYTES:
+        return "the memory BIO's pending count does not match ssl.MemoryBIO's"
+    bio.read()
+    _swap(calls, pointer)
+    if _capacity(calls, pointer) != 0:
+        return "BIO_C_SET_BUF_MEM did not replace the buffer"
+    bio.write(b"after")
+    bio.write_eof()
+    if bio.read() != b"after" or not bio.eof:
+        return "a memory BIO did not work after its buffer was replaced"
+    return None
+
+
+def _swap(calls: _Calls, pointer: int) -> None:
+    fresh = calls.buf_mem_new()
+    if fresh:  # out of memory: keep the old buffer
+        calls.ctrl(pointer, _BIO_C_SET_BUF_MEM, _BIO_CLOSE, fresh)
+
+
+def _capacity(calls: _Calls, pointer: int) -> int:
+    buf = ctypes.c_void_p()
+    calls.ctrl(pointer, _BIO_C_GET_BUF_MEM_PTR, 0, ctypes.byref(buf))
+    assert buf.value is not None
+    return int(_BufMem.from_address(buf.value).max)
+
+
+_CALLS, UNAVAILABLE = _load()
+_malloc_trim = getattr(ctypes.CDLL(None), "malloc_trim", None)  # glibc's; musl has none
+
+
+class Releaser:
+    """The process's released buffers, counted until a `trim` returns them."""
+
+    __slots__ = ("released",)
+
+    def __init__(self) -> None:
+        self.released = 0  # bytes freed since the last trim
+
+    def release(self, bio: ssl.MemoryBIO) -> None:
+        """Free `bio`'s buffer if it is empty; it grows again when written."""
+        if _CALLS is not None and not bio.pending:
+            pointer = _pointer(bio)
+            assert pointer is not None  # a MemoryBIO always has its BIO
+            held = _capacity(_CALLS, pointer)
+            if held:
+                _swap(_CALLS, pointer)
+                self.released += held
+
+    def trim(self) -> bool:
+        """Return the freed pages to the kernel if `TRIM_BYTES` were
+        released since the last trim; whether it did."""
+        if self.released < TRIM_BYTES or _malloc_trim is None:
+            return False
+        self.released = 0
+        _malloc_trim(0)
+        return True
+
+
+def capacity(bio: ssl.MemoryBIO) -> int | None:
+    """Bytes `bio`'s buffer holds, used or not; None where unknown."""
+    if _CALLS is None:
+        return None
+    pointer = _pointer(bio)
+    assert pointer is not None
+    return _capacity(_CALLS, pointer)
