@@ -9,6 +9,11 @@ daemon's CPU while it holds them, idle, for HOLD seconds (its idle scans
 and the parked connections' timeout checks). The baseline is taken after a
 warm-up round of connections has been opened and closed, so one-time costs
 (imports, OpenSSL tables, the buffer pool) are not charged to connections.
+
+Then each connection in turn echoes BURST bytes (several TLS records both
+ways, so its memory BIOs grow to about a record and a third) and they idle
+again: the RSS per connection once they have parked again is the memory an
+idle connection keeps after it has moved data (proxy/membio.py).
 """
 
 from __future__ import annotations
@@ -31,6 +36,8 @@ WARM_UP = 200
 SETTLE = 1.0
 # Seconds over which the daemon's CPU is read while it holds them, idle.
 HOLD = 10.0
+# Bytes each connection echoes before it idles again.
+BURST = 64 * 1024
 
 
 async def _close_all(streams: list[trio.SSLStream[trio.SocketStream]]) -> None:
@@ -51,15 +58,27 @@ async def measure(count: int) -> float:
         cpu = cpu_seconds(daemon.process.pid)
         await trio.sleep(HOLD)
         held = (cpu_seconds(daemon.process.pid) - cpu) / HOLD
+        for stream in streams:
+            await _echo_burst(stream)
+        await trio.sleep(SETTLE)
+        moved = daemon.rss_kib
         await _close_all(streams)
     per = (after - before) / count
     print(
         f"{count:>6} idle TLS connections: RSS {before} KiB -> {after} KiB, "
         f"{per:.1f} KiB per connection (opened in {opened:.1f} s); holding them "
-        f"costs {held * 100:.2f} % of a core",
+        f"costs {held * 100:.2f} % of a core; after a {BURST // 1024} KiB echo each, "
+        f"idle again: {(moved - before) / count:.1f} KiB per connection",
         flush=True,
     )
     return per
+
+
+async def _echo_burst(stream: trio.SSLStream[trio.SocketStream]) -> None:
+    await stream.send_all(bytes(BURST))
+    got = 0
+    while got < BURST:
+        got += len(await stream.receive_some(BURST))
 
 
 async def main(counts: list[int]) -> None:

@@ -130,7 +130,7 @@ def _run_logged(args: argparse.Namespace, config: Config, sink: LogSink) -> int:
         ensure_fd_limit(config, log)  # a worker inherits the supervisor's limit
         if membio.UNAVAILABLE is not None:
             log.warning(
-                "parked TLS connections keep their memory buffers (1 to 45 KiB each);"
+                "parked TLS connections keep their memory buffers (2 to 45 KiB each);"
                 " run on CPython with its ssl module to have them freed",
                 reason=membio.UNAVAILABLE,
             )

@@ -10,8 +10,11 @@ import sys
 from pathlib import Path
 
 import pytest
+import trio
 
 from proxy import membio
+from tests.daemon import echo_through, env_for, spawn, write_config
+from tests.helpers import Certs, echo_handler, start_backend
 from tests.test_tlsio import _malloc_in_use
 
 BIOS = 200
@@ -114,3 +117,28 @@ def trim_scenario() -> None:
     returned = released - _resident_kib()
     assert returned >= freed_kib // 2, f"{returned} of {freed_kib} KiB returned"
     assert not memory.trim(), "trimmed again with nothing released"
+
+
+# The daemon, as `python -m proxy` runs it, where `_ssl` is not a shared
+# object ctypes can open (as in a Python with it linked in).
+NO_SHARED_SSL = (
+    "import _ssl, runpy; _ssl.__file__ = '/nonexistent/_ssl.so'; "
+    "runpy.run_module('proxy', run_name='__main__', alter_sys=True)"
+)
+
+
+async def test_where_buffers_cannot_be_given_back_the_daemon_warns_and_serves(
+    nursery: trio.Nursery, tmp_path: Path, certs: Certs
+) -> None:
+    backend_port = await start_backend(nursery, echo_handler)
+    config = write_config(tmp_path / "proxy.toml", certs, backend_port=backend_port)
+    argv = [sys.executable, "-c", NO_SHARED_SSL, "run", "--config", str(config)]
+    async with spawn(nursery, argv, env=env_for(tmp_path / "state"), cwd=tmp_path) as daemon:
+        warning = await daemon.wait_for(
+            "parked TLS connections keep their memory buffers (2 to 45 KiB each);"
+            " run on CPython with its ssl module to have them freed"
+        )
+        assert warning["level"] == "warning"
+        assert "not found through _ssl" in warning["reason"]
+        port, _ = await daemon.started()
+        await echo_through(port, certs.client_context())
