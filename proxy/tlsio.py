@@ -218,9 +218,11 @@ class TLSConn:
         one `sendmsg` instead of one `send` each (BENCHMARKS.md: a quarter
         of the send calls of a bulk download, its CPU within the noise).
         """
+        if self.write_at_once(view):
+            return await self.flush() if self.outgoing.pending else 0
         engine = self.engine
         if len(view) <= TLS_RECORD:
-            engine.write(view)  # after a flush in progress: its loop sends it, or ours
+            engine.write(view)  # after the flush in progress: its loop sends it, or ours
             return await self.flush()
         if self._flushing:
             await self._flushed()
@@ -236,6 +238,27 @@ class TLSConn:
         finally:
             self._flush_finished()
         return waits + await self.flush()  # what the reading side queued meanwhile
+
+    def write_at_once(self, view: memoryview) -> bool:
+        """Encrypt `view` and send it with one `send`, without a coroutine
+        or a wait, when it is at most a record and no flush is in progress
+        (a response that fits the socket's buffer, the usual case: with
+        `TLSEnd.send_all` calling it first, 2.8 % fewer instructions per
+        keep-alive request, BENCHMARKS.md); False,
+        having done nothing, otherwise. What the socket did not take is
+        put back first in line in `outgoing` (nothing can have been queued
+        meanwhile), for `flush`."""
+        if len(view) > TLS_RECORD or self._flushing:
+            return False
+        self.engine.write(view)
+        data = self.outgoing.read()
+        try:
+            sent = self.sock.send(data)
+        except BlockingIOError:
+            sent = 0
+        if sent < len(data):
+            self.outgoing.write(memoryview(data)[sent:])
+        return True
 
     async def flush(self) -> int:
         """Send everything OpenSSL produced; returns the waits for writability."""

@@ -169,6 +169,43 @@ async def test_a_write_of_many_records_arrives_whole_through_a_full_socket(
     assert waits > 0  # the socket was full: the partial sends were taken
 
 
+async def test_a_record_the_socket_takes_in_part_is_sent_first_and_whole_after(
+    tls_pair: tuple[TLSConn, trio.SSLStream[trio.SocketStream]],
+) -> None:
+    """`write_at_once` sends without waiting; once the socket is full it
+    keeps what the send left first in line, so the next write and the
+    flush deliver every byte in order."""
+    conn, client = tls_pair
+    record = bytes(range(256)) * (TLS_RECORD // 256)
+    written = bytearray()
+    for _ in range(MAX_RECORDS_TO_FILL):
+        assert conn.write_at_once(memoryview(record))
+        written += record
+        if conn.outgoing.pending:
+            break  # the socket took part of this one
+    else:
+        raise AssertionError(f"the socket took {MAX_RECORDS_TO_FILL} records without filling")
+    tail = b"the last write"
+    assert not conn.write_at_once(memoryview(tail)) or conn.outgoing.pending
+    received = bytearray()
+
+    async def reader() -> None:
+        while len(received) < len(written) + len(tail):
+            received.extend(await client.receive_some())
+
+    with trio.fail_after(30):
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(reader)
+            if conn.outgoing.pending:
+                await conn.flush()
+            await conn.write(memoryview(tail))
+    assert bytes(received) == bytes(written) + tail
+
+
+# A socket pair with a 4 KiB send buffer fills within a few records.
+MAX_RECORDS_TO_FILL = 1000
+
+
 @pytest.mark.parametrize("second", [5, 2 * TLS_RECORD + 7], ids=["small", "large"])
 async def test_writes_from_both_tasks_keep_their_order(
     tls_pair: tuple[TLSConn, trio.SSLStream[trio.SocketStream]], second: int
