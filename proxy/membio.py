@@ -20,16 +20,17 @@ the object header (`{PyObject_HEAD; BIO *bio; int eof_written;}`, the same
 since Python 3.5). The functions are looked up through the `_ssl` extension
 itself, whose lookups search the libcrypto it was linked with, so they are
 those of the BIO's own library. Each assumption is checked once, on a probe
-BIO, before any connection's is touched: if one does not hold, `release`
-does nothing and `UNAVAILABLE` says why (the daemon logs it at start).
+BIO, before any connection's is touched: if one does not hold,
+`Releaser.release` does nothing and `UNAVAILABLE` says why (the daemon logs
+it at start).
 
 Freed is not yet returned: glibc's `free` gives the kernel back only the
 top of the heap, and a BIO's buffer sits among the live connections' other
 allocations, so the freed pages stay resident until a later allocation
-reuses them. `Releaser.trim` returns them (`malloc_trim(3)`) once `TRIM_BYTES` have
-been released since the last time: measured, 500 connections that each
-echoed 64 KiB and parked again hold 55 to 57 KiB of resident memory each
-without it, 13 to 14 KiB with it (BENCHMARKS.md).
+reuses them. `Releaser.trim` returns them (`malloc_trim(3)`) once
+`TRIM_BYTES` have been released since the last time: measured, 500
+connections that each echoed 64 KiB and parked again hold 55 to 57 KiB of
+resident memory each without the trim, 13 to 14 KiB with it (BENCHMARKS.md).
 """
 
 from __future__ import annotations
@@ -51,8 +52,8 @@ _BIO_CLOSE = 1  # the BIO frees the buffer it is given when it is freed
 _PROBE_BYTES = 3000
 
 # Released bytes that make a `trim` worth its cost: it walks every free
-# chunk of the heap (a few milliseconds with ten thousand connections
-# parked, BENCHMARKS.md), so not for one small buffer, but soon enough that
+# chunk of the heap (at most 0.65 ms with 9 488 connections parking,
+# BENCHMARKS.md), so not for one small buffer, but soon enough that
 # a burst of parks is returned within a scan or two. A handshake leaves about
 # 2 KiB in a connection's BIOs, a transfer about 44 KiB: 1 MiB is some five
 # hundred parks after handshakes, or two dozen after transfers.
