@@ -62,6 +62,7 @@ LAYERS: tuple[tuple[str, frozenset[str]], ...] = (
         frozenset(
             {
                 "buffers",
+                "membio",
                 "tlsio",
                 "tls",
                 "tls_upstream",
