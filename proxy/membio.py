@@ -152,10 +152,11 @@ _malloc_trim = getattr(ctypes.CDLL(None), "malloc_trim", None)  # glibc's; musl 
 class Releaser:
     """The process's released buffers, counted until a `trim` returns them."""
 
-    __slots__ = ("released",)
+    __slots__ = ("released", "trims")
 
     def __init__(self) -> None:
         self.released = 0  # bytes freed since the last trim
+        self.trims = 0
 
     def release(self, bio: ssl.MemoryBIO) -> None:
         """Free `bio`'s buffer if it is empty; it grows again when written."""
@@ -173,6 +174,7 @@ class Releaser:
         if self.released < TRIM_BYTES or _malloc_trim is None:
             return False
         self.released = 0
+        self.trims += 1
         _malloc_trim(0)
         return True
 

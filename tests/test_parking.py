@@ -8,6 +8,7 @@ idle watch scans nothing, while `tlsproxy_connections_active` still counts it.
 
 from __future__ import annotations
 
+import math
 import resource
 import socket
 import subprocess
@@ -29,6 +30,7 @@ from proxy.ends import BACKEND, CLIENT, CloseReason, PlainEnd, TLSEnd
 from proxy.metrics import Metrics
 from proxy.parking import PARK_AFTER, SCAN_MAX, ParkingLot
 from proxy.splice import Splice
+from proxy.tlsio import TLS_RECORD
 from tests.helpers import (
     STEP,
     BioClient,
@@ -230,7 +232,7 @@ async def test_a_backend_half_close_while_parked_and_then_a_park_with_one_direct
     assert (event["bytes_to_backend"], event["bytes_to_client"]) == (14, 0)
 
 
-BURST = 64 * 1024  # several records: each BIO grows to about a record and a third
+RECORDS_BURST = 64 * 1024  # several records each way
 
 
 def tls_buffers(proxy: Running) -> list[int | None]:
@@ -245,16 +247,17 @@ def tls_buffers(proxy: Running) -> list[int | None]:
 
 
 async def echo_burst(stream: trio.SSLStream[trio.SocketStream]) -> None:
-    await stream.send_all(bytes(BURST))
+    await stream.send_all(bytes(RECORDS_BURST))
     got = 0
-    while got < BURST:
+    while got < RECORDS_BURST:
         got += len(await stream.receive_some())
 
 
 async def test_a_parked_connection_gives_back_its_tls_buffers_and_grows_them_again_woken(
     nursery: trio.Nursery, certs: Certs
 ) -> None:
-    """After a burst each memory BIO holds about 22 KiB; parked, none."""
+    """After a burst each memory BIO holds a record and a third (about 22
+    KiB); parked, none."""
     proxy = await _proxy(nursery, certs, echo_handler)
     with trio.fail_after(STEP):
         stream = await tls_connect(proxy.port, certs.client_context())
@@ -265,11 +268,44 @@ async def test_a_parked_connection_gives_back_its_tls_buffers_and_grows_them_aga
         await echo_burst(stream)  # woken: the BIOs grow again, and work
     await until_parked(proxy)
     assert tls_buffers(proxy) == [0, 0]
-    assert proxy.server.connections.memory.released >= BURST  # two parks of two 22 KiB BIOs
+    assert proxy.server.connections.memory.released >= 4 * TLS_RECORD  # 2 parks x 2 BIOs
     with trio.fail_after(STEP):
         await stream.aclose()
     (event,) = await proxy.access_log()
-    assert event["bytes_to_backend"] == event["bytes_to_client"] == 2 * BURST
+    assert event["bytes_to_backend"] == event["bytes_to_client"] == 2 * RECORDS_BURST
+
+
+@pytest.mark.skipif(membio._malloc_trim is None, reason="not glibc: no malloc_trim")
+async def test_the_idle_scan_returns_what_parked_connections_released(
+    nursery: trio.Nursery, certs: Certs
+) -> None:
+    """Enough connections parking after a burst release more than
+    TRIM_BYTES between them; a scan then trims, which starts the count anew."""
+    proxy = await _proxy(nursery, certs, echo_handler)
+    memory = proxy.server.connections.memory
+    streams = []
+
+    async def parked_after_a_burst(count: int) -> None:
+        with trio.fail_after(STEP):
+            for _ in range(count):
+                stream = await tls_connect(proxy.port, certs.client_context())
+                await echo_burst(stream)
+                streams.append(stream)
+        await until_parked(proxy, len(streams))
+
+    await parked_after_a_burst(1)
+    one = memory.released  # what one connection gives back
+    assert one >= TLS_RECORD  # a burst's, not only the handshake's 2 KiB
+    await parked_after_a_burst(math.ceil(1.5 * membio.TRIM_BYTES / one))
+
+    async def trimmed() -> bool:
+        return memory.trims >= 1
+
+    await until(trimmed)
+    assert memory.released < membio.TRIM_BYTES
+    with trio.fail_after(STEP):
+        for stream in streams:
+            await stream.aclose()
 
 
 async def test_a_parked_bridging_connection_gives_back_the_buffers_of_both_tls_ends(
