@@ -241,13 +241,14 @@ class TLSConn:
 
     def write_at_once(self, view: memoryview) -> bool:
         """Encrypt `view` and send it with one `send`, without a coroutine
-        or a wait, when it is at most a record and no flush is in progress
-        (a response that fits the socket's buffer, the usual case: with
-        `TLSEnd.send_all` calling it first, 2.8 % fewer instructions per
-        keep-alive request, BENCHMARKS.md); False,
-        having done nothing, otherwise. What the socket did not take is
-        put back first in line in `outgoing` (nothing can have been queued
-        meanwhile), for `flush`."""
+        or a wait, when it is at most a record and no flush is in progress;
+        False, having done nothing, otherwise. What the socket did not take
+        is put back first in line in `outgoing` (nothing can have been
+        queued meanwhile), for `flush`.
+
+        The usual write, a request or a response that fits the socket's
+        buffer: with `TLSEnd.send_all` calling this first, 2.8 % fewer
+        instructions per keep-alive request (BENCHMARKS.md)."""
         if len(view) > TLS_RECORD or self._flushing:
             return False
         self.engine.write(view)
