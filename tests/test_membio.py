@@ -55,9 +55,19 @@ def test_a_released_bio_frees_its_buffer_and_works_as_a_new_one() -> None:
     bio.write(b"again")
     assert bio.pending == 5
     assert bio.read() == b"again"
+
+
+def test_a_released_bio_still_reports_the_end_of_data_to_openssl(certs: Certs) -> None:
+    """The end-of-data mark lives outside the buffer: after the swap OpenSSL
+    still reads an end (a want-read would leave a closed peer hanging)."""
+    (bio,) = _grown(1)
     bio.write_eof()
-    memory.release(bio)  # the end-of-data mark is not in the buffer
-    assert bio.eof and bio.read() == b""
+    membio.Releaser().release(bio)
+    assert membio.capacity(bio) == 0
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.load_cert_chain(certs.cert, certs.key)
+    with pytest.raises(ssl.SSLEOFError):
+        context.wrap_bio(bio, ssl.MemoryBIO(), server_side=True).do_handshake()
 
 
 def test_a_bio_with_bytes_waiting_keeps_them() -> None:
