@@ -217,9 +217,10 @@ class TLSConn:
         out at once: the BIO stays near 16 KiB. The records then go out in
         one `sendmsg` instead of one `send` each (BENCHMARKS.md: a quarter
         of the send calls of a bulk download, its CPU within the noise).
+
+        The data path tries `write_at_once` before it, and comes here only
+        for a write larger than a record or behind a flush in progress.
         """
-        if self.write_at_once(view):
-            return await self.flush() if self.outgoing.pending else 0
         engine = self.engine
         if len(view) <= TLS_RECORD:
             engine.write(view)  # after the flush in progress: its loop sends it, or ours
