@@ -12,6 +12,7 @@ JA4 goes to the access log only: it is unbounded, never a metric label.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import struct
 
@@ -38,6 +39,15 @@ _EMPTY = "000000000000"
 GREASE = frozenset(0x0A0A + 0x1010 * i for i in range(16))
 
 
+# Fingerprints remembered, by the hello's fields: the clients of one
+# deployment send a few kinds of hello, each the same for every connection,
+# and computing one (two SHA-256, sorting, formatting) costs about as much
+# as parsing the hello (BENCHMARKS.md). A remembered hello is about 1 KB,
+# and a peer sending ever new ones only turns the oldest out.
+CACHED = 128
+
+
+@functools.lru_cache(maxsize=CACHED)
 def ja4(hello: ClientHello) -> str:
     """The fingerprint, for TLS over TCP ("t")."""
     ciphers = [c for c in hello.ciphers if c not in GREASE]

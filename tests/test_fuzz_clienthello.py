@@ -305,7 +305,6 @@ UINT16S = st.lists(UINT16, max_size=200).map(tuple)
         legacy_version=UINT16,
         ciphers=UINT16S,
         extensions=UINT16S,
-        server_name=st.none() | st.text(max_size=300),
         alpn=st.lists(st.binary(max_size=255), max_size=20).map(tuple),
         supported_versions=UINT16S,
         signature_algorithms=UINT16S,

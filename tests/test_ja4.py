@@ -7,7 +7,7 @@ from __future__ import annotations
 import pytest
 
 from proxy import clienthello
-from proxy.ja4 import GREASE, ja4
+from proxy.ja4 import CACHED, GREASE, ja4
 from tests.hellos import alpn, client_hello, extension, sni, u16_list
 
 # JA4_ro of the published example: ciphers and extensions in wire order.
@@ -86,3 +86,28 @@ def test_grease_values_are_rfc_8701s_sixteen() -> None:
     rule = {v for v in range(1 << 16) if (v & 0x0F0F) == 0x0A0A and v >> 8 == v & 0xFF}
     assert rule == GREASE
     assert len(GREASE) == 16
+
+
+def test_a_hello_seen_again_is_fingerprinted_from_the_cache() -> None:
+    """The clients of a deployment send the same hello on every connection:
+    the second one is a cache hit, with the same answer."""
+    ja4.cache_clear()
+    first, again = _ja4(_example()), _ja4(_example())
+    assert first == again == PUBLISHED
+    assert (ja4.cache_info().misses, ja4.cache_info().hits) == (1, 1)
+
+
+def test_hellos_that_differ_each_get_their_own_fingerprint() -> None:
+    ja4.cache_clear()
+    h2, other = _ja4(_example()), _ja4(_example(first_alpn=b"xy"))
+    assert h2 != other
+    assert (_ja4(_example()), _ja4(_example(first_alpn=b"xy"))) == (h2, other)
+    assert ja4.cache_info().hits == 2
+
+
+def test_the_cache_keeps_at_most_its_bound_of_hellos() -> None:
+    """A peer sending ever new hellos turns the oldest out, no more is kept."""
+    ja4.cache_clear()
+    for cipher in range(CACHED + 20):
+        _ja4(client_hello([0x1000 + cipher], [sni("a.test")]))
+    assert ja4.cache_info().currsize == CACHED

@@ -392,7 +392,7 @@ async def test_connections_max_is_the_configured_limit_and_follows_a_reload(
 def _hello(groups: tuple[int, ...]) -> ClientHello:
     body = b"".join(group.to_bytes(2, "big") for group in groups)
     extension = len(body).to_bytes(2, "big") + body
-    return ClientHello(0x0303, (0x1301,), (0x000A,), None, (), (0x0304,), (), extension)
+    return ClientHello(0x0303, (0x1301,), (0x000A,), (), (0x0304,), (), extension)
 
 
 def _reason(reason: str) -> ssl.SSLError:
