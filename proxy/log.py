@@ -75,6 +75,13 @@ LOG_FLUSH_TIMEOUT = 2.0
 # alone.
 WRITE_BYTES = select.PIPE_BUF
 
+# Seconds the writer, woken by a line, waits for more before it writes: a
+# line per connection would otherwise wake it, and hand it the interpreter's
+# lock, once per connection (about 45 000 instructions each, BENCHMARKS.md).
+# So it wakes at most 20 times a second, and a line is written at most this
+# late; a close ends the wait at once.
+GATHER_S = 0.05
+
 # Seconds the writer waits for a non-blocking stderr to become writable before
 # trying again (then it checks whether it is asked to stop).
 _WRITABLE_POLL = 1.0
@@ -100,13 +107,17 @@ class LogSink:
     drops lines and counts them.
     """
 
-    def __init__(self, write: Write, limit: int = LOG_BUFFER_CHARS) -> None:
+    def __init__(
+        self, write: Write, limit: int = LOG_BUFFER_CHARS, gather: float = GATHER_S
+    ) -> None:
         self._write = write
         self._limit = limit
+        self._gather = gather
         self._lines: collections.deque[str] = collections.deque()
         self._held = 0  # characters queued or being written, against `limit`
         self._cond = threading.Condition(threading.Lock())
         self._closing = False
+        self._busy = False  # the writer was woken for what is queued: no need to again
         self.dropped = 0
         self._on_drop: Callable[[int], None] | None = None
         self._thread = threading.Thread(target=self._run, name="tlsproxy-log-writer", daemon=True)
@@ -135,7 +146,9 @@ class LogSink:
                 return
             self._lines.append(line)
             self._held += size
-            self._cond.notify()
+            if not self._busy:
+                self._busy = True
+                self._cond.notify()
 
     # structlog calls the method named after the level
     debug = info = warning = warn = error = critical = exception = fatal = log = msg
@@ -162,9 +175,12 @@ class LogSink:
                 self._on_drop(count)
 
     def _run(self) -> None:
+        gather = True  # woken by a first line: wait for more before writing
         while True:
             with self._cond:
                 self._cond.wait_for(lambda: self._lines or self._closing)
+                if gather and not self._closing:
+                    self._cond.wait_for(lambda: self._closing, self._gather)
                 if not self._lines:
                     return
                 batch = self._take()
@@ -172,6 +188,8 @@ class LogSink:
             with self._cond:
                 self._drop(len(batch) - written)
                 self._held -= sum(len(line) + 1 for line in batch)
+                gather = not self._lines  # else the rest goes at once
+                self._busy = not gather
                 self._cond.notify_all()
 
     def _take(self) -> list[str]:

@@ -8,11 +8,12 @@ import io
 import json
 import sys
 import threading
+import time
 from pathlib import Path
 from typing import Any
 
 from proxy import unraisable
-from proxy.log import WRITE_BYTES, AccessLog, Logger, LogSink, make_logger
+from proxy.log import GATHER_S, WRITE_BYTES, AccessLog, Logger, LogSink, make_logger
 from tests.helpers import STEP
 
 # Lines logged against a stalled or broken sink: far more than its buffer holds.
@@ -124,6 +125,54 @@ def test_each_write_holds_whole_lines_within_pipe_buf() -> None:
     assert all(len(write) <= WRITE_BYTES for write in writes[:-1])
     assert writes[-1] == long_line.encode() + b"\n"  # alone, not split
     assert b"".join(writes).count(b"\n") == LINES + 1
+
+
+def test_lines_that_come_while_the_writer_gathers_share_its_writes() -> None:
+    """A line per connection must not wake the writer once per line: lines
+    logged a few milliseconds apart go out together, a write per gathering
+    at most (one each, 40 writes, if every line woke the writer)."""
+    writes: list[bytes] = []
+
+    def record(data: memoryview) -> int:
+        writes.append(bytes(data))
+        return len(data)
+
+    sink = LogSink(record)
+    start = time.monotonic()
+    for n in range(40):
+        sink.msg(f"line {n}")
+        time.sleep(0.002)
+    elapsed = time.monotonic() - start
+    assert sink.close()
+    assert b"".join(writes).count(b"\n") == 40
+    assert len(writes) <= elapsed / GATHER_S + 2
+
+
+def test_a_lone_line_waits_the_gathering_and_a_close_does_not() -> None:
+    written = threading.Event()
+
+    def record(data: memoryview) -> int:
+        written.set()
+        return len(data)
+
+    sink = LogSink(record)
+    start = time.monotonic()
+    sink.msg("alone")
+    assert written.wait(STEP)
+    assert GATHER_S * 0.9 <= time.monotonic() - start < STEP
+
+    lines: list[bytes] = []
+
+    def keep(data: memoryview) -> int:
+        lines.append(bytes(data))
+        return len(data)
+
+    patient = LogSink(keep, gather=10 * STEP)
+    patient.msg("last words")
+    start = time.monotonic()
+    assert patient.close()  # not after the 200 s gathering
+    assert 0 <= time.monotonic() - start < STEP
+    assert lines == [b"last words\n"]
 
 
 def test_text_format_escapes_control_characters_a_client_could_send() -> None:
