@@ -3,6 +3,7 @@ real daemon as a subprocess, TLS clients, and the daemon's resident memory."""
 
 from __future__ import annotations
 
+import ctypes
 import json
 import os
 import resource
@@ -71,6 +72,34 @@ class Daemon:
     @property
     def rss_kib(self) -> int:
         return rss_kib(self.process.pid)
+
+
+class _MallInfo2(ctypes.Structure):
+    """glibc's `struct mallinfo2`, ten counters."""
+
+    _fields_ = [
+        (name, ctypes.c_size_t)
+        for name in (
+            "arena",
+            "ordblks",
+            "smblks",
+            "hblks",
+            "hblkhd",
+            "usmblks",
+            "fsmblks",
+            "uordblks",
+            "fordblks",
+            "keepcost",
+        )
+    ]
+
+
+def malloc_in_use() -> int:
+    """Bytes the C heap has handed out (glibc's `mallinfo2`): OpenSSL's
+    buffers, which Python's own accounting does not see."""
+    mallinfo2 = ctypes.CDLL(None).mallinfo2
+    mallinfo2.restype = _MallInfo2
+    return int(mallinfo2().uordblks)
 
 
 async def echo(stream: trio.SocketStream) -> None:

@@ -134,6 +134,12 @@ def _run_logged(args: argparse.Namespace, config: Config, sink: LogSink) -> int:
                 " run on CPython with its ssl module to have them freed",
                 reason=membio.UNAVAILABLE,
             )
+        if membio.RECORDS_UNAVAILABLE is not None:
+            log.warning(
+                "parked TLS connections that read a session ticket keep OpenSSL's 16 KiB"
+                " read buffer; run with OpenSSL 3.0.14 or later to have it freed",
+                reason=membio.RECORDS_UNAVAILABLE,
+            )
     if config.process.workers > 1 and not worker:
         return _supervise(config, log, args, sink)
     if worker:

@@ -24,6 +24,20 @@ BIO, before any connection's is touched: if one does not hold,
 `Releaser.release` does nothing and `UNAVAILABLE` says why (the daemon logs
 it at start).
 
+OpenSSL's own record buffers are released between records, but not after
+a post-handshake message: a client that has read a TLS 1.3 session ticket
+(which most servers send, two by default, right after the handshake) keeps
+its 16 KiB read buffer for the connection's life, 16.6 KiB more C heap per
+egress connection (BENCHMARKS.md). `SSL_free_buffers(3)` frees them (they
+are allocated again on the next read or write) and refuses while a record
+is partly read; it is called on a parked connection's TLS ends too, through
+the `SSL *` CPython's `_ssl._SSLSocket` holds after its weak reference to
+the socket (`{PyObject_HEAD; PyObject *Socket; SSL *ssl; ...}`), checked at
+import against `SSL_get_rbio` and `SSL_get_wbio`, which must be the probe's
+own memory BIOs. OpenSSL before 3.0.14 (3.1.6, 3.2.2, 3.3.1; 1.1.1y) could
+use freed memory in `SSL_free_buffers` (CVE-2024-4741): there it is not
+called, and `RECORDS_UNAVAILABLE` says so.
+
 Freed is not yet returned: glibc's `free` gives the kernel back only the
 top of the heap, and a BIO's buffer sits among the live connections' other
 allocations, so the freed pages stay resident until a later allocation
@@ -36,6 +50,7 @@ resident memory each without the trim, 13 to 14 KiB with it (BENCHMARKS.md).
 from __future__ import annotations
 
 import _ssl
+import contextlib
 import ctypes
 import ssl
 import sys
@@ -97,6 +112,38 @@ class _Calls:
         self.buf_mem_new = _function(library, "BUF_MEM_new", pointer)
 
 
+class _RecordCalls:
+    """libssl's functions that free an SSL's record buffers, and check its pointer."""
+
+    def __init__(self, library: Any) -> None:
+        pointer = ctypes.c_void_p
+        self.free_buffers = _function(library, "SSL_free_buffers", ctypes.c_int, pointer)
+        self.get_rbio = _function(library, "SSL_get_rbio", pointer, pointer)
+        self.get_wbio = _function(library, "SSL_get_wbio", pointer, pointer)
+
+
+# The first release of each OpenSSL 3 line whose SSL_free_buffers is safe
+# (CVE-2024-4741), by minor version: its patch number. 3.4 on all are;
+# in 1.1.1 it is 1.1.1y, patch letter 25.
+_SAFE_FREE_BUFFERS = {0: 14, 1: 6, 2: 2, 3: 1}
+_SAFE_1_1_1 = 25
+
+
+def free_buffers_safe(version: tuple[int, int, int, int, int]) -> bool:
+    """Whether SSL_free_buffers of this `ssl.OPENSSL_VERSION_INFO` is safe."""
+    major, minor, fix, patch, _status = version
+    if major == 3 and minor in _SAFE_FREE_BUFFERS:
+        return patch >= _SAFE_FREE_BUFFERS[minor]
+    if major == 1:
+        return (minor, fix) == (1, 1) and patch >= _SAFE_1_1_1
+    return major >= 3
+
+
+def _ssl_pointer(engine: Any) -> int | None:
+    """The `SSL *` of a `_ssl._SSLSocket`, after its header and weak reference."""
+    return ctypes.c_void_p.from_address(id(engine) + _OFFSET + ctypes.sizeof(ctypes.c_void_p)).value
+
+
 def _load() -> tuple[_Calls | None, str | None]:
     """The calls, or why memory BIOs keep their buffers here."""
     if sys.implementation.name != "cpython":
@@ -146,17 +193,58 @@ def _capacity(calls: _Calls, pointer: int) -> int:
 
 
 _CALLS, UNAVAILABLE = _load()
+
+
+def _load_records() -> tuple[_RecordCalls | None, str | None]:
+    """The record-buffer calls, or why parked connections keep those buffers."""
+    if sys.implementation.name != "cpython":
+        return None, f"not CPython ({sys.implementation.name})"
+    if not free_buffers_safe(ssl.OPENSSL_VERSION_INFO):
+        return None, f"{ssl.OPENSSL_VERSION} has CVE-2024-4741 in SSL_free_buffers"
+    try:
+        calls = _RecordCalls(ctypes.PyDLL(_ssl.__file__))
+    except (AttributeError, OSError) as exc:
+        return None, f"libssl's SSL_free_buffers not found through _ssl: {exc}"
+    problem = _probe_records(calls)
+    return (None, problem) if problem else (calls, None)
+
+
+def _probe_records(calls: _RecordCalls) -> str | None:
+    """Whether the pointer is the SSL of its BIOs, and one works after a free."""
+    incoming, outgoing = ssl.MemoryBIO(), ssl.MemoryBIO()
+    obj = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT).wrap_bio(incoming, outgoing, server_hostname="p")
+    engine = getattr(obj, "_sslobj", None)
+    if type(engine).__name__ != "_SSLSocket":
+        return "ssl.SSLObject does not hold a _ssl._SSLSocket"
+    pointer = _ssl_pointer(engine)
+    if (
+        not pointer
+        or calls.get_rbio(pointer) != _pointer(incoming)
+        or calls.get_wbio(pointer) != _pointer(outgoing)
+    ):
+        return "_ssl._SSLSocket does not hold its SSL where expected"
+    if calls.free_buffers(pointer) != 1:
+        return "SSL_free_buffers refused a new SSL"
+    with contextlib.suppress(ssl.SSLWantReadError):  # the ClientHello written, the reply awaited
+        obj.do_handshake()
+    if outgoing.read()[:1] != b"\x16":
+        return "an SSL did not write its ClientHello after SSL_free_buffers"
+    return None
+
+
+_RECORDS, RECORDS_UNAVAILABLE = _load_records()
 _malloc_trim = getattr(ctypes.CDLL(None), "malloc_trim", None)  # glibc's; musl has none
 
 
 class Releaser:
     """The process's released buffers, counted until a `trim` returns them."""
 
-    __slots__ = ("released", "trims")
+    __slots__ = ("records_freed", "released", "trims")
 
     def __init__(self) -> None:
         self.released = 0  # bytes freed since the last trim
         self.trims = 0
+        self.records_freed = 0  # SSLs whose record buffers were freed (or had none)
 
     def release(self, bio: ssl.MemoryBIO) -> None:
         """Free `bio`'s buffer if it is empty; it grows again when written."""
@@ -167,6 +255,15 @@ class Releaser:
             if held:
                 _swap(_CALLS, pointer)
                 self.released += held
+
+    def release_records(self, engine: Any) -> None:
+        """Free the record buffers of an SSL (a `_ssl._SSLSocket`) with no
+        record partly read or written; they are allocated again when needed.
+        Their size is not known here, so `trim` counts only the BIOs'."""
+        if _RECORDS is not None:
+            pointer = _ssl_pointer(engine)
+            assert pointer is not None  # a live _SSLSocket always has its SSL
+            self.records_freed += _RECORDS.free_buffers(pointer)
 
     def trim(self) -> bool:
         """Return the freed pages to the kernel if `TRIM_BYTES` were

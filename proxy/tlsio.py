@@ -335,9 +335,10 @@ class TLSConn:
 
     def release_buffers(self, memory: Releaser) -> None:
         """The connection parks: both memory BIOs, empty until it wakes,
-        give their buffers back (`proxy.membio`)."""
+        and OpenSSL's record buffers give their memory back (`proxy.membio`)."""
         memory.release(self.incoming)
         memory.release(self.outgoing)
+        memory.release_records(self.engine)
 
     def close(self) -> None:
         self.sock.close()

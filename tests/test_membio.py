@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import os
 import ssl
@@ -12,10 +13,10 @@ from pathlib import Path
 import pytest
 import trio
 
+from benchmarks.harness import malloc_in_use
 from proxy import membio
 from tests.daemon import echo_through, env_for, spawn, write_config
 from tests.helpers import Certs, echo_handler, start_backend
-from tests.test_tlsio import _malloc_in_use
 
 BIOS = 200
 BURST = 40 * 1024  # grows a BIO to about 53 KiB: below glibc's mmap threshold, so on its heap
@@ -26,6 +27,97 @@ def test_this_python_passes_the_probe() -> None:
     """The daemon's parked connections give their buffers back here (on
     this CPython and its OpenSSL), not only in principle."""
     assert membio.UNAVAILABLE is None
+    assert membio.RECORDS_UNAVAILABLE is None
+
+
+@pytest.mark.parametrize(
+    ("version", "safe"),
+    [
+        ((3, 0, 0, 13, 0), False),
+        ((3, 0, 0, 14, 0), True),
+        ((3, 0, 0, 19, 0), True),
+        ((3, 1, 0, 5, 0), False),
+        ((3, 1, 0, 6, 0), True),
+        ((3, 2, 0, 1, 0), False),
+        ((3, 2, 0, 2, 0), True),
+        ((3, 3, 0, 0, 0), False),
+        ((3, 3, 0, 1, 0), True),
+        ((3, 4, 0, 0, 0), True),
+        ((3, 6, 0, 0, 0), True),
+        ((4, 0, 0, 0, 0), True),
+        ((1, 1, 1, 24, 15), False),  # 1.1.1x
+        ((1, 1, 1, 25, 15), True),  # 1.1.1y
+        ((1, 1, 0, 30, 15), False),
+        ((1, 0, 2, 30, 15), False),
+    ],
+)
+def test_ssl_free_buffers_is_called_only_where_cve_2024_4741_is_fixed(
+    version: tuple[int, int, int, int, int], safe: bool
+) -> None:
+    assert membio.free_buffers_safe(version) is safe
+
+
+CLIENTS = 20
+READ_BUFFER = 16 * 1024  # OpenSSL's record read buffer, SSL3_RT_MAX_PLAIN_LENGTH
+
+
+End = tuple[ssl.SSLObject, ssl.MemoryBIO, ssl.MemoryBIO]  # the object, incoming, outgoing
+
+
+def _end(context: ssl.SSLContext, *, server_side: bool) -> End:
+    incoming, outgoing = ssl.MemoryBIO(), ssl.MemoryBIO()
+    hostname = None if server_side else "localhost"
+    obj = context.wrap_bio(incoming, outgoing, server_side=server_side, server_hostname=hostname)
+    return obj, incoming, outgoing
+
+
+def _pump(a: End, b: End) -> None:
+    """Move what each side wrote to the other's incoming BIO."""
+    b[1].write(a[2].read())
+    a[1].write(b[2].read())
+
+
+def _connected(certs: Certs) -> list[tuple[End, End]]:
+    """Clients, over memory BIOs, that read the two session tickets their
+    server sent after the handshake, and one byte after them."""
+    server_context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    server_context.load_cert_chain(certs.cert, certs.key)
+    client_context = certs.client_context()
+    pairs = []
+    for _ in range(CLIENTS):
+        client = _end(client_context, server_side=False)
+        server = _end(server_context, server_side=True)
+        for _ in range(4):
+            for side in (client, server):
+                with contextlib.suppress(ssl.SSLWantReadError):
+                    side[0].do_handshake()
+            _pump(client, server)
+        server[0].write(b".")  # after the tickets
+        _pump(client, server)
+        assert client[0].read(1) == b"."
+        pairs.append((client, server))
+    return pairs
+
+
+def test_a_client_that_read_session_tickets_gives_its_read_buffer_back(certs: Certs) -> None:
+    """OpenSSL keeps a client's 16 KiB read buffer once it has read a
+    post-handshake message; SSL_free_buffers frees it, and the connection
+    reads and writes as before."""
+    pairs = _connected(certs)
+    memory = membio.Releaser()
+    before = malloc_in_use()
+    for client, _ in pairs:
+        memory.release_records(client[0]._sslobj)  # type: ignore[attr-defined]
+    freed = before - malloc_in_use()
+    assert freed >= CLIENTS * READ_BUFFER, f"{freed / CLIENTS:.0f} bytes freed per client"
+    assert memory.records_freed == CLIENTS
+    for client, server in pairs:
+        client[0].write(b"ping")
+        _pump(client, server)
+        assert server[0].read(4) == b"ping"
+        server[0].write(b"pong")
+        _pump(client, server)
+        assert client[0].read(4) == b"pong"
 
 
 def _grown(count: int) -> list[ssl.MemoryBIO]:
@@ -44,10 +136,10 @@ def test_a_released_bio_frees_its_buffer_and_works_as_a_new_one() -> None:
     held = membio.capacity(bios[0])
     assert held is not None and held >= BURST  # read out, still held
     memory = membio.Releaser()
-    before = _malloc_in_use()
+    before = malloc_in_use()
     for bio in bios:
         memory.release(bio)
-    freed = before - _malloc_in_use()
+    freed = before - malloc_in_use()
     assert freed >= BIOS * BURST, f"{freed / BIOS:.0f} bytes freed per BIO"
     assert memory.released >= BIOS * BURST
     assert {membio.capacity(bio) for bio in bios} == {0}
@@ -150,5 +242,10 @@ async def test_where_buffers_cannot_be_given_back_the_daemon_warns_and_serves(
         )
         assert warning["level"] == "warning"
         assert "not found through _ssl" in warning["reason"]
+        records = await daemon.wait_for(
+            "parked TLS connections that read a session ticket keep OpenSSL's 16 KiB"
+            " read buffer; run with OpenSSL 3.0.14 or later to have it freed"
+        )
+        assert "SSL_free_buffers not found through _ssl" in records["reason"]
         port, _ = await daemon.started()
         await echo_through(port, certs.client_context())

@@ -269,6 +269,7 @@ async def test_a_parked_connection_gives_back_its_tls_buffers_and_grows_them_aga
     await until_parked(proxy)
     assert tls_buffers(proxy) == [0, 0]
     assert proxy.server.connections.memory.released >= 4 * TLS_RECORD  # 2 parks x 2 BIOs
+    assert proxy.server.connections.memory.records_freed >= 2  # and OpenSSL's, at each park
     with trio.fail_after(STEP):
         await stream.aclose()
     (event,) = await proxy.access_log()

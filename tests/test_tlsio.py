@@ -4,7 +4,6 @@ with a real TLS client."""
 
 from __future__ import annotations
 
-import ctypes
 import gc
 import socket
 import ssl
@@ -16,6 +15,7 @@ import trio.testing
 from hypothesis import given
 from hypothesis import strategies as st
 
+from benchmarks.harness import malloc_in_use
 from proxy.buffers import BufferPool
 from proxy.tlsio import TLS_RECORD, Engine, TLSConn, engine_of, unsent
 from tests.helpers import Certs, Running, echo_on, tls_connect
@@ -237,34 +237,6 @@ async def test_writes_from_both_tasks_keep_their_order(
     assert bytes(received) == first + then
 
 
-class _MallInfo2(ctypes.Structure):
-    """glibc's `struct mallinfo2`, ten counters."""
-
-    _fields_ = [
-        (name, ctypes.c_size_t)
-        for name in (
-            "arena",
-            "ordblks",
-            "smblks",
-            "hblks",
-            "hblkhd",
-            "usmblks",
-            "fsmblks",
-            "uordblks",
-            "fordblks",
-            "keepcost",
-        )
-    ]
-
-
-def _malloc_in_use() -> int:
-    """Bytes the C heap has handed out (glibc's `mallinfo2`): OpenSSL's
-    buffers, which Python's own accounting does not see."""
-    mallinfo2 = ctypes.CDLL(None).mallinfo2
-    mallinfo2.restype = _MallInfo2
-    return int(mallinfo2().uordblks)
-
-
 async def test_a_connection_that_sent_a_burst_keeps_about_one_record_of_outgoing_buffer(
     certs: Certs,
 ) -> None:
@@ -283,9 +255,9 @@ async def test_a_connection_that_sent_a_burst_keeps_about_one_record_of_outgoing
 
     try:
         await send_all(100)
-        before = _malloc_in_use()
+        before = malloc_in_use()
         await send_all(len(burst))
-        grown = (_malloc_in_use() - before) / CONNECTIONS
+        grown = (malloc_in_use() - before) / CONNECTIONS
     finally:
         for conn, client in pairs:
             conn.close()
