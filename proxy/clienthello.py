@@ -175,13 +175,15 @@ def parse(message: bytes) -> ClientHello | None:
 
 def _parse(m: bytes) -> ClientHello | None:
     end = len(m)
-    if end < _SESSION_ID or m[0] != CLIENT_HELLO or int.from_bytes(m[1:4], "big") != end - 4:
+    if end < _SESSION_ID or m[0] != CLIENT_HELLO:
+        return None
+    if int.from_bytes(m[1:4], "big") != end - HANDSHAKE_HEADER:
         return None
     legacy_version = m[4] << 8 | m[5]
-    start, stop = _span(m, _SESSION_ID, 1, end)  # legacy_session_id
+    _, stop = _span(m, _SESSION_ID, 1, end)  # legacy_session_id
     start, stop = _span(m, stop, 2, end)
     ciphers = _uint16s(m[start:stop])
-    start, stop = _span(m, stop, 1, end)  # compression methods
+    _, stop = _span(m, stop, 1, end)  # compression methods
     extensions: list[int] = []
     fields: dict[int, bytes] = {}
     if stop < end:  # a TLS 1.0-era hello may have no extensions at all

@@ -216,6 +216,8 @@ def _probe_records(calls: _RecordCalls) -> str | None:
     engine = getattr(obj, "_sslobj", None)
     if type(engine).__name__ != "_SSLSocket":
         return "ssl.SSLObject does not hold a _ssl._SSLSocket"
+    if type(engine).__basicsize__ < _OFFSET + 2 * ctypes.sizeof(ctypes.c_void_p):
+        return f"_ssl._SSLSocket's layout is not the known one ({type(engine).__basicsize__})"
     pointer = _ssl_pointer(engine)
     if (
         not pointer
