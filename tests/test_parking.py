@@ -324,8 +324,13 @@ async def test_a_parked_bridging_connection_gives_back_the_buffers_of_both_tls_e
         await echo_burst(stream)
     await until_parked(proxy)
     assert tls_buffers(proxy) == [0, 0, 0, 0]
+    memory = proxy.server.connections.memory
+    freed = memory.records_freed
     with trio.fail_after(STEP):
         await echo_burst(stream)
+    await until_parked(proxy)  # one park more: OpenSSL's record buffers freed at both ends
+    assert memory.records_freed - freed == 2
+    with trio.fail_after(STEP):
         await stream.aclose()
 
 
