@@ -57,6 +57,15 @@ def test_ssl_free_buffers_is_called_only_where_cve_2024_4741_is_fixed(
     assert membio.free_buffers_safe(version) is safe
 
 
+def test_on_an_openssl_with_the_cve_the_record_buffers_are_kept(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(ssl, "OPENSSL_VERSION_INFO", (3, 0, 0, 13, 0))
+    calls, reason = membio._load_records()
+    assert calls is None
+    assert reason is not None and "CVE-2024-4741" in reason
+
+
 CLIENTS = 20
 READ_BUFFER = 16 * 1024  # OpenSSL's record read buffer, SSL3_RT_MAX_PLAIN_LENGTH
 
