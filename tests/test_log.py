@@ -160,6 +160,7 @@ def test_a_lone_line_waits_the_gathering_and_a_close_does_not() -> None:
     sink.msg("alone")
     assert written.wait(STEP)
     assert GATHER_S * 0.9 <= time.monotonic() - start < STEP
+    assert sink.close()
 
     lines: list[bytes] = []
 
