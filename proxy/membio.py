@@ -55,7 +55,7 @@ import ctypes
 import ssl
 import sys
 from collections.abc import Callable
-from typing import Any
+from typing import Any, TypeVar
 
 # openssl/bio.h
 _BIO_CTRL_PENDING = 10
@@ -65,6 +65,8 @@ _BIO_TYPE_MEM = 1 | 0x0400
 _BIO_CLOSE = 1  # the BIO frees the buffer it is given when it is freed
 
 _PROBE_BYTES = 3000
+
+CallsT = TypeVar("CallsT")
 
 # Released bytes that make a `trim` worth its cost: it walks every free
 # chunk of the heap (at most 0.65 ms with 9 488 connections parking,
@@ -151,11 +153,18 @@ def _load() -> tuple[_Calls | None, str | None]:
     layout = _OFFSET + ctypes.sizeof(ctypes.c_void_p) + ctypes.sizeof(ctypes.c_int)
     if not layout <= ssl.MemoryBIO.__basicsize__ <= layout + ctypes.sizeof(ctypes.c_void_p):
         return None, f"ssl.MemoryBIO's layout is not the known one ({ssl.MemoryBIO.__basicsize__})"
+    return _checked(_Calls, _probe, "libcrypto's BIO functions")
+
+
+def _checked(
+    make: Callable[[Any], CallsT], probe: Callable[[CallsT], str | None], what: str
+) -> tuple[CallsT | None, str | None]:
+    """`make`'s functions, looked up through `_ssl` and then probed; or why not."""
     try:
-        calls = _Calls(ctypes.PyDLL(_ssl.__file__))  # the GIL held: each call is short
+        calls = make(ctypes.PyDLL(_ssl.__file__))  # the GIL held: each call is short
     except (AttributeError, OSError) as exc:
-        return None, f"libcrypto's BIO functions not found through _ssl: {exc}"
-    problem = _probe(calls)
+        return None, f"{what} not found through _ssl: {exc}"
+    problem = probe(calls)
     return (None, problem) if problem else (calls, None)
 
 
@@ -201,12 +210,7 @@ def _load_records() -> tuple[_RecordCalls | None, str | None]:
         return None, f"not CPython ({sys.implementation.name})"
     if not free_buffers_safe(ssl.OPENSSL_VERSION_INFO):
         return None, f"{ssl.OPENSSL_VERSION} has CVE-2024-4741 in SSL_free_buffers"
-    try:
-        calls = _RecordCalls(ctypes.PyDLL(_ssl.__file__))
-    except (AttributeError, OSError) as exc:
-        return None, f"libssl's SSL_free_buffers not found through _ssl: {exc}"
-    problem = _probe_records(calls)
-    return (None, problem) if problem else (calls, None)
+    return _checked(_RecordCalls, _probe_records, "libssl's SSL_free_buffers")
 
 
 def _probe_records(calls: _RecordCalls) -> str | None:
