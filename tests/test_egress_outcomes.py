@@ -94,14 +94,15 @@ async def app_exchange(port: int, request: bytes = REQUEST, *, half_close: bool 
     """The application's side: connect, send `request` (if any) and, with
     `half_close`, its FIN; read to the end."""
     sock = trio.socket.socket()
+    data = b""
     with sock, trio.fail_after(STEP):
-        await sock.connect(("127.0.0.1", port))
-        if request:
-            await sock.send(request)
-        if half_close:
-            sock.shutdown(socket.SHUT_WR)
-        data = b""
         try:
+            # a proxy that resets at once may do it before connect() returns
+            await sock.connect(("127.0.0.1", port))
+            if request:
+                await sock.send(request)
+            if half_close:
+                sock.shutdown(socket.SHUT_WR)
             while chunk := await sock.recv(READ_SIZE):
                 data += chunk
         except ConnectionResetError:
